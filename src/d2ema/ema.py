@@ -1,0 +1,416 @@
+"""``EMA``: an exponential moving average of a model's weights, for any PyTorch training loop.
+
+After each optimizer step, ``ema = d * ema + (1 - d) * w`` for every parameter and (by default)
+every floating buffer, BN running statistics included: D2Go measured EfficientNet-B3 at 80.61%
+top-1 averaging everything vs 79.87% averaging only trainable parameters. Integer buffers
+(``num_batches_tracked``) are copied, never averaged. Evaluating or shipping the average usually
+beats the last weights at no test-time cost.
+
+Example::
+
+    ema = EMA(model, decay=0.9998, schedule="yolov5")
+    for batch in loader:
+        loss = model(batch); loss.backward(); optimizer.step(); optimizer.zero_grad()
+        ema.update(model)
+    with ema.swapped(model):          # EMA weights inside, trained weights after (even on error)
+        evaluate(model)
+    torch.save({"model": model.state_dict(), **ema.state_dict()}, "ckpt.pth")
+
+What it does beyond the textbook loop:
+
+* exact: fp32 master copy of bf16/fp16 weights (at d=0.9999, ``(1-d)*w`` is below half a bf16
+  ulp and a bf16 EMA never moves); step counter and schedule in the checkpoint, so a resumed run
+  continues bit for bit; optional guard that skips an update whose weights hold NaN/Inf;
+* fast: storage grouped by (device, dtype) and updated with fused multi-tensor ops, no Python
+  per-tensor work per step; ``flat=True`` makes a step one ``lerp_`` per group;
+* safe: :meth:`swapped` always restores the trained weights; :meth:`load_state_dict` checks
+  names, shapes and dtypes first and changes nothing when it refuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .flat import flatten_model_tensors
+from .schedules import Schedule, make_schedule
+from .state import Slot, group_slots, tracked_slots, unwrap_model
+from .swap import swapped_bindings
+from .update import Binding
+
+__all__ = ["EMA", "FORMAT_VERSION", "EMAStateError"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STATE_KEY = "ema_state"
+META_KEY = "ema_meta"
+
+
+class EMAStateError(ValueError):
+    """A state dict that does not fit this EMA; nothing was changed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    include_frozen: bool
+    include_buffers: bool
+    exclude: tuple[str, ...]
+    device: torch.device | None
+    master_dtype: torch.dtype | None
+    flat: bool
+
+    def slots(self, model: nn.Module) -> list[Slot]:
+        return tracked_slots(model, self.include_frozen, self.include_buffers, self.exclude)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers.
+
+    Args:
+        model: the model (DDP, DataParallel and ``torch.compile`` wrappers are looked through).
+        decay: the decay ``d`` (the schedule's ceiling where it ramps).
+        schedule: ``"constant"``, ``"yolov5"``, ``"tf"``, ``"power"``, ``"sigma_rel"``, a
+            :class:`~d2ema.schedules.Schedule`, or a callable ``n -> decay``.
+        schedule_params: the schedule's parameters, e.g. ``{"tau": 2000}`` for ``yolov5``.
+        every: average every ``every`` steps with ``decay ** every`` (same horizon in steps).
+        start: for the first ``start`` steps the EMA is a copy of the weights; averaging step
+            ``n = 1`` is step ``start + 1``.
+        include_frozen: also average parameters with ``requires_grad=False``.
+        include_buffers: also average buffers (BN running statistics).
+        exclude: regular expressions; tensors whose name matches one are not tracked.
+        device: where the EMA lives (default: with each weight), e.g. ``"cpu"`` for a GPU model.
+        master_dtype: dtype of the EMA of bf16/fp16 weights; ``None`` keeps the model's dtype
+            (half the memory, but the EMA stalls at high decay).
+        skip_nonfinite: skip (and count) an update whose weights hold NaN or Inf.
+        flat: re-point the model's tensors into one buffer per group so that an update is a
+            single op (see :mod:`d2ema.flat`; build the EMA before the optimizer and DDP).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.9998,
+        *,
+        schedule: str | Schedule | Callable[[int], float] = "constant",
+        schedule_params: Mapping[str, Any] | None = None,
+        every: int = 1,
+        start: int = 0,
+        include_frozen: bool = True,
+        include_buffers: bool = True,
+        exclude: Sequence[str] = (),
+        device: torch.device | str | None = None,
+        master_dtype: torch.dtype | None = torch.float32,
+        skip_nonfinite: bool = False,
+        flat: bool = False,
+    ):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        if not isinstance(start, int) or start < 0:
+            raise ValueError(f"start must be an integer >= 0, got {start!r}")
+        if isinstance(exclude, str):
+            exclude = (exclude,)
+        self.schedule = make_schedule(schedule, decay, **dict(schedule_params or {}))
+        self.decay = decay
+        self.every = every
+        self.start = start
+        self.skip_nonfinite = skip_nonfinite
+        self.step = 0
+        self.num_skipped = 0
+        self._options = _Options(
+            include_frozen, include_buffers, tuple(exclude),
+            torch.device(device) if device is not None else None, master_dtype, flat,
+        )
+        slots = self._options.slots(model)
+        if not slots:
+            raise ValueError("the model has no tensors to track (check include_*/exclude)")
+        self.groups, slots_by_group = group_slots(slots, self._options.device, master_dtype)
+        self._bindings: list[Binding] = []
+        self._bound_to: nn.Module | None = None
+        self._backups: dict = {}
+        self._swapped = False
+        self._bind(unwrap_model(model), slots_by_group)
+
+    # ------------------------------------------------------------------ binding to a model
+    def _bind(self, model: nn.Module, slots_by_group: list | None = None) -> None:
+        if slots_by_group is None:
+            slots_by_group = self._match_slots(model)
+        if self._options.flat:
+            for group, slots in zip(self.groups, slots_by_group):
+                if group.averaged:
+                    flatten_model_tensors(slots)
+        self._bindings = [Binding(g, s) for g, s in zip(self.groups, slots_by_group)]
+        self._bound_to = model
+        self._backups = {}
+
+    def _match_slots(self, model: nn.Module) -> list:
+        slots = {s.name: s for s in self._options.slots(model)}
+        problems = _compare(
+            {n: (s.get().shape, s.get().dtype) for n, s in slots.items()},
+            {n: (shape, g.dtype) for g in self.groups for n, shape in zip(g.names, g.shapes)},
+            "the model",
+        )
+        if problems:
+            raise EMAStateError(
+                "this EMA does not fit the model it was given:\n" + "\n".join(problems)
+                + "\nPass the model the EMA was built for, or build a new EMA for this one."
+            )
+        regrouped = [[slots[n] for n in g.names] for g in self.groups]
+        for members in regrouped:
+            keys = {(s.get().device, s.get().dtype) for s in members}
+            if len(keys) > 1:
+                raise EMAStateError(
+                    f"tensors that shared a device and dtype when the EMA was built are now "
+                    f"spread over {sorted(map(str, keys))}; build a new EMA after moving the model"
+                )
+        return regrouped
+
+    def _binding_for(self, model: nn.Module) -> list[Binding]:
+        model = unwrap_model(model)
+        if model is not self._bound_to or not all(b.is_current() for b in self._bindings):
+            self._bind(model)
+        return self._bindings
+
+    # ------------------------------------------------------------------ update
+    def decay_at(self, step: int) -> float:
+        """The decay applied at optimizer step ``step`` (1-based); 0 means "copy the weights"."""
+        n = step - self.start
+        if n <= 0:
+            return 0.0
+        d = float(self.schedule(n))
+        if not 0.0 <= d <= 1.0 or math.isnan(d):
+            raise ValueError(f"EMA schedule returned decay {d!r} at step {n}; it must be in [0, 1]")
+        return d**self.every
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        """Fold the model's current weights into the average. Call once per optimizer step.
+
+        ``step`` (1-based) sets the step counter first, e.g. from a trainer's iteration, so
+        that the schedule follows the training loop even across resumes.
+        """
+        if self._swapped:
+            raise RuntimeError(
+                "EMA.update() called inside EMA.swapped(): the model holds the EMA weights"
+            )
+        self.step = self.step + 1 if step is None else int(step)
+        n = self.step - self.start
+        if n > 0 and n % self.every:
+            return
+        bindings = self._binding_for(model)
+        if self.skip_nonfinite and not self._all_finite(bindings):
+            self.num_skipped += 1
+            if self.num_skipped == 1:
+                logger.warning(
+                    "EMA update at step %d skipped: the model weights hold NaN or Inf. Later "
+                    "skips are counted in EMA.num_skipped without a message.", self.step,
+                )
+            return
+        d = self.decay_at(self.step)
+        for b in bindings:
+            if b.group.averaged and d > 0.0:
+                b.average(1.0 - d)
+            else:
+                b.copy()
+
+    @staticmethod
+    def _all_finite(bindings: list[Binding]) -> bool:
+        checks = [b.all_finite() for b in bindings if b.group.averaged]
+        return bool(torch.stack([c.cpu() for c in checks]).all()) if checks else True
+
+    # ------------------------------------------------------------------ using the average
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Context manager: the model holds the EMA weights inside, its own weights after.
+
+        The trained weights come back bit-exact also when the block raises. No memory is
+        used where EMA and model share device and dtype; writes made inside (e.g. BN
+        statistics recomputed for the EMA weights) are kept in the EMA.
+        """
+        if self._swapped:
+            raise RuntimeError("EMA.swapped() is already active for this EMA")
+        bindings = self._binding_for(model)
+        self._swapped = True
+        try:
+            with swapped_bindings(bindings, self._backups):
+                yield model
+        finally:
+            self._swapped = False
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Copy the EMA into the model for good (e.g. before export)."""
+        for b in self._binding_for(model):
+            torch._foreach_copy_(b.model, b.group.tensors)
+
+    def model_copy(self, model: nn.Module) -> nn.Module:
+        """A deep copy of ``model`` (unwrapped) holding the EMA weights; ``model`` is untouched."""
+        model = unwrap_model(model)
+        # References to this EMA (e.g. ``model.ema_state``) become None in the copy.
+        clone = copy.deepcopy(model, memo={id(self): None})
+        slots = {s.name: s for s in self._options.slots(clone)}
+        with torch.no_grad():
+            for g in self.groups:
+                torch._foreach_copy_([slots[n].get() for n in g.names], g.tensors)
+        return clone
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The averages by name, in no particular order (live views: do not modify)."""
+        return {n: t for g in self.groups for n, t in zip(g.names, g.tensors)}
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(g.flat.numel() * g.flat.element_size() for g in self.groups)
+
+    def to(self, device: torch.device | str) -> EMA:
+        """Move the EMA storage (e.g. after loading a checkpoint on the CPU)."""
+        device = torch.device(device)
+        self.groups = [g.to(device) for g in self.groups]
+        self._options = dataclasses.replace(self._options, device=device)
+        if self._bound_to is not None:
+            self._bind(self._bound_to)
+        return self
+
+    # ------------------------------------------------------------------ checkpoints
+    def meta(self) -> dict[str, Any]:
+        sched = self.schedule
+        return {
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "num_skipped": self.num_skipped,
+            "schedule": sched.to_dict() if isinstance(sched, Schedule) else repr(sched),
+            "every": self.every,
+            "start": self.start,
+            "master_dtype": str(self._options.master_dtype),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"ema_state": {name: tensor}, "ema_meta": {...}}``.
+
+        ``ema_state`` is the plain name->tensor dict that D2Go and the seed article write;
+        ``ema_meta`` holds the format version, step counter and schedule.
+        """
+        return {STATE_KEY: self.tensors(), META_KEY: self.meta()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
+        """Load our format, or a plain name->tensor dict (D2Go's and the seed's ``ema_state``).
+
+        Names, shapes and dtypes are checked before anything is written; on any mismatch an
+        :class:`EMAStateError` lists every problem and the EMA is left as it was. With
+        ``strict=False`` missing and unexpected names are allowed (and returned).
+        """
+        tensors, meta = _split_state(state_dict)
+        mine = self.tensors()
+        tensors = _align_prefix(tensors, mine)
+        problems = _compare(
+            {n: (t.shape, t.dtype) for n, t in tensors.items()},
+            {n: (t.shape, t.dtype) for n, t in mine.items()},
+            "the checkpoint",
+            allow_missing=not strict,
+        )
+        if meta is not None:
+            version = meta.get("format_version", 0)
+            if not isinstance(version, int) or version > FORMAT_VERSION:
+                problems.append(
+                    f"ema_meta format_version {version!r} is newer than this d2ema reads "
+                    f"({FORMAT_VERSION}); upgrade d2ema"
+                )
+        if problems:
+            raise EMAStateError(
+                "cannot load this EMA state; the EMA is unchanged:\n  " + "\n  ".join(problems)
+            )
+        with torch.no_grad():
+            for name, t in tensors.items():
+                if name in mine:
+                    mine[name].copy_(t)
+        if meta is not None:
+            self.step = int(meta.get("step", self.step))
+            self.num_skipped = int(meta.get("num_skipped", 0))
+            saved = meta.get("schedule")
+            current = self.meta()["schedule"]
+            if saved is not None and saved != current:
+                logger.warning(
+                    "the loaded EMA was made with schedule %s; continuing with %s as configured",
+                    saved, current,
+                )
+        return nn.modules.module._IncompatibleKeys(
+            missing_keys=sorted(set(mine) - set(tensors)),
+            unexpected_keys=sorted(set(tensors) - set(mine)),
+        )
+
+    def __repr__(self) -> str:
+        n = sum(len(g.names) for g in self.groups)
+        return (
+            f"EMA(tensors={n}, bytes={self.num_bytes}, schedule={self.meta()['schedule']}, "
+            f"every={self.every}, start={self.start}, step={self.step})"
+        )
+
+
+def _split_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict | None]:
+    if STATE_KEY in state_dict and isinstance(state_dict[STATE_KEY], Mapping):
+        tensors, meta = dict(state_dict[STATE_KEY]), state_dict.get(META_KEY)
+    else:
+        tensors, meta = dict(state_dict), None
+    bad = sorted(n for n, t in tensors.items() if not isinstance(t, torch.Tensor))
+    if bad:
+        raise EMAStateError(
+            f"cannot load this EMA state; the EMA is unchanged: entries {bad[:5]} are not "
+            "tensors (expected {'ema_state': {name: tensor}, 'ema_meta': {...}} or a plain "
+            "name->tensor dict)"
+        )
+    if meta is not None and not isinstance(meta, Mapping):
+        raise EMAStateError(f"cannot load this EMA state: ema_meta is a {type(meta).__name__}")
+    return tensors, meta
+
+
+def _align_prefix(theirs: dict[str, torch.Tensor], mine: Mapping[str, Any]) -> dict:
+    """Strip a ``module.`` prefix (a wrapped model's names) when that makes the names match."""
+    prefix = "module."
+    if theirs and not set(theirs) & set(mine) and all(n.startswith(prefix) for n in theirs):
+        return {n[len(prefix):]: t for n, t in theirs.items()}
+    return theirs
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def _compare(
+    given: Mapping[str, tuple[torch.Size, torch.dtype]],
+    expected: Mapping[str, tuple[torch.Size, torch.dtype]],
+    source: str,
+    allow_missing: bool = False,
+) -> list[str]:
+    """Every difference in names, shapes and dtype kinds, one line each (empty: they fit)."""
+    problems = []
+    if not allow_missing:
+        missing = sorted(set(expected) - set(given))
+        unexpected = sorted(set(given) - set(expected))
+        if missing:
+            problems.append(f"missing in {source} ({len(missing)}): {_shorten(missing)}")
+        if unexpected:
+            problems.append(f"unexpected in {source} ({len(unexpected)}): {_shorten(unexpected)}")
+    for name in sorted(set(given) & set(expected)):
+        (gs, gd), (es, ed) = given[name], expected[name]
+        if tuple(gs) != tuple(es):
+            problems.append(f"{name}: shape {tuple(gs)} in {source}, EMA has {tuple(es)}")
+        elif _kind(gd) != _kind(ed):
+            problems.append(f"{name}: dtype {gd} in {source}, EMA has {ed} ({_kind(ed)})")
+    return problems
+
+
+def _shorten(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -1,0 +1,224 @@
+"""Decay schedules: pure functions from the averaging step ``n`` (1, 2, 3, ...) to a decay.
+
+The EMA update at averaging step ``n`` is ``ema = d(n) * ema + (1 - d(n)) * w``. Every schedule
+is a small frozen dataclass: call it with ``n``, save it with :meth:`Schedule.to_dict`, rebuild it
+with :func:`make_schedule`. Because a schedule depends on ``n`` alone, a run resumed with the
+same step counter continues exactly.
+
+=============  ==============================================================================
+name           decay at averaging step ``n``
+=============  ==============================================================================
+``constant``   ``decay``
+``yolov5``     ``decay * (1 - exp(-n / tau))``                     (YOLOv5's ramp; tau=2000)
+``tf``         ``min(decay, (1 + n) / (warmup_factor + n))``       (TensorFlow, D2Go's
+               ``DECAY_WARM_UP_FACTOR``)
+``power``      ``clamp(1 - (1 + n / inv_gamma) ** -power, min_decay, decay)``   (timm, diffusers)
+``sigma_rel``  ``(1 - 1 / n) ** (gamma + 1)``, gamma solved from the relative width
+               ``sigma_rel`` (Karras et al. 2024, "Analyzing and Improving the Training
+               Dynamics of Diffusion Models"); ``decay`` is not used.
+=============  ==============================================================================
+
+Example::
+
+    >>> sched = make_schedule("yolov5", decay=0.9999, tau=2000)
+    >>> round(sched(2000), 6)
+    0.632057
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+__all__ = [
+    "SCHEDULES",
+    "Constant",
+    "Power",
+    "Schedule",
+    "SigmaRel",
+    "TFWarmup",
+    "YOLOv5Ramp",
+    "make_schedule",
+    "sigma_rel_to_gamma",
+]
+
+
+def _check_decay(decay: float) -> None:
+    if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
+        raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Base class: ``schedule(n) -> decay`` for the averaging step ``n >= 1``."""
+
+    name: ClassVar[str] = ""
+    decay: float = 0.9998
+
+    def __post_init__(self) -> None:
+        _check_decay(self.decay)
+
+    def __call__(self, n: int) -> float:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        """The schedule as plain data: ``{"name": ..., **parameters}`` (saved in checkpoints)."""
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant(Schedule):
+    name: ClassVar[str] = "constant"
+
+    def __call__(self, n: int) -> float:
+        return self.decay
+
+
+@dataclasses.dataclass(frozen=True)
+class YOLOv5Ramp(Schedule):
+    """YOLOv5's exponential ramp: small decays early, when weights move fast."""
+
+    name: ClassVar[str] = "yolov5"
+    tau: float = 2000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.tau > 0:
+            raise ValueError(f"yolov5 schedule: tau must be > 0, got {self.tau!r}")
+
+    def __call__(self, n: int) -> float:
+        return self.decay * (1.0 - math.exp(-n / self.tau))
+
+
+@dataclasses.dataclass(frozen=True)
+class TFWarmup(Schedule):
+    """``tf.train.ExponentialMovingAverage(num_updates=...)``; D2Go's ``DECAY_WARM_UP_FACTOR``."""
+
+    name: ClassVar[str] = "tf"
+    warmup_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.warmup_factor >= 1:
+            raise ValueError(f"tf schedule: warmup_factor must be >= 1, got {self.warmup_factor!r}")
+
+    def __call__(self, n: int) -> float:
+        return min(self.decay, (1.0 + n) / (self.warmup_factor + n))
+
+
+@dataclasses.dataclass(frozen=True)
+class Power(Schedule):
+    """timm's ``ModelEmaV3`` / diffusers' warm-up: ``1 - (1 + n / inv_gamma) ** -power``."""
+
+    name: ClassVar[str] = "power"
+    inv_gamma: float = 1.0
+    power: float = 2.0 / 3.0
+    min_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.inv_gamma > 0 or not self.power > 0:
+            raise ValueError(
+                f"power schedule: inv_gamma and power must be > 0, got {self.inv_gamma!r}, "
+                f"{self.power!r}"
+            )
+        if not 0.0 <= self.min_decay <= self.decay:
+            raise ValueError(
+                f"power schedule: min_decay must be in [0, decay={self.decay}], "
+                f"got {self.min_decay!r}"
+            )
+
+    def __call__(self, n: int) -> float:
+        d = 1.0 - (1.0 + n / self.inv_gamma) ** -self.power
+        return min(self.decay, max(self.min_decay, d))
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """Exponent ``gamma`` of the power-function EMA whose relative width is ``sigma_rel``.
+
+    Solves ``sigma_rel**2 = (gamma + 1) / ((gamma + 2)**2 * (gamma + 3))`` (Karras et al. 2024,
+    eq. 3), i.e. the cubic ``gamma**3 + 7 gamma**2 + (16 - t) gamma + (12 - t) = 0`` with
+    ``t = sigma_rel**-2``. The width falls monotonically in gamma, so bisection is exact to
+    float precision.
+    """
+    if not 0.0 < sigma_rel < 12**-0.5:
+        raise ValueError(f"sigma_rel must be in (0, {12**-0.5:.4f}), got {sigma_rel!r}")
+    t = sigma_rel**-2
+
+    def cubic(g: float) -> float:
+        return ((g + 7.0) * g + 16.0 - t) * g + 12.0 - t
+
+    lo, hi = -1.0, 1.0
+    while cubic(hi) < 0:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if cubic(mid) < 0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmaRel(Schedule):
+    """Karras et al.'s power-function EMA: weights of step ``t`` proportional to ``t ** gamma``.
+
+    Its width relative to training length stays ``sigma_rel`` at every point of training (a
+    constant decay's width is fixed in steps instead). ``decay`` is ignored.
+    """
+
+    name: ClassVar[str] = "sigma_rel"
+    sigma_rel: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "_gamma", sigma_rel_to_gamma(self.sigma_rel))
+
+    @property
+    def gamma(self) -> float:
+        return self._gamma  # type: ignore[attr-defined]
+
+    def __call__(self, n: int) -> float:
+        return (1.0 - 1.0 / n) ** (self.gamma + 1.0)
+
+
+SCHEDULES: dict[str, type[Schedule]] = {
+    cls.name: cls for cls in (Constant, YOLOv5Ramp, TFWarmup, Power, SigmaRel)
+}
+
+
+def make_schedule(
+    schedule: str | Schedule | Mapping[str, Any] | Callable[[int], float] = "constant",
+    decay: float | None = None,
+    **params: Any,
+) -> Schedule | Callable[[int], float]:
+    """Build a schedule from a name (``"yolov5"``), a saved dict, or pass one through.
+
+    ``decay`` and ``params`` fill the dataclass fields; an unknown name or parameter raises a
+    ``ValueError`` that lists the valid ones. A plain callable ``n -> decay`` is accepted as
+    is (it cannot be saved in a checkpoint).
+    """
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, Mapping):
+        params = {**schedule, **params}
+        schedule = params.pop("name", None)
+    if callable(schedule):
+        return schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(
+            f"unknown EMA decay schedule {schedule!r}; choose one of {sorted(SCHEDULES)}"
+        )
+    cls = SCHEDULES[schedule]
+    if decay is not None:
+        params["decay"] = decay
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ValueError(
+            f"schedule {schedule!r} takes {sorted(allowed)}, not {unknown}"
+        )
+    return cls(**params)

@@ -1,0 +1,186 @@
+"""Which tensors of a model the EMA tracks, and how their averages are stored.
+
+A model is first unwrapped (DDP, DataParallel, ``torch.compile``) so that names never carry a
+wrapper's prefix: the EMA of ``DDP(model)`` and of ``model`` have the same names, which are the
+names ``model.named_parameters()`` / ``named_buffers()`` give (what D2Go and the seed save).
+
+Averages live in :class:`TensorGroup` s, one per (device, dtype, averaged-or-copied): a single
+contiguous 1-D buffer each, with one view per tracked tensor. One buffer per group is what lets
+the update run as a handful of fused ops instead of one op chain per tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Slot", "TensorGroup", "clean_name", "group_slots", "tracked_slots", "unwrap_model"]
+
+# Name segments that wrappers insert between a module and its children.
+_WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Tensors up to this many elements are gathered with one torch.cat instead of one lerp each:
+# below it the per-tensor dispatch costs more than the extra copy (see benchmarks/).
+SMALL_NUMEL = 4096
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that holds the weights: strips DDP/DataParallel/FSDP and ``torch.compile``."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module"):
+            model = model.module
+        else:
+            return model
+
+
+def clean_name(name: str) -> str:
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where a tracked tensor lives: ``module._parameters[attr]`` or ``module._buffers[attr]``."""
+
+    name: str
+    module: nn.Module
+    attr: str
+    is_param: bool
+
+    def get(self) -> torch.Tensor:
+        table = self.module._parameters if self.is_param else self.module._buffers
+        return table[self.attr]
+
+
+def tracked_slots(
+    model: nn.Module,
+    include_frozen: bool = True,
+    include_buffers: bool = True,
+    exclude: Sequence[str] = (),
+) -> list[Slot]:
+    """The model's tracked tensors in ``named_parameters()`` then ``named_buffers()`` order.
+
+    ``exclude`` holds regular expressions searched in each name, e.g. ``r"weight_[uv]$"`` for
+    spectral norm's power-iteration vectors. Shared tensors are tracked once.
+    """
+    model = unwrap_model(model)
+    patterns = [re.compile(p) for p in exclude]
+    slots: list[Slot] = []
+    seen: set[int] = set()
+
+    def add(named: Iterable[tuple[str, torch.Tensor]], is_param: bool) -> None:
+        for raw_name, tensor in named:
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            name = clean_name(raw_name)
+            if is_param and not include_frozen and not tensor.requires_grad:
+                continue
+            if any(p.search(name) for p in patterns):
+                continue
+            prefix, _, attr = raw_name.rpartition(".")
+            module = model.get_submodule(prefix) if prefix else model
+            slots.append(Slot(name, module, attr, is_param))
+
+    add(model.named_parameters(), True)
+    if include_buffers:
+        add(model.named_buffers(), False)
+    return slots
+
+
+def _averaged(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def ema_dtype_for(dtype: torch.dtype, master_dtype: torch.dtype | None) -> torch.dtype:
+    """fp32 master copy for reduced-precision floats: ``(1-d)*w`` vanishes in bf16 at d=0.9999."""
+    reduced = dtype.is_floating_point and master_dtype is not None
+    if reduced and dtype.itemsize < master_dtype.itemsize:
+        return master_dtype
+    return dtype
+
+
+@dataclasses.dataclass
+class TensorGroup:
+    """The averages of tensors sharing (device, dtype): one flat buffer, one view per tensor.
+
+    Tensors of at most :data:`SMALL_NUMEL` contiguous elements come first, so that together
+    they form the prefix ``flat[:small_numel]`` that one ``torch.cat`` can fill.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    names: list[str]
+    shapes: list[torch.Size]
+    flat: torch.Tensor
+    tensors: list[torch.Tensor]
+    n_small: int
+    small_numel: int
+
+    @property
+    def averaged(self) -> bool:
+        """Float tensors are averaged; integer and bool buffers are copied."""
+        return _averaged(self.dtype)
+
+    @classmethod
+    def allocate(
+        cls,
+        names: list[str],
+        shapes: list[torch.Size],
+        small: list[bool],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> TensorGroup:
+        order = sorted(range(len(names)), key=lambda i: not small[i])  # stable: small first
+        names = [names[i] for i in order]
+        shapes = [shapes[i] for i in order]
+        numels = [s.numel() for s in shapes]
+        n_small = sum(small)
+        flat = torch.empty(sum(numels), device=device, dtype=dtype)
+        tensors = [v.view(s) for v, s in zip(flat.split(numels), shapes)]
+        return cls(device, dtype, names, shapes, flat, tensors, n_small, sum(numels[:n_small]))
+
+    def to(self, device: torch.device) -> TensorGroup:
+        flat = self.flat.to(device)
+        numels = [s.numel() for s in self.shapes]
+        tensors = [v.view(s) for v, s in zip(flat.split(numels), self.shapes)]
+        return dataclasses.replace(self, device=flat.device, flat=flat, tensors=tensors)
+
+
+def group_slots(
+    slots: list[Slot],
+    device: torch.device | None,
+    master_dtype: torch.dtype | None,
+) -> tuple[list[TensorGroup], list[list[Slot]]]:
+    """Allocate one :class:`TensorGroup` per (EMA device, EMA dtype, model device, model dtype).
+
+    Returns the groups and, for each, its slots in the group's storage order.
+    """
+    keyed: dict[tuple, list[Slot]] = {}
+    for slot in slots:
+        t = slot.get()
+        ema_device = torch.device(device) if device is not None else t.device
+        key = (ema_device, ema_dtype_for(t.dtype, master_dtype), t.device, t.dtype)
+        keyed.setdefault(key, []).append(slot)
+    groups, group_slots_ = [], []
+    for (ema_device, ema_dtype, _, _), members in keyed.items():
+        tensors = [s.get() for s in members]
+        small = [t.is_contiguous() and t.numel() <= SMALL_NUMEL for t in tensors]
+        group = TensorGroup.allocate(
+            [s.name for s in members], [t.shape for t in tensors], small, ema_device, ema_dtype
+        )
+        by_name = {s.name: s for s in members}
+        ordered = [by_name[n] for n in group.names]
+        with torch.no_grad():
+            torch._foreach_copy_(group.tensors, [s.get() for s in ordered])
+        groups.append(group)
+        group_slots_.append(ordered)
+    return groups, group_slots_
