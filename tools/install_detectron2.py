@@ -69,8 +69,19 @@ def installed_detectron2() -> str | None:
 
 
 def download(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-           "--require-hashes", "-r", str(REQUIREMENT), "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-build-isolation",
+        "--require-hashes",
+        "-r",
+        str(REQUIREMENT),
+        "-d",
+        str(dest),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
@@ -120,8 +131,16 @@ def main() -> int:
             verify(sdist, expected)
             src = unpack_without_extension(sdist, tmp_path / "src")
             subprocess.run(
-                [sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                 "--no-build-isolation", str(src)],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-deps",
+                    "--no-build-isolation",
+                    str(src),
+                ],
                 check=True,
             )
     except InstallError as e:

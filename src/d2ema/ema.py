@@ -126,8 +126,12 @@ class EMA:
         self.step = 0
         self.num_skipped = 0
         self._options = _Options(
-            include_frozen, include_buffers, tuple(exclude),
-            torch.device(device) if device is not None else None, master_dtype, flat,
+            include_frozen,
+            include_buffers,
+            tuple(exclude),
+            torch.device(device) if device is not None else None,
+            master_dtype,
+            flat,
         )
         slots = self._options.slots(model)
         if not slots:
@@ -160,7 +164,8 @@ class EMA:
         )
         if problems:
             raise EMAStateError(
-                "this EMA does not fit the model it was given:\n" + "\n".join(problems)
+                "this EMA does not fit the model it was given:\n"
+                + "\n".join(problems)
                 + "\nPass the model the EMA was built for, or build a new EMA for this one."
             )
         regrouped = [[slots[n] for n in g.names] for g in self.groups]
@@ -211,7 +216,8 @@ class EMA:
             if self.num_skipped == 1:
                 logger.warning(
                     "EMA update at step %d skipped: the model weights hold NaN or Inf. Later "
-                    "skips are counted in EMA.num_skipped without a message.", self.step,
+                    "skips are counted in EMA.num_skipped without a message.",
+                    self.step,
                 )
             return
         d = self.decay_at(self.step)
@@ -250,6 +256,14 @@ class EMA:
         """Copy the EMA into the model for good (e.g. before export)."""
         for b in self._binding_for(model):
             torch._foreach_copy_(b.model, b.group.tensors)
+
+    def reset(self, model: nn.Module) -> None:
+        """Restart the average from the model's current weights (keeps the step counter).
+
+        For weights loaded from a checkpoint that has no EMA, e.g. pretrained backbones.
+        """
+        for b in self._binding_for(model):
+            b.copy()
 
     def model_copy(self, model: nn.Module) -> nn.Module:
         """A deep copy of ``model`` (unwrapped) holding the EMA weights; ``model`` is untouched."""
@@ -300,12 +314,12 @@ class EMA:
         """
         return {STATE_KEY: self.tensors(), META_KEY: self.meta()}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
-        """Load our format, or a plain name->tensor dict (D2Go's and the seed's ``ema_state``).
+    def check_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True
+    ) -> tuple[dict[str, torch.Tensor], Mapping[str, Any] | None]:
+        """Validate ``state_dict`` without changing anything; raise :class:`EMAStateError`.
 
-        Names, shapes and dtypes are checked before anything is written; on any mismatch an
-        :class:`EMAStateError` lists every problem and the EMA is left as it was. With
-        ``strict=False`` missing and unexpected names are allowed (and returned).
+        Returns the tensors (names aligned to this EMA's) and the metadata, if any.
         """
         tensors, meta = _split_state(state_dict)
         mine = self.tensors()
@@ -323,10 +337,25 @@ class EMA:
                     f"ema_meta format_version {version!r} is newer than this d2ema reads "
                     f"({FORMAT_VERSION}); upgrade d2ema"
                 )
+            for key in ("step", "num_skipped"):
+                value = meta.get(key, 0)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    problems.append(f"ema_meta {key} {value!r} is not an integer >= 0")
         if problems:
             raise EMAStateError(
                 "cannot load this EMA state; the EMA is unchanged:\n  " + "\n  ".join(problems)
             )
+        return tensors, meta
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
+        """Load our format, or a plain name->tensor dict (D2Go's and the seed's ``ema_state``).
+
+        Names, shapes and dtypes are checked before anything is written; on any mismatch an
+        :class:`EMAStateError` lists every problem and the EMA is left as it was. With
+        ``strict=False`` missing and unexpected names are allowed (and returned).
+        """
+        tensors, meta = self.check_state_dict(state_dict, strict)
+        mine = self.tensors()
         with torch.no_grad():
             for name, t in tensors.items():
                 if name in mine:
@@ -339,7 +368,8 @@ class EMA:
             if saved is not None and saved != current:
                 logger.warning(
                     "the loaded EMA was made with schedule %s; continuing with %s as configured",
-                    saved, current,
+                    saved,
+                    current,
                 )
         return nn.modules.module._IncompatibleKeys(
             missing_keys=sorted(set(mine) - set(tensors)),
@@ -375,7 +405,7 @@ def _align_prefix(theirs: dict[str, torch.Tensor], mine: Mapping[str, Any]) -> d
     """Strip a ``module.`` prefix (a wrapped model's names) when that makes the names match."""
     prefix = "module."
     if theirs and not set(theirs) & set(mine) and all(n.startswith(prefix) for n in theirs):
-        return {n[len(prefix):]: t for n, t in theirs.items()}
+        return {n[len(prefix) :]: t for n, t in theirs.items()}
     return theirs
 
 

@@ -218,7 +218,5 @@ def make_schedule(
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise ValueError(
-            f"schedule {schedule!r} takes {sorted(allowed)}, not {unknown}"
-        )
+        raise ValueError(f"schedule {schedule!r} takes {sorted(allowed)}, not {unknown}")
     return cls(**params)

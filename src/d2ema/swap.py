@@ -35,9 +35,7 @@ class _Backup:
 
 
 @contextlib.contextmanager
-def swapped_bindings(
-    bindings: list[Binding], backups: dict[int, _Backup]
-) -> Iterator[None]:
+def swapped_bindings(bindings: list[Binding], backups: dict[int, _Backup]) -> Iterator[None]:
     """Put each binding's EMA tensors into the model; restore the trained ones on exit.
 
     ``backups`` caches the copy buffers between calls, keyed by binding position.
@@ -68,9 +66,7 @@ def swapped_bindings(
                     t.data = s
             for b, backup, versions in copied:
                 written = [
-                    (e, t)
-                    for e, t, v in zip(b.group.tensors, b.model, versions)
-                    if t._version != v
+                    (e, t) for e, t, v in zip(b.group.tensors, b.model, versions) if t._version != v
                 ]
                 if written:
                     torch._foreach_copy_([e for e, _ in written], [t for _, t in written])

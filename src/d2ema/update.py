@@ -63,6 +63,8 @@ class Binding:
         self.cross_device = src.device != group.device
         self.staged = self.cross_device or src.dtype != group.dtype
         self.model_flat = flat_view(self.model)
+        # The inf-norm of an empty tensor is an error, not 0: leave those out of the check.
+        self._nonempty = [t for t in self.model if t.numel()]
         self._sentinels = self._take_sentinels()
         self.staging: torch.Tensor | None = None
         self.small_views: list[torch.Tensor] = []
@@ -135,6 +137,8 @@ class Binding:
     @torch.no_grad()
     def all_finite(self) -> torch.Tensor:
         """A 0-d bool tensor: no NaN or Inf in the model tensors (max-abs cannot overflow)."""
+        if not self._nonempty:
+            return torch.ones((), dtype=torch.bool, device=self.model_device)
         if self.model_flat is not None:
             return torch.linalg.vector_norm(self.model_flat, float("inf")).isfinite()
-        return torch.stack(torch._foreach_norm(self.model, float("inf"))).isfinite().all()
+        return torch.stack(torch._foreach_norm(self._nonempty, float("inf"))).isfinite().all()

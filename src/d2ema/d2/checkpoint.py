@@ -1,0 +1,102 @@
+"""The EMA in detectron2 checkpoints: key ``ema_state`` (plain name->tensor) and ``ema_meta``.
+
+``ema_state`` is exactly what D2Go and the seed article write, so their checkpoints load here
+and ours load there; ``ema_meta`` (format version, step counter, schedule) rides beside it.
+
+:class:`EMACheckpointer` is a ``DetectionCheckpointer`` that checks the EMA part of a checkpoint
+*before* the model is loaded: a checkpoint whose EMA does not fit raises with every mismatch
+named, and leaves both model and EMA untouched.
+
+Example::
+
+    checkpointer = EMACheckpointer(model, cfg.OUTPUT_DIR, ema=get_model_ema(model))
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+from ..ema import EMA, META_KEY, STATE_KEY
+
+__all__ = ["EMACheckpointer", "ema_checkpointables"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Loaded:
+    """Shared between the two checkpointables: metadata waiting for its tensors."""
+
+    def __init__(self) -> None:
+        self.meta: dict | None = None
+        self.loaded = False
+
+
+class _EMAMeta:
+    def __init__(self, get_ema: Callable[[], EMA], shared: _Loaded):
+        self._get_ema, self._shared = get_ema, shared
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._get_ema().meta()
+
+    def load_state_dict(self, meta: dict[str, Any]) -> None:
+        # Applied together with the tensors, by _EMATensors, so that a load is all or nothing.
+        self._shared.meta = meta
+
+
+class _EMATensors:
+    def __init__(self, get_ema: Callable[[], EMA], shared: _Loaded):
+        self._get_ema, self._shared = get_ema, shared
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._get_ema().tensors()
+
+    def load_state_dict(self, tensors: dict[str, Any]) -> None:
+        state = {STATE_KEY: tensors}
+        if self._shared.meta is not None:
+            state[META_KEY] = self._shared.meta
+        self._get_ema().load_state_dict(state)
+        self._shared.meta = None
+        self._shared.loaded = True
+
+
+def ema_checkpointables(get_ema: Callable[[], EMA]) -> dict[str, Any]:
+    """``{"ema_meta": ..., "ema_state": ...}`` to pass to a ``DetectionCheckpointer``.
+
+    The metadata comes first: fvcore loads checkpointables in insertion order, and the tensors
+    apply both at once. ``get_ema`` is called at save/load time.
+    """
+    shared = _Loaded()
+    return {META_KEY: _EMAMeta(get_ema, shared), STATE_KEY: _EMATensors(get_ema, shared)}
+
+
+def ema_was_loaded(checkpointables: dict[str, Any]) -> bool:
+    holder = checkpointables.get(STATE_KEY)
+    return bool(isinstance(holder, _EMATensors) and holder._shared.loaded)
+
+
+class EMACheckpointer(DetectionCheckpointer):
+    """A ``DetectionCheckpointer`` that saves and loads the EMA, checking it before the model."""
+
+    def __init__(self, model, save_dir: str = "", *, ema: EMA, **checkpointables: Any):
+        self._ema = ema
+        super().__init__(
+            model, save_dir, **ema_checkpointables(lambda: self._ema), **checkpointables
+        )
+
+    @property
+    def ema_loaded(self) -> bool:
+        """Whether the last load found an EMA in the checkpoint."""
+        return ema_was_loaded(self.checkpointables)
+
+    def _load_model(self, checkpoint: dict[str, Any]):
+        if STATE_KEY in checkpoint:
+            state = {STATE_KEY: checkpoint[STATE_KEY]}
+            if META_KEY in checkpoint:
+                state[META_KEY] = checkpoint[META_KEY]
+            self._ema.check_state_dict(state)
+        return super()._load_model(checkpoint)

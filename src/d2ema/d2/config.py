@@ -1,0 +1,225 @@
+"""EMA settings from a detectron2 config: yacs ``MODEL_EMA.*`` or LazyConfig ``train.model_ema``.
+
+One table, :data:`KEYS`, defines every setting once; the yacs keys are its upper-case names (the
+seed's and D2Go's: ``ENABLED``, ``DECAY``, ``DEVICE``, ...) and the LazyConfig keys its lower-case
+names (detrex's ``train.model_ema.enabled/decay/device/use_ema_weights_for_eval_only``). Values
+are checked when the trainer is built, and a bad one raises :class:`ConfigError` naming the key,
+the value and what is allowed.
+
+Example::
+
+    cfg = get_cfg(); add_model_ema_configs(cfg)
+    cfg.MODEL_EMA.ENABLED = True
+    cfg.MODEL_EMA.SCHEDULE = "yolov5"
+    settings = ema_settings(cfg)          # validated
+    ema = EMA(model, **settings.ema_kwargs())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..schedules import SCHEDULES, make_schedule
+
+__all__ = [
+    "KEYS",
+    "ConfigError",
+    "EMASettings",
+    "add_model_ema_configs",
+    "ema_settings",
+    "lazy_model_ema_defaults",
+]
+
+
+class ConfigError(ValueError):
+    """An EMA config value that cannot work; the message names key, value and allowed range."""
+
+
+# name: (default, help). Upper-case for yacs, lower-case for LazyConfig.
+KEYS: dict[str, tuple[Any, str]] = {
+    "ENABLED": (False, "keep an EMA of the model's weights"),
+    "DECAY": (0.999, "decay d in [0, 1] (ceiling of ramping schedules)"),
+    "DEVICE": ("", "device of the EMA; '' = the model's (MODEL.DEVICE)"),
+    "INCLUDE_FROZEN": (True, "also average parameters with requires_grad=False"),
+    "INCLUDE_BUFFER": (True, "also average buffers (BN running statistics)"),
+    "USE_EMA_WEIGHTS_FOR_EVAL_ONLY": (False, "--eval-only evaluates the EMA weights"),
+    "USE_LERP": (False, "accepted for D2Go configs; the update is always a fused lerp"),
+    "AFTER_BACKWARD": (
+        False,
+        "accepted for D2Go configs; d2ema always updates after optimizer.step(), since "
+        "an update after backward averages the previous step's weights",
+    ),
+    "DECAY_WARM_UP_FACTOR": (-1.0, ">= 0 selects the 'tf' schedule with this warm-up factor"),
+    "SCHEDULE": ("constant", f"decay schedule: one of {sorted(SCHEDULES)}"),
+    "TAU": (2000.0, "yolov5 schedule: ramp time constant in steps"),
+    "INV_GAMMA": (1.0, "power schedule: inv_gamma"),
+    "POWER": (2.0 / 3.0, "power schedule: power"),
+    "MIN_DECAY": (0.0, "power schedule: floor of the decay"),
+    "SIGMA_REL": (0.05, "sigma_rel schedule: relative width of the averaging profile"),
+    "UPDATE_EVERY": (1, "update every N iterations with decay**N"),
+    "START_ITER": (0, "before this iteration the EMA copies the weights"),
+    "MASTER_DTYPE": ("float32", "dtype of the EMA of bf16/fp16 weights; 'none' keeps theirs"),
+    "SKIP_NONFINITE": (False, "skip (and count) updates whose weights hold NaN/Inf"),
+    "EXCLUDE": ([], "regular expressions of tensor names not to track"),
+    "FLAT": (False, "re-point model tensors into one buffer per group (single-op update)"),
+    "EVAL_BOTH": (True, "evaluate the raw and the EMA weights at each evaluation"),
+}
+
+_MASTER_DTYPES = {"float32": torch.float32, "float64": torch.float64, "none": None, "": None}
+
+
+def add_model_ema_configs(cfg) -> None:
+    """Add ``cfg.MODEL_EMA`` with every key of :data:`KEYS` at its default (idempotent)."""
+    from detectron2.config import CfgNode as CN
+
+    was_frozen = cfg.is_frozen()
+    cfg.defrost()
+    if "MODEL_EMA" not in cfg:
+        cfg.MODEL_EMA = CN()
+    for key, (default, _) in KEYS.items():
+        if key not in cfg.MODEL_EMA:
+            cfg.MODEL_EMA[key] = list(default) if isinstance(default, list) else default
+    if was_frozen:
+        cfg.freeze()
+
+
+def lazy_model_ema_defaults() -> dict[str, Any]:
+    """``train.model_ema`` for a LazyConfig: ``train.model_ema = lazy_model_ema_defaults()``."""
+    return {k.lower(): (list(v) if isinstance(v, list) else v) for k, (v, _) in KEYS.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class EMASettings:
+    """Validated EMA settings, whatever config system they came from."""
+
+    enabled: bool
+    decay: float
+    device: str
+    include_frozen: bool
+    include_buffer: bool
+    use_ema_weights_for_eval_only: bool
+    schedule: Any
+    update_every: int
+    start_iter: int
+    master_dtype: torch.dtype | None
+    skip_nonfinite: bool
+    exclude: tuple[str, ...]
+    flat: bool
+    eval_both: bool
+
+    def ema_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`d2ema.EMA`."""
+        return {
+            "decay": self.decay,
+            "schedule": self.schedule,
+            "every": self.update_every,
+            "start": self.start_iter,
+            "include_frozen": self.include_frozen,
+            "include_buffers": self.include_buffer,
+            "exclude": self.exclude,
+            "device": self.device or None,
+            "master_dtype": self.master_dtype,
+            "skip_nonfinite": self.skip_nonfinite,
+            "flat": self.flat,
+        }
+
+
+def _read(cfg) -> tuple[dict[str, Any], str, str]:
+    """Raw values, the key prefix to name in errors, and the model's device."""
+    if hasattr(cfg, "MODEL_EMA"):
+        node = cfg.MODEL_EMA
+        values = {k: node.get(k, d) for k, (d, _) in KEYS.items()}
+        return values, "MODEL_EMA.", str(cfg.MODEL.DEVICE)
+    train = cfg.train if hasattr(cfg, "train") else cfg["train"]
+    node = train.get("model_ema", None) or {}
+    values = {k: node.get(k.lower(), d) for k, (d, _) in KEYS.items()}
+    lowered = {k.lower() for k in KEYS}
+    unknown = sorted(set(node.keys()) - lowered)
+    if unknown:
+        raise ConfigError(
+            f"train.model_ema has unknown keys {unknown}; valid keys are {sorted(lowered)}"
+        )
+    return values, "train.model_ema.", str(train.get("device", "cuda"))
+
+
+def _check_device(key: str, value: str) -> None:
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"{key} = {value!r} is not a device name ('cpu', 'cuda:0', ...)") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if (device.index is not None and device.index >= count) or count == 0:
+            raise ConfigError(
+                f"{key} = {value!r} does not exist on this machine ({count} CUDA devices); "
+                "use '' for the model's device, or 'cpu'"
+            )
+
+
+def ema_settings(cfg) -> EMASettings:
+    """Read and validate the EMA settings of a yacs or LazyConfig config."""
+    v, prefix, model_device = _read(cfg)
+
+    def key(name: str) -> str:
+        return prefix + (name if prefix.startswith("MODEL_EMA") else name.lower())
+
+    def number(name: str, lo: float, hi: float = float("inf"), integer: bool = False):
+        x = v[name]
+        ok = isinstance(x, int if integer else (int, float)) and not isinstance(x, bool)
+        if not ok or not lo <= x <= hi:
+            kind = "an integer" if integer else "a number"
+            raise ConfigError(f"{key(name)} = {x!r} must be {kind} in [{lo}, {hi}]")
+        return x
+
+    decay = number("DECAY", 0.0, 1.0)
+    every = number("UPDATE_EVERY", 1, integer=True)
+    start = number("START_ITER", 0, integer=True)
+    name = v["SCHEDULE"]
+    warm_up = number("DECAY_WARM_UP_FACTOR", -1.0)
+    if warm_up >= 0 and name == "constant":
+        name = "tf"
+    params = {
+        "yolov5": {"tau": v["TAU"]},
+        "tf": {"warmup_factor": warm_up if warm_up >= 0 else 10.0},
+        "power": {"inv_gamma": v["INV_GAMMA"], "power": v["POWER"], "min_decay": v["MIN_DECAY"]},
+        "sigma_rel": {"sigma_rel": v["SIGMA_REL"]},
+    }
+    if name not in SCHEDULES:
+        raise ConfigError(
+            f"{key('SCHEDULE')} = {name!r} is unknown; choose one of {sorted(SCHEDULES)}"
+        )
+    try:
+        schedule = make_schedule(name, decay, **params.get(name, {}))
+    except ValueError as e:
+        raise ConfigError(f"{key('SCHEDULE')} = {name!r}: {e}") from e
+    master = str(v["MASTER_DTYPE"]).lower()
+    if master not in _MASTER_DTYPES:
+        raise ConfigError(
+            f"{key('MASTER_DTYPE')} = {v['MASTER_DTYPE']!r}; choose one of "
+            f"{sorted(k for k in _MASTER_DTYPES if k)}"
+        )
+    device = str(v["DEVICE"] or "")
+    if v["ENABLED"]:
+        _check_device(key("DEVICE"), device or model_device)
+    exclude = v["EXCLUDE"]
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    return EMASettings(
+        enabled=bool(v["ENABLED"]),
+        decay=float(decay),
+        device=device,
+        include_frozen=bool(v["INCLUDE_FROZEN"]),
+        include_buffer=bool(v["INCLUDE_BUFFER"]),
+        use_ema_weights_for_eval_only=bool(v["USE_EMA_WEIGHTS_FOR_EVAL_ONLY"]),
+        schedule=schedule,
+        update_every=int(every),
+        start_iter=int(start),
+        master_dtype=_MASTER_DTYPES[master],
+        skip_nonfinite=bool(v["SKIP_NONFINITE"]),
+        exclude=tuple(exclude),
+        flat=bool(v["FLAT"]),
+        eval_both=bool(v["EVAL_BOTH"]),
+    )

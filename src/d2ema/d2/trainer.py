@@ -1,0 +1,144 @@
+"""``EMATrainer``: detectron2's ``DefaultTrainer`` with EMA, and the mixin for custom trainers.
+
+What the mixin changes, each in the method that owns it:
+
+* ``build_model`` attaches the EMA (``model.ema_state``) when ``MODEL_EMA.ENABLED``;
+* ``build_hooks`` makes the checkpointer an :class:`EMACheckpointer` (EMA saved with every
+  checkpoint, checked before anything loads) and adds :class:`EMAHook` right after the timer,
+  so checkpoints and evaluations of an iteration see that iteration's EMA;
+* ``test`` evaluates the raw weights (``bbox``) and the EMA weights (``ema/bbox``); detectron2's
+  ``EvalHook`` writes both to EventStorage, so TensorBoard draws the two curves. With
+  ``TEST.PRECISE_BN.ENABLED`` BN statistics are recomputed for the EMA weights too;
+* ``state_dict`` / ``load_state_dict`` carry the optimizer state on detectron2 v0.6 as well (main
+  already does), so a resumed run keeps its SGD momentum;
+* ``resume_or_load`` warns once when the loaded checkpoint has no EMA (it then restarts from the
+  loaded weights).
+
+Example::
+
+    cfg = get_cfg(); add_model_ema_configs(cfg); cfg.MODEL_EMA.ENABLED = True
+    trainer = EMATrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import OrderedDict
+
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.utils.events import EventStorage
+
+from ..ema import EMA
+from .build import build_model_ema, get_model_ema
+from .checkpoint import EMACheckpointer
+from .config import ema_settings
+from .hooks import EMAHook
+
+__all__ = ["EMATrainer", "EMATrainerMixin", "evaluate_with_ema"]
+
+logger = logging.getLogger(__name__)
+
+# detectron2 main saves the inner trainer (optimizer) in DefaultTrainer.state_dict; v0.6 does not.
+_SAVES_OPTIMIZER = "state_dict" in vars(DefaultTrainer)
+
+
+def _precise_bn(trainer_cls, cfg, model) -> None:
+    """Recompute BN statistics of the weights now in ``model`` with the trainer's batches."""
+    from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
+
+    was_training = model.training
+    model.train()
+    try:
+        if not get_bn_modules(model):
+            return
+        loader = iter(trainer_cls.build_train_loader(cfg))
+        num_iter = cfg.TEST.PRECISE_BN.NUM_ITER
+        with EventStorage():  # the model logs losses; discard them
+            update_bn_stats(model, itertools.islice(loader, num_iter), num_iter)
+    finally:
+        model.train(was_training)
+
+
+def evaluate_with_ema(trainer_cls, cfg, model, evaluators=None, *, raw: bool, ema: EMA | None):
+    """Results of ``trainer_cls``'s plain ``test`` for the raw weights (if ``raw``) and for the
+    EMA weights, the latter under ``ema/``-prefixed keys."""
+    test = super(EMATrainerMixin, trainer_cls).test
+    results = OrderedDict()
+    if raw or ema is None:
+        results.update(test(cfg, model, evaluators))
+    if ema is not None:
+        logger.info("Evaluating the EMA weights")
+        with ema.swapped(model):
+            if cfg.TEST.PRECISE_BN.ENABLED:
+                _precise_bn(trainer_cls, cfg, model)
+            ema_results = test(cfg, model, evaluators)
+        results.update((f"ema/{k}", v) for k, v in ema_results.items())
+    return results
+
+
+class EMATrainerMixin:
+    """Put before ``DefaultTrainer`` (or a subclass of it) in the bases to train with EMA."""
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        build_model_ema(cfg, model)
+        return model
+
+    def build_hooks(self):
+        ema = get_model_ema(self.model)
+        if ema is None:
+            return super().build_hooks()
+        old = self.checkpointer
+        self.checkpointer = EMACheckpointer(
+            old.model, old.save_dir, ema=ema, save_to_disk=old.save_to_disk, **old.checkpointables
+        )
+        ret = super().build_hooks()
+        timer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.IterationTimer)), -1)
+        ret.insert(timer + 1, EMAHook(ema, self.model, checkpointer=self.checkpointer))
+        return ret
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        ema = get_model_ema(model)
+        raw = ema is None or ema_settings(cfg).eval_both
+        return evaluate_with_ema(cls, cfg, model, evaluators, raw=raw, ema=ema)
+
+    @classmethod
+    def test_eval_only(cls, cfg, model, evaluators=None):
+        """``--eval-only``: the EMA weights with ``USE_EMA_WEIGHTS_FOR_EVAL_ONLY``, else the raw
+        ones (both if ``EVAL_BOTH`` and the EMA is used)."""
+        ema = get_model_ema(model)
+        settings = ema_settings(cfg)
+        if ema is None or not settings.use_ema_weights_for_eval_only:
+            return evaluate_with_ema(cls, cfg, model, evaluators, raw=True, ema=None)
+        return evaluate_with_ema(cls, cfg, model, evaluators, raw=settings.eval_both, ema=ema)
+
+    def resume_or_load(self, resume: bool = True):
+        path = self.checkpointer.get_checkpoint_file() if resume else ""
+        if not (resume and self.checkpointer.has_checkpoint()):
+            path = self.cfg.MODEL.WEIGHTS
+        super().resume_or_load(resume=resume)
+        checkpointer = self.checkpointer
+        if path and isinstance(checkpointer, EMACheckpointer) and not checkpointer.ema_loaded:
+            logger.warning(
+                "Checkpoint %s has no EMA (key 'ema_state'); the EMA starts from its weights.",
+                path,
+            )
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret.setdefault("_trainer", self._trainer.state_dict())
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if not _SAVES_OPTIMIZER and "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+
+class EMATrainer(EMATrainerMixin, DefaultTrainer):
+    """``DefaultTrainer`` with EMA: see :class:`EMATrainerMixin`."""
