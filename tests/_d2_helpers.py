@@ -21,10 +21,11 @@ def register_tiny(root) -> None:
     register_datasets(root=root, sizes=SIZES, names=[TRAIN, VAL])
 
 
-def make_cfg(arch: str, out_dir, max_iter: int = 3, **ema):
+def make_cfg(arch: str, out_dir, max_iter: int = 3, evaluate: bool = False, **ema):
+    """A tiny config; ``evaluate`` adds the val set (detectron2 v0.6 evaluates after training)."""
     cfg = tiny_detector_config(arch, num_classes=5, image_size=96)
     cfg.DATASETS.TRAIN = (TRAIN,)
-    cfg.DATASETS.TEST = (VAL,)
+    cfg.DATASETS.TEST = (VAL,) if evaluate else ()
     cfg.SOLVER.IMS_PER_BATCH = 2
     cfg.SOLVER.MAX_ITER = max_iter
     cfg.SOLVER.BASE_LR = 0.02

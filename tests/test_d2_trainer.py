@@ -96,7 +96,7 @@ class Boom(RuntimeError):
 
 
 def test_exception_in_evaluation_restores_raw_weights(tmp_path, monkeypatch):
-    cfg = make_cfg("retinanet", tmp_path, max_iter=3, decay=0.5)
+    cfg = make_cfg("retinanet", tmp_path, max_iter=3, evaluate=True, decay=0.5)
     trainer = train(cfg)
     model = trainer.model
     ref = ReferenceEMA(model, lambda n: 0.5)
@@ -129,7 +129,7 @@ def test_exception_in_evaluation_restores_raw_weights(tmp_path, monkeypatch):
 
 
 def test_evaluates_raw_and_ema_and_writes_both_curves(tmp_path):
-    cfg = make_cfg("retinanet", tmp_path, max_iter=2, decay=0.5)
+    cfg = make_cfg("retinanet", tmp_path, max_iter=2, evaluate=True, decay=0.5)
     cfg.TEST.EVAL_PERIOD = 2
     trainer = train(cfg)
     trainer.train()
@@ -141,7 +141,7 @@ def test_evaluates_raw_and_ema_and_writes_both_curves(tmp_path):
 
 
 def test_eval_both_off_evaluates_only_ema(tmp_path):
-    cfg = make_cfg("retinanet", tmp_path, max_iter=1, eval_both=False)
+    cfg = make_cfg("retinanet", tmp_path, max_iter=1, evaluate=True, eval_both=False)
     trainer = train(cfg)
     trainer.train()
     assert set(Trainer.test(cfg, trainer.model)) == {"ema/bbox"}
@@ -152,14 +152,12 @@ def test_checkpoint_without_ema_starts_from_loaded_weights(tmp_path, caplog):
     donor = Trainer(cfg)
     with torch.no_grad():
         for p in donor.model.parameters():
-            p.add_(0.5)
-    DetectionCheckpointer(donor.model, str(tmp_path)).save("plain")  # no EMA in it
+            p.mul_(1.01)
+    # a checkpoint to resume from, written without EMA (plain detectron2)
+    DetectionCheckpointer(donor.model, str(tmp_path), trainer=donor).save("plain")
     loaded = {k: v.clone() for k, v in tracked_state(donor.model).items()}
-    cfg2 = cfg.clone()
-    cfg2.defrost()
-    cfg2.MODEL.WEIGHTS = str(tmp_path / "plain.pth")
     with caplog.at_level(logging.WARNING):
-        trainer = train(cfg2)
+        trainer = train(cfg, resume=True)
     assert sum("has no EMA" in r.getMessage() for r in caplog.records) == 1
     seen = {}
 

@@ -11,8 +11,9 @@ What the mixin changes, each in the method that owns it:
   ``TEST.PRECISE_BN.ENABLED`` BN statistics are recomputed for the EMA weights too;
 * ``state_dict`` / ``load_state_dict`` carry the optimizer state on detectron2 v0.6 as well (main
   already does), so a resumed run keeps its SGD momentum;
-* ``resume_or_load`` warns once when the loaded checkpoint has no EMA (it then restarts from the
-  loaded weights).
+* ``resume_or_load`` warns once when the checkpoint it resumes from has no EMA; the EMA then
+  restarts from the loaded weights, as it does for a new training from ``MODEL.WEIGHTS`` (whose
+  EMA, if any, fvcore does not load: only a resume loads the whole training state).
 
 Example::
 
@@ -118,16 +119,18 @@ class EMATrainerMixin:
         return evaluate_with_ema(cls, cfg, model, evaluators, raw=settings.eval_both, ema=ema)
 
     def resume_or_load(self, resume: bool = True):
-        path = self.checkpointer.get_checkpoint_file() if resume else ""
-        if not (resume and self.checkpointer.has_checkpoint()):
-            path = self.cfg.MODEL.WEIGHTS
+        resuming = resume and self.checkpointer.has_checkpoint()
         super().resume_or_load(resume=resume)
         checkpointer = self.checkpointer
-        if path and isinstance(checkpointer, EMACheckpointer) and not checkpointer.ema_loaded:
+        if not isinstance(checkpointer, EMACheckpointer) or checkpointer.ema_loaded:
+            return
+        if resuming:
             logger.warning(
-                "Checkpoint %s has no EMA (key 'ema_state'); the EMA starts from its weights.",
-                path,
+                "Checkpoint %s has no EMA (key 'ema_state'); the EMA restarts from its weights.",
+                checkpointer.get_checkpoint_file(),
             )
+        elif self.cfg.MODEL.WEIGHTS:
+            logger.info("The EMA starts from the weights loaded from %s.", self.cfg.MODEL.WEIGHTS)
 
     def state_dict(self):
         ret = super().state_dict()
