@@ -17,6 +17,23 @@ _HELP = (
 D2EMA_STUB = True
 
 
+def _register_torch_ops() -> None:
+    """``nms_rotated`` is called as ``torch.ops.detectron2.nms_rotated``: define it to raise too."""
+    import torch
+
+    try:
+        lib = torch.library.Library("detectron2", "DEF")
+        lib.define("nms_rotated(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor")
+    except RuntimeError:  # a real extension (or an earlier import) defined it
+        return
+
+    def nms_rotated(boxes, scores, iou_threshold):
+        raise MissingCompiledOp(_HELP.format(name="nms_rotated"))
+
+    lib.impl("nms_rotated", nms_rotated, "CompositeExplicitAutograd")
+    globals()["_LIBRARY"] = lib  # the registration lives as long as the library object
+
+
 def get_compiler_version() -> str:
     return "none (detectron2 installed without its C++ extension)"
 
@@ -42,3 +59,6 @@ def __getattr__(name: str):
 
     missing.__name__ = name
     return missing
+
+
+_register_torch_ops()

@@ -4,8 +4,8 @@ detectron2's latest release is on the package index only as the sdist ``pb1-dete
 the official v0.6 Python sources without the C++ sources, whose ``setup.py`` still asks for
 the extension and so cannot build as it is. This script:
 
-1. leaves an importable detectron2 alone (a source build with its compiled ops, or a previous
-   run of this script);
+1. leaves an importable detectron2 alone: a build with its compiled ops, or an earlier install
+   by this script with the same stub;
 2. downloads the sdist with pip in hash-checking mode (``requirements/detectron2.txt``) and
    checks its sha256 again itself, so a corrupted or substituted file stops the install
    before anything of it runs;
@@ -54,8 +54,12 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def installed_detectron2() -> str | None:
-    """Describe an importable detectron2, or None."""
+def installed_detectron2() -> tuple[str, bool] | None:
+    """Describe an importable detectron2 and whether it is current, or None.
+
+    A detectron2 with compiled ops is always current; one with our stub is current when its stub
+    is this repo's.
+    """
     if importlib.util.find_spec("detectron2") is None:
         return None
     import detectron2
@@ -63,9 +67,11 @@ def installed_detectron2() -> str | None:
     try:
         from detectron2 import _C
     except ImportError:
-        return f"detectron2 {detectron2.__version__} (no detectron2._C)"
-    kind = "with the d2ema _C stub" if getattr(_C, "D2EMA_STUB", False) else "with compiled ops"
-    return f"detectron2 {detectron2.__version__} {kind}"
+        return f"detectron2 {detectron2.__version__} (no detectron2._C)", False
+    if not getattr(_C, "D2EMA_STUB", False):
+        return f"detectron2 {detectron2.__version__} with compiled ops", True
+    current = Path(_C.__file__).read_text() == STUB.read_text()
+    return f"detectron2 {detectron2.__version__} with the d2ema _C stub", current
 
 
 def download(dest: Path) -> Path:
@@ -119,8 +125,8 @@ def unpack_without_extension(sdist: Path, workdir: Path) -> Path:
 
 def main() -> int:
     found = installed_detectron2()
-    if found and os.environ.get("D2EMA_DETECTRON2_SDIST") is None:
-        print(f"[d2ema] {found} is already importable; leaving it alone.")
+    if found and found[1] and os.environ.get("D2EMA_DETECTRON2_SDIST") is None:
+        print(f"[d2ema] {found[0]} is already importable; leaving it alone.")
         return 0
     expected = pinned_sha256()
     try:
@@ -146,7 +152,7 @@ def main() -> int:
     except InstallError as e:
         print(f"[d2ema] ERROR: {e}", file=sys.stderr)
         return 1
-    print(f"[d2ema] installed {installed_detectron2()}")
+    print(f"[d2ema] installed {installed_detectron2()[0]}")
     return 0
 
 
