@@ -44,7 +44,7 @@ from .flat import flatten_model_tensors
 from .schedules import Schedule, make_schedule
 from .state import Slot, group_slots, tracked_slots, unwrap_model
 from .swap import swapped_bindings
-from .update import Binding
+from .update import Binding, flat_view
 
 __all__ = ["EMA", "FORMAT_VERSION", "EMAStateError"]
 
@@ -77,7 +77,8 @@ class EMA:
 
     Args:
         model: the model (DDP, DataParallel and ``torch.compile`` wrappers are looked through).
-        decay: the decay ``d`` (the schedule's ceiling where it ramps).
+        decay: the decay ``d`` (the schedule's ceiling where it ramps; a
+            :class:`~d2ema.schedules.Schedule` instance brings its own).
         schedule: ``"constant"``, ``"yolov5"``, ``"tf"``, ``"power"``, ``"sigma_rel"``, a
             :class:`~d2ema.schedules.Schedule`, or a callable ``n -> decay``.
         schedule_params: the schedule's parameters, e.g. ``{"tau": 2000}`` for ``yolov5``.
@@ -119,7 +120,7 @@ class EMA:
         if isinstance(exclude, str):
             exclude = (exclude,)
         self.schedule = make_schedule(schedule, decay, **dict(schedule_params or {}))
-        self.decay = decay
+        self.decay = getattr(self.schedule, "decay", decay)
         self.every = every
         self.start = start
         self.skip_nonfinite = skip_nonfinite
@@ -149,7 +150,7 @@ class EMA:
             slots_by_group = self._match_slots(model)
         if self._options.flat:
             for group, slots in zip(self.groups, slots_by_group):
-                if group.averaged:
+                if group.averaged and flat_view([s.get() for s in slots]) is None:
                     flatten_model_tensors(slots)
         self._bindings = [Binding(g, s) for g, s in zip(self.groups, slots_by_group)]
         self._bound_to = model
@@ -177,6 +178,11 @@ class EMA:
                     f"spread over {sorted(map(str, keys))}; build a new EMA after moving the model"
                 )
         return regrouped
+
+    def rebind(self, model: nn.Module) -> None:
+        """Re-read the model's tensors. Needed only after assigning ``.data`` of single tensors;
+        moves, dtype changes and re-registered tensors are noticed by themselves."""
+        self._bind(unwrap_model(model))
 
     def _binding_for(self, model: nn.Module) -> list[Binding]:
         model = unwrap_model(model)
@@ -206,21 +212,23 @@ class EMA:
             raise RuntimeError(
                 "EMA.update() called inside EMA.swapped(): the model holds the EMA weights"
             )
-        self.step = self.step + 1 if step is None else int(step)
-        n = self.step - self.start
+        step = self.step + 1 if step is None else int(step)
+        n = step - self.start
         if n > 0 and n % self.every:
+            self.step = step
             return
         bindings = self._binding_for(model)
+        d = self.decay_at(step)
+        self.step = step
         if self.skip_nonfinite and not self._all_finite(bindings):
             self.num_skipped += 1
             if self.num_skipped == 1:
                 logger.warning(
                     "EMA update at step %d skipped: the model weights hold NaN or Inf. Later "
                     "skips are counted in EMA.num_skipped without a message.",
-                    self.step,
+                    step,
                 )
             return
-        d = self.decay_at(self.step)
         for b in bindings:
             if b.group.averaged and d > 0.0:
                 b.average(1.0 - d)
@@ -397,7 +405,10 @@ def _split_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor]
             "name->tensor dict)"
         )
     if meta is not None and not isinstance(meta, Mapping):
-        raise EMAStateError(f"cannot load this EMA state: ema_meta is a {type(meta).__name__}")
+        raise EMAStateError(
+            f"cannot load this EMA state; the EMA is unchanged: ema_meta is a "
+            f"{type(meta).__name__}, not a dict"
+        )
     return tensors, meta
 
 

@@ -140,8 +140,8 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 
     Solves ``sigma_rel**2 = (gamma + 1) / ((gamma + 2)**2 * (gamma + 3))`` (Karras et al. 2024,
     eq. 3), i.e. the cubic ``gamma**3 + 7 gamma**2 + (16 - t) gamma + (12 - t) = 0`` with
-    ``t = sigma_rel**-2``. The width falls monotonically in gamma, so bisection is exact to
-    float precision.
+    ``t = sigma_rel**-2``. On gamma > 0, the range of valid widths ``(0, 12**-0.5)``, the width
+    falls monotonically, so bisection is exact to float precision.
     """
     if not 0.0 < sigma_rel < 12**-0.5:
         raise ValueError(f"sigma_rel must be in (0, {12**-0.5:.4f}), got {sigma_rel!r}")
@@ -150,7 +150,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     def cubic(g: float) -> float:
         return ((g + 7.0) * g + 16.0 - t) * g + 12.0 - t
 
-    lo, hi = -1.0, 1.0
+    lo, hi = 0.0, 1.0
     while cubic(hi) < 0:
         hi *= 2.0
     for _ in range(200):

@@ -18,10 +18,25 @@ constant.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .state import Slot, TensorGroup
 
 __all__ = ["Binding", "flat_view"]
+
+# Counts parameter and buffer (re-)registrations in every module of the process
+# (``module.running_mean = torch.zeros(3)``, ``module.weight = nn.Parameter(...)``), so that a
+# binding re-checks all its tensors only after such an event, not on every step.
+_registrations = 0
+
+
+def _count_registration(module, name, value) -> None:
+    global _registrations
+    _registrations += 1
+
+
+nn.modules.module.register_module_buffer_registration_hook(_count_registration)
+nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 
 
 def flat_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -66,6 +81,7 @@ class Binding:
         # The inf-norm of an empty tensor is an error, not 0: leave those out of the check.
         self._nonempty = [t for t in self.model if t.numel()]
         self._sentinels = self._take_sentinels()
+        self._epoch = _registrations
         self.staging: torch.Tensor | None = None
         self.small_views: list[torch.Tensor] = []
         self.large_model, self.large_ema = self.model, group.tensors
@@ -96,8 +112,20 @@ class Binding:
         return [(self.slots[i], self.model[i], self.model[i].data_ptr()) for i in sorted(picks)]
 
     def is_current(self) -> bool:
-        """False once the model's tensors were replaced or moved (``model.to()``, ``.half()``)."""
-        return all(s.get() is t and t.data_ptr() == ptr for s, t, ptr in self._sentinels)
+        """False once the model's tensors were moved or replaced.
+
+        Moves (``model.to()``, ``.half()``) change every tensor, so a few sentinels per group
+        catch them; a registration anywhere (``module.buf = t``) makes the next call check
+        every slot. A ``.data`` assigned to one tensor in the middle goes unnoticed: call
+        :meth:`d2ema.EMA.rebind` after such surgery.
+        """
+        if not all(s.get() is t and t.data_ptr() == ptr for s, t, ptr in self._sentinels):
+            return False
+        if self._epoch != _registrations:
+            if not all(s.get() is t for s, t in zip(self.slots, self.model)):
+                return False
+            self._epoch = _registrations
+        return True
 
     @torch.no_grad()
     def average(self, alpha: float) -> None:
