@@ -16,7 +16,7 @@ from detectron2.config import CfgNode, get_cfg
 
 from .config import add_model_ema_configs
 
-__all__ = ["ARCHITECTURES", "tiny_detector_config"]
+__all__ = ["ARCHITECTURES", "build_tiny_detector", "tiny_detector_config"]
 
 ARCHITECTURES = ("retinanet", "faster_rcnn")
 
@@ -90,3 +90,10 @@ def tiny_detector_config(
     cfg.TEST.DETECTIONS_PER_IMAGE = 20
     cfg.VERSION = 2
     return cfg
+
+
+def build_tiny_detector(arch: str = "retinanet", **kwargs):
+    """The model of :func:`tiny_detector_config`, for LazyConfigs (``L(build_tiny_detector)()``)."""
+    from detectron2.modeling import build_model
+
+    return build_model(tiny_detector_config(arch, **kwargs))
