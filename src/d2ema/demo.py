@@ -34,8 +34,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
 from detectron2.engine import HookBase, hooks
 from detectron2.evaluation import COCOEvaluator
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from .d2 import EMAHook, EMATrainer, ema_settings, get_model_ema
 from .d2.trainer import evaluate_with_ema
@@ -73,20 +75,24 @@ class DemoPreset:
     eval_period: int
     batch_size: int
     base_lr: float
+    weight_decay: float
     warmup_iters: int
     tau: float  # yolov5 ramp of the EMA decays, in iterations
     train_images: int | None  # None: the dataset's default size
     val_images: int | None
 
 
+# AdamW at a constant LR after warm-up: from scratch on 2 cores it learns several times faster
+# than SGD (measured: box AP ~46 vs ~16 after 1000 iterations on shapes), and its weights keep
+# moving, the regime where an EMA helps.
 PRESETS = {
     "default": DemoPreset(
-        iters=1000, eval_period=200, batch_size=8, base_lr=0.01, warmup_iters=100,
-        tau=100.0, train_images=None, val_images=None,
+        iters=1000, eval_period=200, batch_size=8, base_lr=1e-3, weight_decay=0.05,
+        warmup_iters=100, tau=100.0, train_images=None, val_images=None,
     ),
     "quick": DemoPreset(
-        iters=120, eval_period=60, batch_size=8, base_lr=0.01, warmup_iters=40,
-        tau=20.0, train_images=None, val_images=40,
+        iters=120, eval_period=60, batch_size=8, base_lr=1e-3, weight_decay=0.05,
+        warmup_iters=40, tau=20.0, train_images=None, val_images=40,
     ),
 }
 
@@ -175,9 +181,9 @@ def demo_config(options: DemoOptions, preset: DemoPreset | None = None):
     cfg.DATASETS.TRAIN = (train,)
     cfg.DATASETS.TEST = (val,)
     cfg.SOLVER.IMS_PER_BATCH = preset.batch_size
-    cfg.SOLVER.BASE_LR = preset.base_lr
-    cfg.SOLVER.MOMENTUM = 0.9
-    cfg.SOLVER.WEIGHT_DECAY = 1e-4
+    cfg.SOLVER.BASE_LR = preset.base_lr  # AdamW: see DemoTrainer.build_optimizer
+    cfg.SOLVER.WEIGHT_DECAY = preset.weight_decay
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
     cfg.SOLVER.WARMUP_METHOD = "linear"
     cfg.SOLVER.WARMUP_FACTOR = 0.001
     cfg.SOLVER.WARMUP_ITERS = preset.warmup_iters
@@ -270,6 +276,16 @@ class DemoTrainer(EMATrainer):
         # detectron2 v0.6's DefaultTrainer has none; the fast COCO evaluator needs _C.
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
 
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """AdamW (detectron2 v0.6 builds SGD only), with the config's gradient clipping."""
+        params = get_default_optimizer_params(
+            model, base_lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        )
+        optimizer = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
+        return optimizer(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
     def build_hooks(self):
         run, model = self.run, self.model
         settings = ema_settings(self.cfg)
@@ -312,11 +328,12 @@ def _duration(seconds: float) -> str:
 
 
 def _number(x: Any) -> float:
+    """A COCO AP in %; detectron2 reports NaN when the model made no detections: that is 0."""
     try:
         x = float(x)
     except (TypeError, ValueError):
-        return float("nan")
-    return x
+        return 0.0
+    return 0.0 if math.isnan(x) else x
 
 
 class _Run:
@@ -443,6 +460,13 @@ class DemoResult:
                 f"{label:<12}{row['AP']:>7.1f}{row['AP50']:>7.1f}{row['AP75']:>7.1f}"
                 f"{gain:>8}   {b_ap:.1f} ({b_it})"
             )
+        decays = self.settings.get("decays", [])
+        if decays:
+            spans = ", ".join(f"{d:g}: ~{round(1 / (1 - d))}" for d in decays)
+            lines.append(
+                f"An EMA with decay d averages about the last 1/(1-d) iterations ({spans} of "
+                f"{last}); one that spans much of a run lags while AP still rises."
+            )
         return "\n".join(lines)
 
 
@@ -495,7 +519,6 @@ def run_demo(options: DemoOptions, stream: TextIO | None = None) -> DemoResult:
     cfg = demo_config(dataclasses.replace(options, output=str(output_dir)), preset)
 
     with _console_logging(output_dir, options.verbose, stream):
-        import torch
         from detectron2.utils.env import seed_all_rng
 
         from .data import cache_root, get_dataset_spec, register_datasets
@@ -513,7 +536,7 @@ def run_demo(options: DemoOptions, stream: TextIO | None = None) -> DemoResult:
         run.say(
             f"training RetinaNet R18-FPN (128 px, from scratch) on {torch.get_num_threads()} "
             f"CPU threads: {preset.iters} iterations, batch {cfg.SOLVER.IMS_PER_BATCH}, "
-            f"lr {cfg.SOLVER.BASE_LR:g}; EMA decays {', '.join(f'{d:g}' for d in decays)} "
+            f"AdamW lr {cfg.SOLVER.BASE_LR:g}; EMA decays {', '.join(f'{d:g}' for d in decays)} "
             f"(yolov5 ramp, tau {cfg.MODEL_EMA.TAU:g}); evaluating "
             + (f"every {preset.eval_period} iterations" if preset.eval_period else "at the end")
         )

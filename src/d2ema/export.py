@@ -1,0 +1,187 @@
+"""Export the EMA weights of a training checkpoint as a plain detectron2 checkpoint.
+
+The result holds the EMA under ``model`` (names as in the model's state dict), so any
+detectron2 loads it as ``MODEL.WEIGHTS`` (``DetectionCheckpointer(model).load(path)``), with no
+d2ema installed. For each entry of the checkpoint's ``model``:
+
+* an EMA tensor of the same name replaces it, cast to the raw tensor's dtype (the EMA of bf16 or
+  fp16 weights is kept in fp32; the export has the model's dtypes);
+* entries the EMA does not track (e.g. buffers with ``INCLUDE_BUFFER`` off) keep their raw values.
+
+EMA tensors without a ``model`` entry are left out (and counted). A checkpoint without a
+``model`` dict gets the EMA tensors as its model. The file is written atomically: a temporary
+file in the same folder, renamed over the target once complete, so a failed export leaves no
+partial file and never damages an existing one.
+
+Example::
+
+    summary = export_ema("output/model_final.pth", "output/model_ema.pth")
+    print(summary.describe())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .ema import META_KEY, STATE_KEY
+
+__all__ = ["EXPORT_KEY", "ExportError", "ExportSummary", "ema_model_state", "export_ema"]
+
+EXPORT_KEY = "d2ema_export"
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported, or an output that cannot be written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSummary:
+    source: Path
+    output: Path
+    replaced: int  # model entries that now hold the EMA
+    kept_raw: int  # model entries the EMA does not track
+    ema_only: int  # EMA tensors with no model entry (not exported)
+    step: int | None
+
+    def describe(self) -> str:
+        step = f" (EMA step {self.step})" if self.step is not None else ""
+        kept = f", {self.kept_raw} raw (not tracked by the EMA)" if self.kept_raw else ""
+        left = (f"; {self.ema_only} EMA tensors without a model entry left out"
+                if self.ema_only else "")
+        return (f"wrote {self.output}: {self.replaced} EMA tensors{step}{kept}{left}. "
+                f"Use it as MODEL.WEIGHTS {self.output}")
+
+
+def _load(path: Path) -> Mapping[str, Any]:
+    if not path.exists():
+        raise ExportError(f"checkpoint {path} does not exist; pass the .pth file a d2ema/D2Go "
+                          "training run wrote (e.g. output/model_final.pth)")
+    if not path.is_file():
+        raise ExportError(f"checkpoint {path} is not a file; pass a .pth file")
+    try:
+        # Plain data only (tensors, numbers, strings, dicts): never run code from a pickle.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise ExportError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"cannot load checkpoint {path} as a PyTorch checkpoint of plain "
+                          f"data ({reason}); pass a .pth file written by torch.save") from e
+    if not isinstance(checkpoint, Mapping):
+        raise ExportError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
+    return checkpoint
+
+
+def _align(ema: dict[str, torch.Tensor], model: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Match ``module.``-prefixed names (a wrapped model's) to the model's names."""
+    if set(ema) & set(model):
+        return ema
+    p = "module."
+    if ema and all(n.startswith(p) for n in ema):
+        return {n[len(p):]: t for n, t in ema.items()}
+    if model and all(n.startswith(p) for n in model):
+        return {p + n: t for n, t in ema.items()}
+    return ema
+
+
+def ema_model_state(checkpoint: Mapping[str, Any], source: str = "the checkpoint"):
+    """``(state, replaced, kept_raw, ema_only)``: the checkpoint's ``model`` with the EMA in it."""
+    ema = checkpoint.get(STATE_KEY)
+    if ema is None:
+        raise ExportError(
+            f"{source} has no EMA (no '{STATE_KEY}' key); train with MODEL_EMA.ENABLED True "
+            "(d2ema's EMATrainer, D2Go or the seed's model_ema) to get one"
+        )
+    if not isinstance(ema, Mapping) or not all(isinstance(t, torch.Tensor) for t in ema.values()):
+        raise ExportError(f"{source}: '{STATE_KEY}' is not a dict of tensors")
+    ema = dict(ema)
+    model = checkpoint.get("model")
+    if model is None:
+        return dict(ema), len(ema), 0, 0
+    if not isinstance(model, Mapping):
+        raise ExportError(f"{source}: 'model' is a {type(model).__name__}, not a state dict")
+    ema = _align(ema, model)
+    common = [n for n in model if n in ema]
+    if not common:
+        raise ExportError(
+            f"{source}: none of the {len(ema)} EMA tensors has the name of a model weight, so the "
+            "EMA does not belong to this model; export a checkpoint saved by one training run"
+        )
+    state: dict[str, Any] = {}
+    for name, raw in model.items():
+        if name not in ema:
+            state[name] = raw
+            continue
+        value = ema[name]
+        if isinstance(raw, torch.Tensor):
+            if tuple(value.shape) != tuple(raw.shape):
+                raise ExportError(f"{source}: EMA tensor {name} has shape {tuple(value.shape)}, "
+                                  f"the model's {tuple(raw.shape)}; the checkpoint is inconsistent")
+            value = value.to(dtype=raw.dtype)
+        state[name] = value.detach().clone()
+    ema_only = len(set(ema) - set(model))
+    return state, len(common), len(model) - len(common), ema_only
+
+
+def _step(checkpoint: Mapping[str, Any]) -> int | None:
+    meta = checkpoint.get(META_KEY)
+    if isinstance(meta, Mapping) and isinstance(meta.get("step"), int):
+        return int(meta["step"])
+    it = checkpoint.get("iteration")
+    return int(it) + 1 if isinstance(it, int) else None
+
+
+def atomic_save(obj: Any, output: Path) -> None:
+    """``torch.save`` to a temporary file next to ``output``, then rename it into place."""
+    folder = output.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise ExportError(f"cannot write {output}: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise ExportError(f"cannot write {output}: {e.strerror or e}") from e
+        raise
+
+
+def export_ema(
+    checkpoint: str | os.PathLike[str], output: str | os.PathLike[str]
+) -> ExportSummary:
+    """Write ``output``: a detectron2 checkpoint whose ``model`` holds the EMA of ``checkpoint``.
+
+    Raises :class:`ExportError` for a missing/unreadable checkpoint, one without ``ema_state``,
+    an EMA that does not fit the model, or an output that cannot be written.
+    """
+    source, output = Path(checkpoint), Path(output)
+    if output.exists() and output.is_dir():
+        raise ExportError(f"output {output} is a folder; give a file name, e.g. {output}/ema.pth")
+    with contextlib.suppress(OSError):
+        if output.exists() and source.exists() and os.path.samefile(source, output):
+            raise ExportError(f"output {output} is the input checkpoint; write another file "
+                              "(the export holds the EMA only, no optimizer or raw weights)")
+    data = _load(source)
+    state, replaced, kept, ema_only = ema_model_state(data, f"checkpoint {source}")
+    step = _step(data)
+    exported = {
+        "model": state,
+        EXPORT_KEY: {"source": str(source), "step": step, "format": "d2ema EMA export, v1"},
+    }
+    atomic_save(exported, output)
+    return ExportSummary(source, output, replaced, kept, ema_only, step)
