@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import json
 import math
 import platform
 import sys
@@ -70,6 +71,24 @@ def options_for(run: Run, iters: int, evals: int, decays, output: Path, seed: in
         decays=decays,
         opts=tuple(opts),
     )
+
+
+@dataclasses.dataclass
+class SavedRun:
+    """A finished run read back from its ``results.json`` (what ``run_demo`` writes)."""
+
+    history: list
+    labels: list
+    settings: dict
+    train_seconds: float
+    eval_seconds: float
+
+    @classmethod
+    def load(cls, path: Path) -> SavedRun:
+        data = json.loads(path.read_text())
+        labels = list(dict.fromkeys(r["weights"] for r in data["history"]))
+        seconds = data["seconds"]
+        return cls(data["history"], labels, data["settings"], seconds["train"], seconds["eval"])
 
 
 def run_table(run: Run, result) -> str:
@@ -132,18 +151,31 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="run numbers (1-based), e.g. 1,3")
     parser.add_argument("--work", default="output/ema_quality")
     parser.add_argument("--out", default=str(RESULTS / "ema_quality.md"))
+    parser.add_argument("--include", action="append", default=[], metavar="NAME=RESULTS_JSON",
+                        help="add a finished run (e.g. of `d2ema demo`) to the report")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read runs already finished in --work instead of training them")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     chosen = [RUNS[int(i) - 1] for i in args.runs.split(",") if i] or list(RUNS)
     results = []
     started = time.time()
-    for i, run in enumerate(chosen):
-        opts = options_for(run, args.iters, args.evals, args.decays,
-                           Path(args.work) / f"run{i}", args.seed)
+    for run in chosen:
+        work = Path(args.work) / f"run{RUNS.index(run)}"
+        saved = work / "results.json"
+        if args.reuse:
+            if saved.is_file():
+                results.append((run, SavedRun.load(saved)))
+            continue
+        opts = options_for(run, args.iters, args.evals, args.decays, work, args.seed)
         print(f"[ema_quality] {run.name}: {args.iters} iterations", flush=True)
         result = run_demo(opts, stream=io.StringIO())
         print(result.table(), flush=True)
         results.append((run, result))
+    for item in args.include:
+        name, _, path = item.partition("=")
+        saved = SavedRun.load(Path(path))
+        results.append((Run(name, saved.settings.get("dataset", "?"), False, True), saved))
     first = results[0][1].settings if results else {}
     warmup = first.get("warmup_iters", 0)
     settings = ", ".join(f"{k} {first[k]}" for k in ("batch_size", "base_lr", "warmup_iters")
@@ -162,7 +194,8 @@ def main(argv=None) -> int:
         f"- model: RetinaNet ResNet-18 FPN from scratch, 128 px, trained as `d2ema demo` trains "
         f"it ({settings}), {args.iters} iterations, seed {args.seed}",
         f"- EMA decays {args.decays}; yolov5 ramp tau = iterations / 10 where on",
-        f"- total time {(time.time() - started) / 60:.0f} min",
+        f"- runs: {len(results)} of {len(chosen)} chosen"
+        + ("" if args.reuse else f"; total time {(time.time() - started) / 60:.0f} min"),
         "",
         "## Summary: EMA AP minus raw AP at each evaluation after warm-up",
         "",
