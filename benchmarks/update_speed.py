@@ -318,6 +318,12 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def spare_share() -> float:
+    """The share of the machine's cores that our threads leave to others."""
+    cores = os.cpu_count() or 1
+    return max(cores - torch.get_num_threads(), 0) / cores
+
+
 class CpuMeter:
     """CPU time used by other processes, from Linux ``/proc/stat`` (in clock ticks).
 
@@ -372,13 +378,14 @@ def time_round_robin(
     Repetition ``r`` starts at method ``r % len(methods)``, so every method runs equally often
     after every position. A sample is the fastest of ``inner`` back-to-back updates, which
     filters a single preemption. A repetition during which other processes used more than
-    ``BUSY_SHARE`` of the machine is run again, within ``RETRY_FACTOR`` times the planned
-    time; if fewer than ``MIN_QUIET`` quiet ones come, all are kept. ``reps=None`` picks as
-    many as fit ``seconds``.
+    ``BUSY_SHARE`` of the machine, beyond the cores our threads leave free, is run again
+    within ``RETRY_FACTOR`` times the planned time; if fewer than ``MIN_QUIET`` quiet ones
+    come, all are kept. ``reps=None`` picks as many as fit ``seconds``.
     """
     sync = _synchronizer(device)
     meter = CpuMeter()
     n = len(methods)
+    spare = spare_share()  # others may use the cores our threads leave free
 
     def sample(step: Callable[[], object]) -> float:
         best = math.inf
@@ -421,7 +428,7 @@ def time_round_robin(
             others_ticks, all_ticks = others_ticks + others, all_ticks + total
             every.append(row)
             # Tick accounting is coarse: allow two ticks of slack on short rounds.
-            if others <= max(2.0, BUSY_SHARE * total):
+            if others <= max(2.0, (spare + BUSY_SHARE) * total):
                 quiet.append(row)
     finally:
         gc.enable()
@@ -597,7 +604,7 @@ def _timing_note(timing: Timing, warmup: int) -> str:
     )
     if kept < timing.rounds:
         text += f" ({timing.rounds - kept} repetitions with a busy neighbour dropped)"
-    elif timing.others_share > BUSY_SHARE:
+    elif timing.others_share > BUSY_SHARE + spare_share():
         text += " (**too busy for clean numbers: rerun on a quiet machine**)"
     return text + "."
 
@@ -630,11 +637,12 @@ def run(
     out += [
         f"Each sample is the fastest of {inner} back-to-back updates; methods are timed round",
         "robin within each repetition, and ratios are medians of per-repetition ratios.",
-        f"Repetitions during which other processes used over {BUSY_SHARE:.0%} of the CPU are",
-        "dropped and run again. **× floor**: time over one `lerp_` across a single contiguous",
-        "buffer of the model's float size, the memory-bandwidth bound (1.00 = no overhead).",
-        "**× d2ema**: time over d2ema's default mode (> 1 = slower than d2ema). Absolute times",
-        "depend on the machine; the ratios are the result.",
+        f"Repetitions during which other processes used over {BUSY_SHARE:.0%} of the CPU",
+        "(beyond the cores our threads leave free) are dropped and run again. **× floor**:",
+        "time over one `lerp_` across a single contiguous buffer of the model's float size,",
+        "the memory-bandwidth bound (1.00 = no overhead). **× d2ema**: time over d2ema's",
+        "default mode (> 1 = slower than d2ema). Absolute times depend on the machine; the",
+        "ratios are the result.",
         "",
     ]
     summary: list[str] = ["## Targets", ""]

@@ -104,6 +104,9 @@ def test_export_message(trained, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert str(out) in printed and "MODEL.WEIGHTS" in printed
     assert out.is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_cast_and_partial_names():

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a small RetinaNet on the CPU and compare raw vs EMA AP",
         description="Train a ResNet-18 FPN RetinaNet (128 px, from scratch) on an embedded "
         "dataset on the CPU with EMA; evaluate raw and EMA weights periodically; print a table "
-        "and write a plot, TensorBoard events and a checkpoint. About 5 minutes on 2 cores "
+        "and write a plot, TensorBoard events and a checkpoint. About 10 minutes on 2 cores "
         "(--quick: about 1 minute).",
     )
     demo.add_argument("--quick", action="store_true", help="a short smoke run (about 1 minute)")
@@ -97,13 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", default="output/d2ema_demo", metavar="DIR",
                       help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument("--decays", default="0.99,0.998",
-                      help="comma-separated EMA decays to compare (default: %(default)s)")
+    demo.add_argument("--decays", default=None,
+                      help="comma-separated EMA decays to compare (default: 0.99,0.998; "
+                      "--quick: 0.9,0.97)")
     demo.add_argument("--eval-period", type=int, default=None, metavar="K",
                       help="evaluate every K iterations (0: at the end only)")
+    demo.add_argument("--threads", type=int, default=None, metavar="N",
+                      help="CPU threads (default: one per core, or 1 when other jobs already "
+                      "keep every core busy, which is faster then)")
     _add_verbose(demo)
     demo.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                      help="detectron2 config overrides, e.g. SOLVER.BASE_LR 0.02")
+                      help="detectron2 config overrides, e.g. SOLVER.BASE_LR 0.0005")
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser(
@@ -198,6 +202,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         quick=args.quick, dataset=args.dataset, iters=args.iters, output=args.output,
         seed=args.seed, decays=args.decays, eval_period=args.eval_period,
         verbose=bool(getattr(args, "verbose", False)), opts=tuple(args.opts or ()),
+        threads=args.threads,
     )
     result = run_demo(options)
     out = result.output_dir

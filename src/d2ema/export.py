@@ -139,6 +139,16 @@ def _step(checkpoint: Mapping[str, Any]) -> int | None:
     return int(it) + 1 if isinstance(it, int) else None
 
 
+def _file_mode(path: Path) -> int:
+    """The mode an existing ``path`` has, else what a new file gets under the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_save(obj: Any, output: Path) -> None:
     """``torch.save`` to a temporary file next to ``output``, then rename it into place."""
     folder = output.parent
@@ -152,6 +162,7 @@ def atomic_save(obj: Any, output: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(output))  # mkstemp makes 0600; give what open() would
         os.replace(tmp, output)
     except BaseException as e:
         with contextlib.suppress(OSError):

@@ -62,7 +62,7 @@ def plot_ap_curves(
         ax.set_title(metric)
         ax.grid(True, alpha=0.3)
         if series:
-            ax.legend(loc="lower right")
+            ax.legend(loc="best")
     if title:
         fig.suptitle(title)
     path = os.fspath(path)
