@@ -19,11 +19,13 @@ Methods, each averaging parameters and floating buffers of the same model:
   and ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``.
 
 Timing: after a warm-up, each repetition times one update of every method, round robin with a
-rotating start, so that machine noise (a shared box, frequency changes) hits all methods alike.
-Ratios are medians of per-repetition ratios (each pair timed within milliseconds of each
-other), times are medians with p25-p75. The script also times ``EMA.swapped`` and checks that
-it allocates no storage, and checks that d2ema's average equals the foreach baseline's after
-the run (so no row is a no-op).
+rotating start, so that machine noise (frequency changes, a neighbour's work) hits all
+methods alike. A sample is the fastest of a few back-to-back updates, and repetitions during
+which other processes took the CPU our threads need are dropped and run again (see
+:func:`time_round_robin`). Ratios are medians of per-repetition ratios, times are medians with
+p25-p75. The script also times ``EMA.swapped`` and checks that it allocates no storage, and
+checks that d2ema's average equals the foreach baseline's after the run (so no row is a
+no-op).
 
 Run ``python benchmarks/update_speed.py`` (a few minutes on 2 cores; ``--quick`` for a smoke
 run). ``run()`` returns the markdown report and ``main()`` is the command line, so that a CLI
@@ -175,7 +177,7 @@ def _floor(model: nn.Module, decay: float) -> Method:
 
 def _d2ema(model: nn.Module, decay: float) -> tuple[Method, d2ema.EMA]:
     ema = d2ema.EMA(model, decay=decay)
-    note = "small tensors: cat + one lerp_; large: foreach lerp_"
+    note = "foreach lerp_ over lists built once"
     return Method("d2ema EMA (default)", lambda: ema.update(model), note), ema
 
 

@@ -22,9 +22,6 @@ __all__ = ["Slot", "TensorGroup", "clean_name", "group_slots", "tracked_slots", 
 
 # Name segments that wrappers insert between a module and its children.
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-# Tensors up to this many elements are gathered with one torch.cat instead of one lerp each:
-# below it the per-tensor dispatch costs more than the extra copy (see benchmarks/).
-SMALL_NUMEL = 4096
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -110,11 +107,7 @@ def ema_dtype_for(dtype: torch.dtype, master_dtype: torch.dtype | None) -> torch
 
 @dataclasses.dataclass
 class TensorGroup:
-    """The averages of tensors sharing (device, dtype): one flat buffer, one view per tensor.
-
-    Tensors of at most :data:`SMALL_NUMEL` contiguous elements come first, so that together
-    they form the prefix ``flat[:small_numel]`` that one ``torch.cat`` can fill.
-    """
+    """The averages of tensors sharing (device, dtype): one flat buffer, one view per tensor."""
 
     device: torch.device
     dtype: torch.dtype
@@ -122,8 +115,6 @@ class TensorGroup:
     shapes: list[torch.Size]
     flat: torch.Tensor
     tensors: list[torch.Tensor]
-    n_small: int
-    small_numel: int
 
     @property
     def averaged(self) -> bool:
@@ -132,21 +123,12 @@ class TensorGroup:
 
     @classmethod
     def allocate(
-        cls,
-        names: list[str],
-        shapes: list[torch.Size],
-        small: list[bool],
-        device: torch.device,
-        dtype: torch.dtype,
+        cls, names: list[str], shapes: list[torch.Size], device: torch.device, dtype: torch.dtype
     ) -> TensorGroup:
-        order = sorted(range(len(names)), key=lambda i: not small[i])  # stable: small first
-        names = [names[i] for i in order]
-        shapes = [shapes[i] for i in order]
         numels = [s.numel() for s in shapes]
-        n_small = sum(small)
         flat = torch.empty(sum(numels), device=device, dtype=dtype)
         tensors = [v.view(s) for v, s in zip(flat.split(numels), shapes)]
-        return cls(device, dtype, names, shapes, flat, tensors, n_small, sum(numels[:n_small]))
+        return cls(device, dtype, list(names), list(shapes), flat, tensors)
 
     def to(self, device: torch.device) -> TensorGroup:
         flat = self.flat.to(device)
@@ -173,14 +155,11 @@ def group_slots(
     groups, group_slots_ = [], []
     for (ema_device, ema_dtype, _, _), members in keyed.items():
         tensors = [s.get() for s in members]
-        small = [t.is_contiguous() and t.numel() <= SMALL_NUMEL for t in tensors]
         group = TensorGroup.allocate(
-            [s.name for s in members], [t.shape for t in tensors], small, ema_device, ema_dtype
+            [s.name for s in members], [t.shape for t in tensors], ema_device, ema_dtype
         )
-        by_name = {s.name: s for s in members}
-        ordered = [by_name[n] for n in group.names]
         with torch.no_grad():
-            torch._foreach_copy_(group.tensors, [s.get() for s in ordered])
+            torch._foreach_copy_(group.tensors, tensors)
         groups.append(group)
-        group_slots_.append(ordered)
+        group_slots_.append(members)
     return groups, group_slots_

@@ -3,9 +3,8 @@
 Per group and step, the work is a few fused ops chosen once, when the EMA binds to a model:
 
 * model tensors in one flat buffer (``flat=True``): a single ``lerp_`` over the whole group;
-* same device and dtype: ``torch.cat`` of the small tensors into a reusable buffer and one
-  ``lerp_`` over the group's small prefix, plus one ``torch._foreach_lerp_`` over the large
-  tensors (per-tensor dispatch dominates below a few thousand elements);
+* same device and dtype: one ``torch._foreach_lerp_`` over prebuilt lists (gathering small
+  tensors with ``torch.cat`` first measured slower with 2 threads: benchmarks/);
 * another dtype or device (fp32 master of a bf16 model, CPU EMA of a GPU model): one
   ``_foreach_copy_`` into a reusable staging buffer of the EMA's dtype on the EMA's device
   (pinned, non-blocking for GPU -> CPU), then one ``lerp_``.
@@ -83,8 +82,6 @@ class Binding:
         self._sentinels = self._take_sentinels()
         self._epoch = _registrations
         self.staging: torch.Tensor | None = None
-        self.small_views: list[torch.Tensor] = []
-        self.large_model, self.large_ema = self.model, group.tensors
         if self.staged:
             pin = self.cross_device and group.device.type == "cpu" and torch.cuda.is_available()
             self.staging = torch.empty(
@@ -94,15 +91,6 @@ class Binding:
             self.staging_views = [
                 v.view(s) for v, s in zip(self.staging.split(numels), group.shapes)
             ]
-        elif self.model_flat is None and group.n_small and group.averaged:
-            small = self.model[: group.n_small]
-            if all(t.is_contiguous() for t in small):
-                with torch.no_grad():
-                    self.small_views = [t.view(-1) for t in small]
-                self.small_buf = torch.empty_like(group.flat[: group.small_numel])
-                self.small_ema = group.flat[: group.small_numel]
-                self.large_model = self.model[group.n_small :]
-                self.large_ema = group.tensors[group.n_small :]
 
     def _take_sentinels(self) -> list[tuple[Slot, torch.Tensor, int]]:
         picks = {0, len(self.slots) - 1}
@@ -137,11 +125,7 @@ class Binding:
         elif self.model_flat is not None:
             g.flat.lerp_(self.model_flat, alpha)
         else:
-            if self.small_views:
-                torch.cat(self.small_views, out=self.small_buf)
-                self.small_ema.lerp_(self.small_buf, alpha)
-            if self.large_model:
-                torch._foreach_lerp_(self.large_ema, self.large_model, alpha)
+            torch._foreach_lerp_(g.tensors, self.model, alpha)
 
     @torch.no_grad()
     def copy(self) -> None:
