@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a small RetinaNet on the CPU and compare raw vs EMA AP",
         description="Train a ResNet-18 FPN RetinaNet (128 px, from scratch) on an embedded "
         "dataset on the CPU with EMA; evaluate raw and EMA weights periodically; print a table "
-        "and write a plot, TensorBoard events and a checkpoint. About 10 minutes on 2 cores "
+        "and write a plot, TensorBoard events and a checkpoint. About 3-5 minutes on 2 cores "
         "(--quick: about 1 minute).",
     )
     demo.add_argument("--quick", action="store_true", help="a short smoke run (about 1 minute)")

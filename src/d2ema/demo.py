@@ -11,11 +11,13 @@ TensorBoard events (scalars ``bbox/AP`` for the raw weights and ``ema_<decay>/bb
 EMA), ``results.json`` (every evaluation), ``log.txt`` (detectron2's full log, which the console
 leaves out) and ``model_final.pth`` (raw weights + the first EMA, for ``d2ema export``).
 
-Measured on 2 CPU cores (seed 0, shapes): the default run (1000 iterations of batch 8, AdamW
-at a constant LR after warm-up, evaluations every 200 on the 120 validation images) ends at
-box AP 42.7 for the raw weights, 50.0 for EMA 0.99 and 35.5 for EMA 0.998, whose ~500-iteration
-window lags in a run this short. ``--quick`` (120 iterations, 40 validation images, decays 0.9
-and 0.97) is a smoke run of every step in about a minute.
+Measured on 2 CPU cores shared with other jobs (load ~4, so 1 training thread; seed 0, shapes):
+the default run (400 iterations of batch 8, AdamW at a constant LR after warm-up, evaluations
+every 100 on 60 validation images) took 4m53s and ended at box AP 12.0 for the raw weights,
+16.1 for EMA 0.99 and 16.6 for EMA 0.998. ``--iters 1000`` ends at 42.7 raw, 50.0 EMA 0.99 and
+35.5 EMA 0.998 (whose ~500-iteration window lags while AP still rises). ``--quick`` (120
+iterations, 40 validation images, decays 0.9 and 0.97) runs every step in 1m15s there. The
+thread count changes float rounding, so numbers vary slightly with it (``--threads`` fixes it).
 
 Example::
 
@@ -93,9 +95,10 @@ class DemoPreset:
 # than SGD (measured: box AP ~46 vs ~16 after 1000 iterations on shapes), and its weights keep
 # moving, the regime where an EMA helps.
 PRESETS = {
-    # ~1.2 s/iteration on 2 quiet cores: 400 iterations and 4 small evaluations take about
-    # 10 minutes. `--iters 1000` (about 25 minutes) ends at raw 42.7 vs EMA 0.99 50.0 AP:
-    # benchmarks/results/ema_quality.md.
+    # Training speed, batch 8: 0.25-0.3 s/iteration on 2 idle cores (2 threads); on 2 cores
+    # busy with other jobs 0.65-1.2 s/iteration with 1 thread (choose_threads), 2-4 s with 2.
+    # 400 iterations and 4 small evaluations: 4m53s on busy cores (load ~4). `--iters 1000`
+    # ends at raw 42.7 vs EMA 0.99 50.0 AP: benchmarks/results/ema_quality.md.
     "default": DemoPreset(
         iters=400, eval_period=100, batch_size=8, base_lr=1e-3, weight_decay=0.05,
         warmup_iters=100, tau=100.0, decays=(0.99, 0.998), train_images=None, val_images=60,
