@@ -585,8 +585,8 @@ def _targets(name: str, ratios: dict[str, float]) -> list[str]:
                   f"{rivals[closest] / ours:.2f}× d2ema's time)")
     check(seed / ours >= 5, f"default ≥ 5× faster than the seed loop ({seed / ours:.1f}×)")
     if name in DEFAULT_AT_FLOOR:
-        check(ours <= 1.10, f"default ≤ 1.10× floor ({ours:.2f}×)")
-    check(flat <= 1.10, f"flat ≤ 1.10× floor ({flat:.2f}×)")
+        check(ours <= 1.10, f"default ≤ 1.10× floor ({ours:.3f}×)")
+    check(flat <= 1.10, f"flat ≤ 1.10× floor ({flat:.3f}×)")
     return lines
 
 
