@@ -2,7 +2,7 @@
 
 Trains the demo's ResNet-18 FPN RetinaNet from scratch on the embedded datasets (CPU), once per
 configuration, and scores the raw weights and an EMA per decay at every evaluation
-(:func:`d2ema.demo.run_demo`; all EMAs of a run see the same raw trajectory). Configurations:
+(:func:`d2ema.app.demo.run_demo`; all EMAs of a run see the same raw trajectory). Configurations:
 
 * ``shapes`` and ``digits``;
 * a constant learning rate after warm-up (the regime where EMA matters most: SGD noise is never
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from d2ema.demo import RAW, DemoOptions, run_demo
+from d2ema.app.demo import DemoOptions, run_demo
+from d2ema.app.demo.options import RAW
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -23,7 +23,7 @@ from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import LinearParamScheduler
 from torch.optim import SGD
 
-from d2ema.d2.model_configs import build_tiny_detector
+from d2ema.app.model_configs import build_tiny_detector
 
 model = L(build_tiny_detector)(arch="retinanet", num_classes=5, image_size=128)
 

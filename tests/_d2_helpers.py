@@ -1,5 +1,6 @@
-"""Shared pieces of the detectron2 tests: a tiny registered dataset, configs, a trainer with a
-COCO evaluator, and an independent reference EMA computed from the weights after each step."""
+"""Shared pieces of the detectron2 tests: a tiny registered dataset, configs, the trainer (whose
+default evaluator is COCO), and an independent reference EMA computed from the weights after
+each step."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ import math
 
 import torch
 from detectron2.engine import HookBase
-from detectron2.evaluation import COCOEvaluator
 
+from d2ema.app.data import register_datasets
+from d2ema.app.model_configs import tiny_detector_config
 from d2ema.d2 import EMATrainer
-from d2ema.d2.model_configs import tiny_detector_config
-from d2ema.data import register_datasets
 
 TRAIN, VAL = "shapes_train", "shapes_val"
 SIZES = {TRAIN: 8, VAL: 4}
@@ -38,10 +38,7 @@ def make_cfg(arch: str, out_dir, max_iter: int = 3, evaluate: bool = False, **em
     return cfg
 
 
-class Trainer(EMATrainer):
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name):
-        return COCOEvaluator(dataset_name, output_dir=cfg.OUTPUT_DIR, use_fast_impl=False)
+Trainer = EMATrainer  # its default evaluator is COCO, as this dataset needs
 
 
 def tracked_state(model) -> dict[str, torch.Tensor]:

@@ -15,9 +15,9 @@ pytest.importorskip("detectron2")
 
 from detectron2.engine import DefaultTrainer
 
+from d2ema.app.data import register_datasets
+from d2ema.app.model_configs import tiny_detector_config
 from d2ema.cli import main
-from d2ema.d2.model_configs import tiny_detector_config
-from d2ema.data import register_datasets
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "d2ema"
 
@@ -165,14 +165,14 @@ def test_console_script_error(tmp_path, tiny_yaml, command):
 
 
 def test_bench_is_found():
-    from d2ema.cli import benchmark_script
+    from d2ema.app.bench import benchmark_script
 
     path = benchmark_script()
     assert path is not None and path.name == "update_speed.py"
 
 
 def test_bench_passes_arguments_through(monkeypatch, tmp_path, capsys):
-    import d2ema.cli as cli
+    import d2ema.app.bench as cli
 
     script = tmp_path / "update_speed.py"
     script.write_text("import sys\ndef main(argv=None):\n"
@@ -265,7 +265,7 @@ from fvcore.common.param_scheduler import LinearParamScheduler
 from omegaconf import OmegaConf
 
 from d2ema.d2 import lazy_model_ema_defaults
-from d2ema.d2.model_configs import tiny_detector_config
+from d2ema.app.model_configs import tiny_detector_config
 
 model = L(build_model)(cfg=L(tiny_detector_config)(arch="retinanet", num_classes=5,
                                                    image_size=64))

@@ -1,4 +1,4 @@
-"""Tests of the embedded demo datasets (``d2ema.data``): generators, cache, registration."""
+"""Tests of the embedded demo datasets (``d2ema.app.data``): generators, cache, registration."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from d2ema.data import (
+from d2ema.app.data import (
     DATASETS,
     UnknownDatasetError,
     cache_root,
@@ -19,7 +19,7 @@ from d2ema.data import (
     samples,
     shapes,
 )
-from d2ema.data.common import noisy_background
+from d2ema.app.data.common import noisy_background
 
 NAMES = ["shapes_train", "shapes_val", "digits_train", "digits_val"]
 
@@ -182,7 +182,7 @@ def test_cache_is_byte_identical_across_roots(tmp_path):
 
 
 def test_interrupted_generation_leaves_no_cache(tmp_path, monkeypatch):
-    from d2ema.data import registry
+    from d2ema.app.data import registry
 
     spec = _small("shapes_val", 4)
     real = registry.samples
@@ -210,7 +210,7 @@ def d2_registered(tmp_path):
     pytest.importorskip("detectron2")
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from d2ema.data import register_datasets
+    from d2ema.app.data import register_datasets
 
     sizes = {"shapes_val": 12, "digits_val": 10}
     names = register_datasets(tmp_path, sizes=sizes, names=list(sizes))
@@ -225,7 +225,7 @@ def test_register_is_idempotent_and_gives_standard_dicts(d2_registered):
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.structures import BoxMode
 
-    from d2ema.data import register_datasets
+    from d2ema.app.data import register_datasets
 
     names, sizes, root = d2_registered
     assert names == ["shapes_val", "digits_val"]

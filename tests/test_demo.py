@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-from d2ema.demo import DemoError, DemoOptions, parse_decays, run_demo
+from d2ema.app.demo import DemoError, DemoOptions, parse_decays, run_demo
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "d2ema"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -83,7 +83,7 @@ def test_detectron2_retinanet_r18_fpn_trains_one_step_on_cpu():
     from detectron2.utils.collect_env import collect_env_info
     from detectron2.utils.events import EventStorage
 
-    from d2ema.d2.model_configs import tiny_detector_config
+    from d2ema.app.model_configs import tiny_detector_config
 
     assert detectron2.__version__ == "0.6"
     assert "detectron2" in collect_env_info()  # works with the _C stub

@@ -1,10 +1,20 @@
 """d2ema: exact, fast and safe EMA of model weights, for detectron2 and any PyTorch model.
 
-The core (this package's top level) imports no detectron2; ``d2ema.d2`` is the detectron2
-layer and ``d2ema.compat`` the seed article's / D2Go's API.
+Three layers, imports pointing one way (app and cli -> d2 -> core):
+
+* the core (this package's modules) works on any ``nn.Module`` and training loop and imports no
+  detectron2: :class:`EMA`, schedules, the checkpoint format, export;
+* ``d2ema.d2`` is the detectron2 layer (config keys, hook, checkpointer, trainer, evaluation,
+  ``train_net``, and ``d2ema.d2.compat``, the seed article's / D2Go's API);
+* ``d2ema.app`` is the application behind the ``d2ema`` command (demo, embedded datasets).
+
+``from d2ema import compat as model_ema`` still gives the seed's / D2Go's API (it imports
+detectron2).
 """
 
-from .ema import EMA, FORMAT_VERSION, EMAStateError
+from .ema import EMA
+from .errors import D2EMAError, EMAStateError
+from .format import FORMAT_VERSION
 from .schedules import SCHEDULES, Schedule, make_schedule
 from .state import unwrap_model
 
@@ -12,6 +22,7 @@ __all__ = [
     "EMA",
     "FORMAT_VERSION",
     "SCHEDULES",
+    "D2EMAError",
     "EMAStateError",
     "Schedule",
     "make_schedule",

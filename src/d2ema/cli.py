@@ -22,46 +22,17 @@ and how to fix it, and exits with status 2; ``--verbose`` adds the traceback.
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
-import json
-import logging
-import math
 import os
 import sys
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-__all__ = ["CLIError", "build_parser", "main"]
+from .errors import D2EMAError, one_line
+
+__all__ = ["build_parser", "main"]
 
 PROG = "d2ema"
 EXIT_USAGE = 2
-
-
-class CLIError(Exception):
-    """A user mistake: printed as one line, exit status 2."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [CLIError]
-    for module, names in (
-        ("d2ema.demo", ("DemoError",)),
-        ("d2ema.export", ("ExportError",)),
-        ("d2ema.d2.config", ("ConfigError",)),
-        ("d2ema.data.registry", ("UnknownDatasetError",)),
-        ("d2ema.ema", ("EMAStateError",)),
-    ):
-        mod = sys.modules.get(module)  # only what ran can have raised
-        if mod is not None:
-            types += [getattr(mod, n) for n in names]
-    return tuple(types)
-
-
-def _one_line(message: str) -> str:
-    lines = [part.strip() for part in str(message).splitlines() if part.strip()]
-    return "; ".join(lines) or "error"
 
 
 # ----------------------------------------------------------------------------- parser
@@ -175,12 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        if not isinstance(e, _user_error_types()):
-            raise
+    except D2EMAError as e:
         if verbose:
             traceback.print_exc()
-        print(f"{PROG} {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -194,9 +163,9 @@ def _quiet_warnings() -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
 
 
-# ----------------------------------------------------------------------------- demo
+# ----------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoOptions, run_demo
+    from .app.demo import DemoOptions, run_demo, summary_lines
 
     options = DemoOptions(
         quick=args.quick, dataset=args.dataset, iters=args.iters, output=args.output,
@@ -204,494 +173,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         verbose=bool(getattr(args, "verbose", False)), opts=tuple(args.opts or ()),
         threads=args.threads,
     )
-    result = run_demo(options)
-    out = result.output_dir
-    lines = [
-        "",
-        result.table(),
-        "",
-        f"plot:        {result.plot}",
-        f"TensorBoard: tensorboard --logdir {out}   (scalars bbox/AP and ema_<decay>/bbox/AP)",
-        f"results:     {result.results_json}",
-        f"full log:    {out / 'log.txt'}",
-    ]
-    if result.checkpoint is not None:
-        lines.append(f"checkpoint:  {result.checkpoint}   (EMA as plain weights: d2ema export "
-                     f"{result.checkpoint} -o {out / 'model_ema.pth'})")
-    lines.append(f"took {_duration(result.seconds)} (training {_duration(result.train_seconds)}, "
-                 f"evaluation {_duration(result.eval_seconds)})")
-    print("\n".join(lines), flush=True)
+    print("\n".join(summary_lines(run_demo(options))), flush=True)
     return 0
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-# ----------------------------------------------------------------------------- export
-def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_ema
-
-    summary = export_ema(args.checkpoint, args.output)
-    print(summary.describe())
-    return 0
-
-
-# ----------------------------------------------------------------------------- bench
-def benchmark_script() -> Path | None:
-    """``benchmarks/update_speed.py`` of the source checkout d2ema runs from, if any."""
-    root = Path(__file__).resolve().parents[2]
-    path = root / "benchmarks" / "update_speed.py"
-    return path if path.is_file() else None
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    path = benchmark_script()
-    if path is None:
-        raise CLIError(
-            "benchmarks/update_speed.py not found next to the installed package: 'd2ema bench' "
-            "needs a source checkout installed with 'pip install -e .'"
-        )
-    spec = importlib.util.spec_from_file_location("d2ema_bench_update_speed", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    if not callable(getattr(module, "main", None)):
-        raise CLIError(f"{path} has no main(argv) function")
-    saved_argv = sys.argv
-    sys.argv = [f"{PROG} bench", *args.bench_args]  # its usage line reads "d2ema bench"
-    try:
-        return int(module.main(list(args.bench_args)) or 0)
-    finally:
-        sys.argv = saved_argv
-
-
-# ----------------------------------------------------------------------------- train: configs
-def _is_lazy(path: str) -> bool:
-    return path.endswith(".py")
-
-
-def _check_readable(path_text: str) -> Path:
-    path = Path(path_text)
-    if not path.exists():
-        raise CLIError(f"config file {path} does not exist; pass an existing --config-file "
-                       "(a YAML config or a LazyConfig .py)")
-    if not path.is_file():
-        raise CLIError(f"config file {path} is not a file; pass a YAML config or a .py")
-    if path.suffix not in (".yaml", ".yml", ".py"):
-        raise CLIError(f"config file {path} should end in .yaml, .yml (detectron2 config) or "
-                       ".py (LazyConfig)")
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise CLIError(f"cannot read config file {path}: {e.strerror or e}") from e
-    return path
-
-
-def _reason(e: BaseException) -> str:
-    text = _one_line(str(e)) if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def load_config(path_text: str, opts: Sequence[str] = ()):
-    """The config of ``d2ema train``: yacs (``get_cfg`` + ``MODEL_EMA``) or a LazyConfig.
-
-    Raises :class:`CLIError` for a missing, unreadable or invalid file or override, and
-    :class:`~d2ema.d2.ConfigError` for an invalid EMA setting.
-    """
-    path = _check_readable(path_text)
-    opts = list(opts or ())
-    if _is_lazy(path_text):
-        from detectron2.config import LazyConfig
-
-        try:
-            cfg = LazyConfig.load(str(path))
-        except Exception as e:
-            raise CLIError(f"cannot load LazyConfig {path}: {_reason(e)}") from e
-        try:
-            cfg = LazyConfig.apply_overrides(cfg, opts)
-        except Exception as e:
-            raise CLIError(f"invalid override in {' '.join(opts)!r}: {_reason(e)}; "
-                           "LazyConfig overrides are key=value, e.g. train.max_iter=100") from e
-        if "train" in cfg:
-            _check_device(str(cfg.train.get("device", "cuda")), "train.device", "=")
-            if "model_ema" in cfg.train:
-                from .d2 import ema_settings
-
-                ema_settings(cfg)
-        return cfg
-
-    import yaml
-    from detectron2.config import get_cfg
-
-    from .d2 import add_model_ema_configs, ema_settings
-
-    cfg = get_cfg()
-    add_model_ema_configs(cfg)
-    try:
-        cfg.merge_from_file(str(path))
-    except yaml.YAMLError as e:
-        raise CLIError(f"config file {path} is not valid YAML ({_one_line(str(e))})") from e
-    except Exception as e:
-        raise CLIError(f"cannot use config file {path}: {_reason(e)}") from e
-    if len(opts) % 2:
-        raise CLIError(f"config overrides must be KEY VALUE pairs; got {len(opts)} words: "
-                       f"{' '.join(opts)}")
-    try:
-        cfg.merge_from_list(opts)
-    except Exception as e:
-        raise CLIError(f"invalid config override in {' '.join(opts)!r}: {_reason(e)}") from e
-    _check_device(cfg.MODEL.DEVICE, "MODEL.DEVICE", " ")
-    ema_settings(cfg)  # ConfigError names the key, the value and what is allowed
-    return cfg
-
-
-def _check_device(device: str, key: str, sep: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CLIError(f"{key} is {device!r} but this machine has no CUDA device; "
-                           f"train on the CPU with {key}{sep}cpu")
-
-
-def _strings(node: Any):
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict) or hasattr(node, "items"):
-        for value in node.values():
-            yield from _strings(value)
-    elif isinstance(node, (list, tuple)) or type(node).__name__ == "ListConfig":
-        for value in node:
-            yield from _strings(value)
-
-
-def embedded_datasets(cfg) -> list[str]:
-    """Names of d2ema's embedded datasets a config mentions."""
-    from .data import DATASETS
-
-    if hasattr(cfg, "DATASETS"):
-        names = [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
-    else:
-        from omegaconf import OmegaConf
-
-        names = list(_strings(OmegaConf.to_container(cfg, resolve=False)))
-    return [n for n in dict.fromkeys(names) if n in DATASETS]
-
-
-def register_embedded_datasets(cfg) -> list[str]:
-    """Generate and register the embedded datasets the config names and detectron2 lacks."""
-    from detectron2.data import DatasetCatalog
-
-    from .data import register_datasets
-
-    missing = [n for n in embedded_datasets(cfg) if n not in DatasetCatalog.list()]
-    if missing:
-        register_datasets(names=missing)
-    return missing
-
-
-def _check_weights(cfg, args) -> None:
-    lazy = not hasattr(cfg, "MODEL")
-    weights = cfg.train.get("init_checkpoint", "") if lazy else cfg.MODEL.WEIGHTS
-    if not weights or "://" in str(weights) or args.resume or Path(weights).is_file():
-        return
-    key = "train.init_checkpoint" if lazy else "MODEL.WEIGHTS"
-    example = f"{key}=output/model_final.pth" if lazy else f"{key} output/model_final.pth"
-    raise CLIError(f"checkpoint {weights} ({key}) does not exist; pass an existing file, "
-                   f"e.g. {example}")
-
-
-def _check_datasets(cfg) -> None:
-    from detectron2.data import DatasetCatalog
-
-    from .data import DATASETS
-
-    known = set(DatasetCatalog.list()) | set(DATASETS)
-    for name in [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]:
-        if name not in known:
-            raise CLIError(
-                f"unknown dataset {name!r} in DATASETS; use an embedded one "
-                f"({', '.join(DATASETS)}) or a detectron2 builtin (e.g. coco_2017_train, with "
-                "its files under $DETECTRON2_DATASETS)"
-            )
-
-
-def _check_launch(args) -> None:
-    world = args.num_gpus * args.num_machines
-    if world > 1:
-        import torch
-
-        if args.num_gpus > torch.cuda.device_count():
-            raise CLIError(f"--num-gpus {args.num_gpus}, but this machine has "
-                           f"{torch.cuda.device_count()} CUDA devices; use --num-gpus "
-                           f"{max(torch.cuda.device_count(), 1)}")
-
-
-def _check_lazy_keys(cfg, args) -> None:
-    needed = ["model", "dataloader", "train"]
-    if not args.eval_only:
-        needed += ["optimizer", "lr_multiplier"]
-    missing = [k for k in needed if k not in cfg]
-    if missing:
-        raise CLIError(
-            f"LazyConfig {args.config_file} defines no {', '.join(missing)}; a training config "
-            "needs model, dataloader (train, test, evaluator), optimizer, lr_multiplier and train "
-            "(as detectron2's configs/common/*.py)"
-        )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config_file, args.opts)  # validate before spawning workers
-    if _is_lazy(args.config_file):
-        _check_lazy_keys(cfg, args)
-    _check_weights(cfg, args)
-    if hasattr(cfg, "DATASETS"):
-        _check_datasets(cfg)
-    _check_launch(args)
-    from detectron2.engine import launch
+    from .app.data import DATASETS, register_for_config
+    from .d2.train_net import train_main
 
-    launch(
-        train_worker,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    return train_main(args, prepare=register_for_config, known_datasets=tuple(DATASETS))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_ema
+
+    print(export_ema(args.checkpoint, args.output).describe())
     return 0
 
 
-def train_worker(args: argparse.Namespace):
-    """One training process (``detectron2.engine.launch`` runs it on each GPU)."""
-    cfg = load_config(args.config_file, args.opts)
-    if _is_lazy(args.config_file):
-        return _lazy_main(cfg, args)
-    return _yacs_main(cfg, args)
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .app.bench import run_update_speed
 
-
-# ----------------------------------------------------------------------------- train: yacs
-@functools.cache
-def trainer_class():
-    """``EMATrainer`` with ``build_evaluator`` of tools/train_net.py (COCO without ``_C``)."""
-    from detectron2.data import MetadataCatalog
-    from detectron2.evaluation import (
-        COCOEvaluator,
-        DatasetEvaluators,
-        LVISEvaluator,
-        PascalVOCDetectionEvaluator,
-        SemSegEvaluator,
-    )
-
-    from .d2 import EMATrainer
-
-    class Trainer(EMATrainer):
-        @classmethod
-        def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-            if output_folder is None:
-                output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-            kind = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
-            evaluators = []
-            if kind in ("sem_seg", "coco_panoptic_seg"):
-                evaluators.append(SemSegEvaluator(dataset_name, distributed=True,
-                                                  output_dir=output_folder))
-            if kind in ("coco", "coco_panoptic_seg"):
-                evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder,
-                                                use_fast_impl=_has_compiled_ops()))
-            if kind == "lvis":
-                return LVISEvaluator(dataset_name, output_dir=output_folder)
-            if kind == "pascal_voc":
-                return PascalVOCDetectionEvaluator(dataset_name)
-            if not evaluators:
-                raise NotImplementedError(
-                    f"no evaluator for dataset {dataset_name} of evaluator_type {kind!r}"
-                )
-            return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
-
-    return Trainer
-
-
-def _has_compiled_ops() -> bool:
-    import detectron2._C as compiled
-
-    return not getattr(compiled, "D2EMA_STUB", False)
-
-
-def _say(message: str) -> None:
-    from detectron2.utils import comm
-
-    if comm.is_main_process():
-        print(f"[d2ema train] {message}", flush=True)
-
-
-def _summary(results: Any) -> str:
-    from detectron2.evaluation.testing import flatten_results_dict
-
-    flat = flatten_results_dict(dict(results)) if results else {}
-    keys = [k for k in flat if k.rsplit("/", 1)[-1] in ("AP", "AP50", "AP75", "mIoU")]
-    if not keys:
-        return json.dumps({k: str(v) for k, v in flat.items()})
-    parts = [f"{k}={float(flat[k]):.2f}" for k in keys]
-    note = " (nan: no detections)" if any(math.isnan(float(flat[k])) for k in keys) else ""
-    return ", ".join(parts) + note
-
-
-def _yacs_main(cfg, args):
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.engine import default_setup
-    from detectron2.evaluation import verify_results
-    from detectron2.utils import comm
-
-    from .d2 import EMACheckpointer, get_model_ema
-
-    cfg.freeze()
-    default_setup(cfg, args)
-    register_embedded_datasets(cfg)
-    trainer_cls = trainer_class()
-    if args.eval_only:
-        model = trainer_cls.build_model(cfg)
-        ema = get_model_ema(model)
-        if ema is not None:
-            checkpointer = EMACheckpointer(model, cfg.OUTPUT_DIR, ema=ema)
-        else:
-            checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-        # load(), not resume_or_load(resume=False): the latter loads the model only, not the EMA
-        path = cfg.MODEL.WEIGHTS
-        if args.resume and checkpointer.has_checkpoint():
-            path = checkpointer.get_checkpoint_file()
-        checkpointer.load(path)
-        use_ema = ema is not None and cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY
-        if use_ema and not checkpointer.ema_loaded:
-            logging.getLogger(__name__).warning(
-                "the checkpoint has no EMA ('ema_state'): the 'EMA' results are those of its "
-                "raw weights"
-            )
-        results = trainer_cls.test_eval_only(cfg, model)
-        if comm.is_main_process():
-            verify_results(cfg, results)
-        _say(f"evaluation results: {_summary(results)}")
-        return results
-    trainer = trainer_cls(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    trainer.train()
-    results = getattr(trainer, "_last_eval_results", None)
-    if results:
-        _say(f"final evaluation: {_summary(results)}")
-    _say(f"done; checkpoints in {cfg.OUTPUT_DIR}")
-    return results
-
-
-# ----------------------------------------------------------------------------- train: lazy
-def _lazy_test(cfg, model, prefix: str = "") -> dict[str, Any]:
-    from detectron2.config import instantiate
-    from detectron2.evaluation import inference_on_dataset, print_csv_format
-
-    if "evaluator" not in cfg.dataloader:
-        return {}
-    ret = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
-    print_csv_format(ret)
-    return {f"{prefix}{k}": v for k, v in (ret or {}).items()}
-
-
-def _lazy_do_test(cfg, model) -> dict[str, Any]:
-    """Raw weights, then (if EMA is on) the EMA weights under ``ema/`` keys."""
-    from . import compat
-    from .d2 import ema_settings
-
-    ret = _lazy_test(cfg, model)
-    if ema_settings(cfg).enabled:
-        with compat.apply_model_ema_and_restore(model):
-            ret.update(_lazy_test(cfg, model, prefix="ema/"))
-    return ret
-
-
-def _lazy_main(cfg, args):
-    """tools/lazyconfig_train_net.py with the seed's / detrex's EMA calls (``d2ema.compat``)."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import instantiate
-    from detectron2.engine import (
-        AMPTrainer,
-        SimpleTrainer,
-        create_ddp_model,
-        default_setup,
-        default_writers,
-        hooks,
-    )
-    from detectron2.utils import comm
-
-    from . import compat
-    from .d2 import ema_settings
-
-    default_setup(cfg, args)
-    register_embedded_datasets(cfg)
-    settings = ema_settings(cfg)
-    train = cfg.train
-    device = train.get("device", "cuda")
-    if args.eval_only:
-        model = instantiate(cfg.model)
-        model.to(device)
-        model = create_ddp_model(model)
-        compat.may_build_model_ema(cfg, model)
-        DetectionCheckpointer(model, **compat.may_get_ema_checkpointer(cfg, model)).load(
-            train.init_checkpoint
-        )
-        if settings.enabled and settings.use_ema_weights_for_eval_only:
-            if not compat.get_model_ema_state(model).has_inited():
-                logging.getLogger(__name__).warning(
-                    "the checkpoint has no EMA ('ema_state'): evaluating its raw weights"
-                )
-            with compat.apply_model_ema_and_restore(model):
-                results = _lazy_test(cfg, model, prefix="ema/")
-        else:
-            results = _lazy_test(cfg, model)
-        _say(f"evaluation results: {_summary(results)}")
-        return results
-
-    model = instantiate(cfg.model)
-    model.to(device)
-    cfg.optimizer.params.model = model
-    optimizer = instantiate(cfg.optimizer)
-    loader = instantiate(cfg.dataloader.train)
-    model = create_ddp_model(model, **train.get("ddp", {}))
-    compat.may_build_model_ema(cfg, model)
-    amp = train.get("amp", {}).get("enabled", False)
-    trainer = (AMPTrainer if amp else SimpleTrainer)(model, loader, optimizer)
-    checkpointer = DetectionCheckpointer(
-        model, train.output_dir, trainer=trainer, **compat.may_get_ema_checkpointer(cfg, model)
-    )
-    last_results: dict[str, Any] = {}
-
-    def evaluate():
-        last_results.clear()
-        last_results.update(_lazy_do_test(cfg, model))
-        return last_results
-
-    checkpoint_args = dict(train.get("checkpointer", {"period": 5000}))
-    trainer.register_hooks([
-        hooks.IterationTimer(),
-        compat.EMAHook(cfg, model) if settings.enabled else None,
-        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-        hooks.PeriodicCheckpointer(checkpointer, **checkpoint_args)
-        if comm.is_main_process() else None,
-        hooks.EvalHook(train.get("eval_period", 0), evaluate),
-        hooks.PeriodicWriter(default_writers(train.output_dir, train.max_iter),
-                             period=train.get("log_period", 20))
-        if comm.is_main_process() else None,
-    ])
-    checkpointer.resume_or_load(train.init_checkpoint, resume=args.resume)
-    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    trainer.train(start_iter, train.max_iter)
-    if last_results:
-        _say(f"final evaluation: {_summary(last_results)}")
-    _say(f"done; checkpoints in {train.output_dir}")
-    return last_results
+    return run_update_speed(args.bench_args, prog=f"{PROG} bench")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import EMAStateError
 from .flat import flatten_model_tensors
+from .format import (
+    FORMAT_VERSION,
+    META_KEY,
+    STATE_KEY,
+    align_names,
+    compare,
+    meta_problems,
+    split_state,
+)
 from .schedules import Schedule, make_schedule
 from .state import Slot, group_slots, tracked_slots, unwrap_model
 from .swap import swapped_bindings
@@ -49,15 +59,6 @@ from .update import Binding, flat_view
 __all__ = ["EMA", "FORMAT_VERSION", "EMAStateError"]
 
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-STATE_KEY = "ema_state"
-META_KEY = "ema_meta"
-
-
-class EMAStateError(ValueError):
-    """A state dict that does not fit this EMA; nothing was changed."""
-
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
@@ -158,7 +159,7 @@ class EMA:
 
     def _match_slots(self, model: nn.Module) -> list:
         slots = {s.name: s for s in self._options.slots(model)}
-        problems = _compare(
+        problems = compare(
             {n: (s.get().shape, s.get().dtype) for n, s in slots.items()},
             {n: (shape, g.dtype) for g in self.groups for n, shape in zip(g.names, g.shapes)},
             "the model",
@@ -329,26 +330,17 @@ class EMA:
 
         Returns the tensors (names aligned to this EMA's) and the metadata, if any.
         """
-        tensors, meta = _split_state(state_dict)
+        tensors, meta = split_state(state_dict)
         mine = self.tensors()
-        tensors = _align_prefix(tensors, mine)
-        problems = _compare(
+        tensors = align_names(tensors, mine)
+        problems = compare(
             {n: (t.shape, t.dtype) for n, t in tensors.items()},
             {n: (t.shape, t.dtype) for n, t in mine.items()},
             "the checkpoint",
             allow_missing=not strict,
         )
         if meta is not None:
-            version = meta.get("format_version", 0)
-            if not isinstance(version, int) or version > FORMAT_VERSION:
-                problems.append(
-                    f"ema_meta format_version {version!r} is newer than this d2ema reads "
-                    f"({FORMAT_VERSION}); upgrade d2ema"
-                )
-            for key in ("step", "num_skipped"):
-                value = meta.get(key, 0)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    problems.append(f"ema_meta {key} {value!r} is not an integer >= 0")
+            problems += meta_problems(meta)
         if problems:
             raise EMAStateError(
                 "cannot load this EMA state; the EMA is unchanged:\n  " + "\n  ".join(problems)
@@ -390,68 +382,3 @@ class EMA:
             f"EMA(tensors={n}, bytes={self.num_bytes}, schedule={self.meta()['schedule']}, "
             f"every={self.every}, start={self.start}, step={self.step})"
         )
-
-
-def _split_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict | None]:
-    if STATE_KEY in state_dict and isinstance(state_dict[STATE_KEY], Mapping):
-        tensors, meta = dict(state_dict[STATE_KEY]), state_dict.get(META_KEY)
-    else:
-        tensors, meta = dict(state_dict), None
-    bad = sorted(n for n, t in tensors.items() if not isinstance(t, torch.Tensor))
-    if bad:
-        raise EMAStateError(
-            f"cannot load this EMA state; the EMA is unchanged: entries {bad[:5]} are not "
-            "tensors (expected {'ema_state': {name: tensor}, 'ema_meta': {...}} or a plain "
-            "name->tensor dict)"
-        )
-    if meta is not None and not isinstance(meta, Mapping):
-        raise EMAStateError(
-            f"cannot load this EMA state; the EMA is unchanged: ema_meta is a "
-            f"{type(meta).__name__}, not a dict"
-        )
-    return tensors, meta
-
-
-def _align_prefix(theirs: dict[str, torch.Tensor], mine: Mapping[str, Any]) -> dict:
-    """Strip a ``module.`` prefix (a wrapped model's names) when that makes the names match."""
-    prefix = "module."
-    if theirs and not set(theirs) & set(mine) and all(n.startswith(prefix) for n in theirs):
-        return {n[len(prefix) :]: t for n, t in theirs.items()}
-    return theirs
-
-
-def _kind(dtype: torch.dtype) -> str:
-    if dtype.is_floating_point:
-        return "floating"
-    if dtype.is_complex:
-        return "complex"
-    return "bool" if dtype == torch.bool else "integer"
-
-
-def _compare(
-    given: Mapping[str, tuple[torch.Size, torch.dtype]],
-    expected: Mapping[str, tuple[torch.Size, torch.dtype]],
-    source: str,
-    allow_missing: bool = False,
-) -> list[str]:
-    """Every difference in names, shapes and dtype kinds, one line each (empty: they fit)."""
-    problems = []
-    if not allow_missing:
-        missing = sorted(set(expected) - set(given))
-        unexpected = sorted(set(given) - set(expected))
-        if missing:
-            problems.append(f"missing in {source} ({len(missing)}): {_shorten(missing)}")
-        if unexpected:
-            problems.append(f"unexpected in {source} ({len(unexpected)}): {_shorten(unexpected)}")
-    for name in sorted(set(given) & set(expected)):
-        (gs, gd), (es, ed) = given[name], expected[name]
-        if tuple(gs) != tuple(es):
-            problems.append(f"{name}: shape {tuple(gs)} in {source}, EMA has {tuple(es)}")
-        elif _kind(gd) != _kind(ed):
-            problems.append(f"{name}: dtype {gd} in {source}, EMA has {ed} ({_kind(ed)})")
-    return problems
-
-
-def _shorten(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -24,22 +24,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .ema import META_KEY, STATE_KEY
+from .atomic import atomic_save
+from .errors import ExportError
+from .format import META_KEY, STATE_KEY, align_names
 
 __all__ = ["EXPORT_KEY", "ExportError", "ExportSummary", "ema_model_state", "export_ema"]
 
 EXPORT_KEY = "d2ema_export"
-
-
-class ExportError(ValueError):
-    """A checkpoint that cannot be exported, or an output that cannot be written."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,18 +77,6 @@ def _load(path: Path) -> Mapping[str, Any]:
     return checkpoint
 
 
-def _align(ema: dict[str, torch.Tensor], model: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Match ``module.``-prefixed names (a wrapped model's) to the model's names."""
-    if set(ema) & set(model):
-        return ema
-    p = "module."
-    if ema and all(n.startswith(p) for n in ema):
-        return {n[len(p):]: t for n, t in ema.items()}
-    if model and all(n.startswith(p) for n in model):
-        return {p + n: t for n, t in ema.items()}
-    return ema
-
-
 def ema_model_state(checkpoint: Mapping[str, Any], source: str = "the checkpoint"):
     """``(state, replaced, kept_raw, ema_only)``: the checkpoint's ``model`` with the EMA in it."""
     ema = checkpoint.get(STATE_KEY)
@@ -108,7 +93,7 @@ def ema_model_state(checkpoint: Mapping[str, Any], source: str = "the checkpoint
         return dict(ema), len(ema), 0, 0
     if not isinstance(model, Mapping):
         raise ExportError(f"{source}: 'model' is a {type(model).__name__}, not a state dict")
-    ema = _align(ema, model)
+    ema = align_names(ema, model)
     common = [n for n in model if n in ema]
     if not common:
         raise ExportError(
@@ -139,37 +124,11 @@ def _step(checkpoint: Mapping[str, Any]) -> int | None:
     return int(it) + 1 if isinstance(it, int) else None
 
 
-def _file_mode(path: Path) -> int:
-    """The mode an existing ``path`` has, else what a new file gets under the umask."""
+def _write(obj: Any, output: Path) -> None:
     try:
-        return path.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def atomic_save(obj: Any, output: Path) -> None:
-    """``torch.save`` to a temporary file next to ``output``, then rename it into place."""
-    folder = output.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=folder)
+        atomic_save(obj, output)
     except OSError as e:
         raise ExportError(f"cannot write {output}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(output))  # mkstemp makes 0600; give what open() would
-        os.replace(tmp, output)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise ExportError(f"cannot write {output}: {e.strerror or e}") from e
-        raise
 
 
 def export_ema(
@@ -194,5 +153,5 @@ def export_ema(
         "model": state,
         EXPORT_KEY: {"source": str(source), "step": step, "format": "d2ema EMA export, v1"},
     }
-    atomic_save(exported, output)
+    _write(exported, output)
     return ExportSummary(source, output, replaced, kept, ema_only, step)

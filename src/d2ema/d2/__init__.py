@@ -1,4 +1,6 @@
-"""The detectron2 layer: config keys, hook, checkpointer and trainer, delegating to the core.
+"""The detectron2 layer: config keys, hook, checkpointer, trainer and evaluation, delegating
+to the core. ``d2ema.d2.compat`` is the seed article's / D2Go's API; ``d2ema.d2.train_net`` is
+what ``d2ema train`` runs.
 
 Example::
 
@@ -7,15 +9,16 @@ Example::
     trainer = EMATrainer(cfg); trainer.resume_or_load(resume=False); trainer.train()
 """
 
+from ..errors import ConfigError
 from .build import build_model_ema, get_model_ema
 from .checkpoint import EMACheckpointer, ema_checkpointables
 from .config import (
-    ConfigError,
     EMASettings,
     add_model_ema_configs,
     ema_settings,
     lazy_model_ema_defaults,
 )
+from .evaluation import build_evaluator, evaluate_with_ema
 from .hooks import EMAHook
 from .trainer import EMATrainer, EMATrainerMixin
 
@@ -27,9 +30,11 @@ __all__ = [
     "EMATrainer",
     "EMATrainerMixin",
     "add_model_ema_configs",
+    "build_evaluator",
     "build_model_ema",
     "ema_checkpointables",
     "ema_settings",
+    "evaluate_with_ema",
     "get_model_ema",
     "lazy_model_ema_defaults",
 ]

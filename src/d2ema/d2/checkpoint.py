@@ -17,15 +17,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..ema import EMA, META_KEY, STATE_KEY
+from ..ema import EMA
+from ..format import META_KEY, STATE_KEY
 
 __all__ = ["EMACheckpointer", "ema_checkpointables"]
 
 logger = logging.getLogger(__name__)
+
+
+class EMALike(Protocol):
+    """What the checkpointables need: :class:`~d2ema.EMA`, or D2Go's ``EMAState`` (compat)."""
+
+    def tensors(self) -> dict[str, Any]: ...
+
+    def meta(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
 
 
 class _Loaded:
@@ -37,7 +48,7 @@ class _Loaded:
 
 
 class _EMAMeta:
-    def __init__(self, get_ema: Callable[[], EMA], shared: _Loaded):
+    def __init__(self, get_ema: Callable[[], EMALike], shared: _Loaded):
         self._get_ema, self._shared = get_ema, shared
 
     def state_dict(self) -> dict[str, Any]:
@@ -49,7 +60,7 @@ class _EMAMeta:
 
 
 class _EMATensors:
-    def __init__(self, get_ema: Callable[[], EMA], shared: _Loaded):
+    def __init__(self, get_ema: Callable[[], EMALike], shared: _Loaded):
         self._get_ema, self._shared = get_ema, shared
 
     def state_dict(self) -> dict[str, Any]:
@@ -64,7 +75,7 @@ class _EMATensors:
         self._shared.loaded = True
 
 
-def ema_checkpointables(get_ema: Callable[[], EMA]) -> dict[str, Any]:
+def ema_checkpointables(get_ema: Callable[[], EMALike]) -> dict[str, Any]:
     """``{"ema_meta": ..., "ema_state": ...}`` to pass to a ``DetectionCheckpointer``.
 
     The metadata comes first: fvcore loads checkpointables in insertion order, and the tensors

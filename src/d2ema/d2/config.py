@@ -22,20 +22,18 @@ from typing import Any
 
 import torch
 
-from ..schedules import SCHEDULES, make_schedule
+from ..errors import ConfigError
+from ..schedules import SCHEDULES, Schedule, TFWarmup, make_schedule
 
 __all__ = [
     "KEYS",
     "ConfigError",
     "EMASettings",
     "add_model_ema_configs",
+    "d2go_schedule",
     "ema_settings",
     "lazy_model_ema_defaults",
 ]
-
-
-class ConfigError(ValueError):
-    """An EMA config value that cannot work; the message names key, value and allowed range."""
 
 
 # name: (default, help). Upper-case for yacs, lower-case for LazyConfig.
@@ -52,7 +50,7 @@ KEYS: dict[str, tuple[Any, str]] = {
         "accepted for D2Go configs; d2ema always updates after optimizer.step(), since "
         "an update after backward averages the previous step's weights",
     ),
-    "DECAY_WARM_UP_FACTOR": (-1.0, ">= 0 selects the 'tf' schedule with this warm-up factor"),
+    "DECAY_WARM_UP_FACTOR": (-1.0, ">= 1 selects the 'tf' schedule with this warm-up factor"),
     "SCHEDULE": ("constant", f"decay schedule: one of {sorted(SCHEDULES)}"),
     "TAU": (2000.0, "yolov5 schedule: ramp time constant in steps"),
     "INV_GAMMA": (1.0, "power schedule: inv_gamma"),
@@ -145,6 +143,24 @@ def _read(cfg) -> tuple[dict[str, Any], str, str]:
     return values, "train.model_ema.", str(train.get("device", "cuda"))
 
 
+def d2go_schedule(
+    decay: float, decay_warm_up_factor: float, key: str = "DECAY_WARM_UP_FACTOR"
+) -> Schedule | None:
+    """D2Go's ``DECAY_WARM_UP_FACTOR``: -1 (any negative) is off (None), >= 1 the ``tf`` ramp.
+
+    A factor in [0, 1) is refused: ``(1 + n) / (factor + n)`` is then above 1 and the ramp
+    never lowers the decay, so the setting would silently do nothing.
+    """
+    if decay_warm_up_factor < 0:
+        return None
+    if decay_warm_up_factor < 1:
+        raise ConfigError(
+            f"{key} = {decay_warm_up_factor!r} has no effect (a warm-up factor below 1 never "
+            "lowers the decay); use -1 for a constant decay or a factor >= 1, e.g. 10"
+        )
+    return TFWarmup(decay=decay, warmup_factor=float(decay_warm_up_factor))
+
+
 def _check_device(key: str, value: str) -> None:
     try:
         device = torch.device(value)
@@ -179,11 +195,11 @@ def ema_settings(cfg) -> EMASettings:
     start = number("START_ITER", 0, integer=True)
     name = v["SCHEDULE"]
     warm_up = number("DECAY_WARM_UP_FACTOR", -1.0)
-    if warm_up >= 0 and name == "constant":
+    if d2go_schedule(decay, warm_up, key("DECAY_WARM_UP_FACTOR")) and name == "constant":
         name = "tf"
     params = {
         "yolov5": {"tau": v["TAU"]},
-        "tf": {"warmup_factor": warm_up if warm_up >= 0 else 10.0},
+        "tf": {"warmup_factor": warm_up if warm_up >= 1 else 10.0},
         "power": {"inv_gamma": v["INV_GAMMA"], "power": v["POWER"], "min_decay": v["MIN_DECAY"]},
         "sigma_rel": {"sigma_rel": v["SIGMA_REL"]},
     }

@@ -7,7 +7,9 @@ v0.6 and main alike comes after ``optimizer.step()``; it never updates in ``afte
 (main's extra hook point), which comes before the step and would average stale weights.
 
 Before training, an EMA that no checkpoint provided restarts from the model's weights as they
-are then (pretrained or resumed weights included).
+are then (pretrained or resumed weights included). Driven by hand, outside a trainer
+(``hook.before_train()``, then ``hook.after_step()`` after each optimizer step), it counts its
+own steps.
 
 Example::
 
@@ -37,4 +39,5 @@ class EMAHook(HookBase):
             self.ema.reset(self.model)
 
     def after_step(self) -> None:
-        self.ema.update(self.model, step=self.trainer.iter + 1)
+        trainer = self.trainer
+        self.ema.update(self.model, step=None if trainer is None else trainer.iter + 1)

@@ -6,6 +6,7 @@ What the mixin changes, each in the method that owns it:
 * ``build_hooks`` makes the checkpointer an :class:`EMACheckpointer` (EMA saved with every
   checkpoint, checked before anything loads) and adds :class:`EMAHook` right after the timer,
   so checkpoints and evaluations of an iteration see that iteration's EMA;
+* ``build_evaluator`` has a default (COCO for COCO-style datasets), which v0.6 lacks;
 * ``test`` evaluates the raw weights (``bbox``) and the EMA weights (``ema/bbox``); detectron2's
   ``EvalHook`` writes both to EventStorage, so TensorBoard draws the two curves. With
   ``TEST.PRECISE_BN.ENABLED`` BN statistics are recomputed for the EMA weights too;
@@ -25,59 +26,23 @@ Example::
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections import OrderedDict
 
 from detectron2.engine import DefaultTrainer, hooks
-from detectron2.utils.events import EventStorage
 
 from ..ema import EMA
 from .build import build_model_ema, get_model_ema
 from .checkpoint import EMACheckpointer
 from .config import ema_settings
+from .evaluation import build_evaluator, evaluate_with_ema, precise_bn
 from .hooks import EMAHook
 
-__all__ = ["EMATrainer", "EMATrainerMixin", "evaluate_with_ema"]
+__all__ = ["EMATrainer", "EMATrainerMixin"]
 
 logger = logging.getLogger(__name__)
 
 # detectron2 main saves the inner trainer (optimizer) in DefaultTrainer.state_dict; v0.6 does not.
 _SAVES_OPTIMIZER = "state_dict" in vars(DefaultTrainer)
-
-
-def _precise_bn(trainer_cls, cfg, model) -> None:
-    """Recompute BN statistics of the weights now in ``model`` with the trainer's batches."""
-    from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
-
-    was_training = model.training
-    model.train()
-    try:
-        if not get_bn_modules(model):
-            return
-        loader = iter(trainer_cls.build_train_loader(cfg))
-        num_iter = cfg.TEST.PRECISE_BN.NUM_ITER
-        with EventStorage():  # the model logs losses; discard them
-            update_bn_stats(model, itertools.islice(loader, num_iter), num_iter)
-    finally:
-        model.train(was_training)
-
-
-def evaluate_with_ema(trainer_cls, cfg, model, evaluators=None, *, raw: bool, ema: EMA | None):
-    """Results of ``trainer_cls``'s plain ``test`` for the raw weights (if ``raw``) and for the
-    EMA weights, the latter under ``ema/``-prefixed keys."""
-    test = super(EMATrainerMixin, trainer_cls).test
-    results = OrderedDict()
-    if raw or ema is None:
-        results.update(test(cfg, model, evaluators))
-    if ema is not None:
-        logger.info("Evaluating the EMA weights")
-        with ema.swapped(model):
-            if cfg.TEST.PRECISE_BN.ENABLED:
-                _precise_bn(trainer_cls, cfg, model)
-            ema_results = test(cfg, model, evaluators)
-        results.update((f"ema/{k}", v) for k, v in ema_results.items())
-    return results
 
 
 class EMATrainerMixin:
@@ -103,10 +68,32 @@ class EMATrainerMixin:
         return ret
 
     @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO for COCO-style datasets (see :func:`d2ema.d2.evaluation.build_evaluator`)."""
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test_with_ema(cls, cfg, model, ema: EMA | None, *, raw: bool, evaluators=None):
+        """detectron2's plain ``test`` for the raw weights (if ``raw``) and for ``ema``'s
+        weights (``ema/`` keys), with PreciseBN for the EMA weights when the config asks."""
+        plain_test = super().test
+
+        def bn_stats(m) -> None:
+            precise_bn(m, cls.build_train_loader(cfg), cfg.TEST.PRECISE_BN.NUM_ITER)
+
+        return evaluate_with_ema(
+            lambda m: plain_test(cfg, m, evaluators),
+            model,
+            ema,
+            raw=raw,
+            before_ema_test=bn_stats if cfg.TEST.PRECISE_BN.ENABLED else None,
+        )
+
+    @classmethod
     def test(cls, cfg, model, evaluators=None):
         ema = get_model_ema(model)
         raw = ema is None or ema_settings(cfg).eval_both
-        return evaluate_with_ema(cls, cfg, model, evaluators, raw=raw, ema=ema)
+        return cls.test_with_ema(cfg, model, ema, raw=raw, evaluators=evaluators)
 
     @classmethod
     def test_eval_only(cls, cfg, model, evaluators=None):
@@ -115,8 +102,10 @@ class EMATrainerMixin:
         ema = get_model_ema(model)
         settings = ema_settings(cfg)
         if ema is None or not settings.use_ema_weights_for_eval_only:
-            return evaluate_with_ema(cls, cfg, model, evaluators, raw=True, ema=None)
-        return evaluate_with_ema(cls, cfg, model, evaluators, raw=settings.eval_both, ema=ema)
+            return cls.test_with_ema(cfg, model, None, raw=True, evaluators=evaluators)
+        return cls.test_with_ema(
+            cfg, model, ema, raw=settings.eval_both, evaluators=evaluators
+        )
 
     def resume_or_load(self, resume: bool = True):
         resuming = resume and self.checkpointer.has_checkpoint()

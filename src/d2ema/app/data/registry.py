@@ -23,9 +23,11 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 
+from ...errors import D2EMAError
 from . import digits, shapes
 from .common import Sample
 
@@ -41,6 +43,7 @@ __all__ = [
     "ensure_dataset",
     "get_dataset_spec",
     "register_datasets",
+    "register_for_config",
     "samples",
 ]
 
@@ -85,7 +88,7 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-class UnknownDatasetError(KeyError, ValueError):
+class UnknownDatasetError(D2EMAError, KeyError, ValueError):
     """Raised for a dataset name that is not in :data:`DATASETS` (message lists known names)."""
 
     def __str__(self) -> str:  # KeyError would print the message quoted
@@ -266,3 +269,35 @@ def register_datasets(
         )
         registered.append(name)
     return registered
+
+
+def _strings(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict) or hasattr(node, "items"):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, (list, tuple)) or type(node).__name__ == "ListConfig":
+        for value in node:
+            yield from _strings(value)
+
+
+def datasets_in_config(cfg) -> list[str]:
+    """Names of the embedded datasets a yacs config (``DATASETS``) or a LazyConfig mentions."""
+    if hasattr(cfg, "DATASETS"):
+        names = [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
+    else:
+        from omegaconf import OmegaConf
+
+        names = list(_strings(OmegaConf.to_container(cfg, resolve=False)))
+    return [n for n in dict.fromkeys(names) if n in DATASETS]
+
+
+def register_for_config(cfg) -> list[str]:
+    """Generate and register the embedded datasets ``cfg`` names that detectron2 lacks."""
+    from detectron2.data import DatasetCatalog
+
+    missing = [n for n in datasets_in_config(cfg) if n not in DatasetCatalog.list()]
+    if missing:
+        register_datasets(names=missing)
+    return missing

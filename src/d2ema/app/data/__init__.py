@@ -19,6 +19,7 @@ from .registry import (
     ensure_dataset,
     get_dataset_spec,
     register_datasets,
+    register_for_config,
     samples,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     "ensure_dataset",
     "get_dataset_spec",
     "register_datasets",
+    "register_for_config",
     "samples",
 ]

@@ -1,0 +1,385 @@
+"""What ``d2ema train`` runs: detectron2's ``tools/train_net.py`` (YAML) and
+``tools/lazyconfig_train_net.py`` (LazyConfig ``.py``) with EMA.
+
+Both config systems go through the same pieces of this layer: :func:`~d2ema.d2.build_model_ema`
+attaches the EMA after the model is built (before the optimizer and DDP), an
+:class:`~d2ema.d2.EMACheckpointer` saves and checks it, an :class:`~d2ema.d2.EMAHook` updates it
+after every optimizer step, and :func:`~d2ema.d2.evaluate_with_ema` scores the raw and the EMA
+weights. Settings come from ``MODEL_EMA.*`` or ``train.model_ema.*``.
+
+Every mistake in the input (a missing or unreadable config, a bad override, an unknown dataset,
+a missing checkpoint) raises :class:`~d2ema.errors.UsageError` *before* any worker starts, with a
+message that names the problem and the fix.
+
+The caller may pass ``prepare(cfg)``, run in every worker before training (e.g. to register
+datasets), and ``known_datasets``, names it will provide; both must be picklable (module-level
+functions) because ``launch`` may start new processes.
+
+Example::
+
+    args = argparse.Namespace(config_file="cfg.yaml", opts=[], resume=False, eval_only=False,
+                              num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto")
+    train_main(args)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError, one_line
+from .build import build_model_ema
+from .checkpoint import EMACheckpointer
+from .config import add_model_ema_configs, ema_settings
+from .evaluation import evaluate_with_ema
+from .hooks import EMAHook
+from .trainer import EMATrainer
+
+__all__ = ["is_lazy", "load_config", "train_main", "train_worker"]
+
+logger = logging.getLogger(__name__)
+
+Prepare = Callable[[Any], Any]
+
+
+# ----------------------------------------------------------------------------- configs
+def is_lazy(path: str) -> bool:
+    return str(path).endswith(".py")
+
+
+def _check_readable(path_text: str) -> Path:
+    path = Path(path_text)
+    if not path.exists():
+        raise UsageError(f"config file {path} does not exist; pass an existing --config-file "
+                         "(a YAML config or a LazyConfig .py)")
+    if not path.is_file():
+        raise UsageError(f"config file {path} is not a file; pass a YAML config or a .py")
+    if path.suffix not in (".yaml", ".yml", ".py"):
+        raise UsageError(f"config file {path} should end in .yaml, .yml (detectron2 config) or "
+                         ".py (LazyConfig)")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from e
+    return path
+
+
+def _reason(e: BaseException) -> str:
+    text = one_line(str(e)) if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _check_device(device: str, key: str, sep: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"{key} is {device!r} but this machine has no CUDA device; "
+                             f"train on the CPU with {key}{sep}cpu")
+
+
+def load_config(path_text: str, opts: Sequence[str] = ()):
+    """The config of ``d2ema train``: yacs (``get_cfg`` + ``MODEL_EMA``) or a LazyConfig.
+
+    Raises :class:`UsageError` for a missing, unreadable or invalid file or override, and
+    :class:`~d2ema.errors.ConfigError` for an invalid EMA setting.
+    """
+    path = _check_readable(path_text)
+    opts = list(opts or ())
+    if is_lazy(path_text):
+        from detectron2.config import LazyConfig
+
+        try:
+            cfg = LazyConfig.load(str(path))
+        except Exception as e:
+            raise UsageError(f"cannot load LazyConfig {path}: {_reason(e)}") from e
+        try:
+            cfg = LazyConfig.apply_overrides(cfg, opts)
+        except Exception as e:
+            raise UsageError(f"invalid override in {' '.join(opts)!r}: {_reason(e)}; "
+                             "LazyConfig overrides are key=value, e.g. train.max_iter=100") from e
+        if "train" in cfg:
+            _check_device(str(cfg.train.get("device", "cuda")), "train.device", "=")
+            if "model_ema" in cfg.train:
+                ema_settings(cfg)
+        return cfg
+
+    import yaml
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_model_ema_configs(cfg)
+    try:
+        cfg.merge_from_file(str(path))
+    except yaml.YAMLError as e:
+        raise UsageError(f"config file {path} is not valid YAML ({one_line(str(e))})") from e
+    except Exception as e:
+        raise UsageError(f"cannot use config file {path}: {_reason(e)}") from e
+    if len(opts) % 2:
+        raise UsageError(f"config overrides must be KEY VALUE pairs; got {len(opts)} words: "
+                         f"{' '.join(opts)}")
+    try:
+        cfg.merge_from_list(opts)
+    except Exception as e:
+        raise UsageError(f"invalid config override in {' '.join(opts)!r}: {_reason(e)}") from e
+    _check_device(cfg.MODEL.DEVICE, "MODEL.DEVICE", " ")
+    ema_settings(cfg)  # ConfigError names the key, the value and what is allowed
+    return cfg
+
+
+def _check_weights(cfg, args) -> None:
+    lazy = not hasattr(cfg, "MODEL")
+    weights = cfg.train.get("init_checkpoint", "") if lazy else cfg.MODEL.WEIGHTS
+    if not weights or "://" in str(weights) or args.resume or Path(weights).is_file():
+        return
+    key = "train.init_checkpoint" if lazy else "MODEL.WEIGHTS"
+    example = f"{key}=output/model_final.pth" if lazy else f"{key} output/model_final.pth"
+    raise UsageError(f"checkpoint {weights} ({key}) does not exist; pass an existing file, "
+                     f"e.g. {example}")
+
+
+def _check_datasets(cfg, known_datasets: Collection[str]) -> None:
+    from detectron2.data import DatasetCatalog
+
+    known = set(DatasetCatalog.list()) | set(known_datasets)
+    for name in [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]:
+        if name not in known:
+            extra = f"one of d2ema's ({', '.join(known_datasets)}) or " if known_datasets else ""
+            raise UsageError(
+                f"unknown dataset {name!r} in DATASETS; use {extra}a detectron2 builtin (e.g. "
+                "coco_2017_train, with its files under $DETECTRON2_DATASETS)"
+            )
+
+
+def _check_launch(args) -> None:
+    world = args.num_gpus * args.num_machines
+    if world > 1:
+        import torch
+
+        if args.num_gpus > torch.cuda.device_count():
+            raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA devices; use --num-gpus "
+                             f"{max(torch.cuda.device_count(), 1)}")
+
+
+def _check_lazy_keys(cfg, args) -> None:
+    needed = ["model", "dataloader", "train"]
+    if not args.eval_only:
+        needed += ["optimizer", "lr_multiplier"]
+    missing = [k for k in needed if k not in cfg]
+    if missing:
+        raise UsageError(
+            f"LazyConfig {args.config_file} defines no {', '.join(missing)}; a training config "
+            "needs model, dataloader (train, test, evaluator), optimizer, lr_multiplier and train "
+            "(as detectron2's configs/common/*.py)"
+        )
+
+
+# ----------------------------------------------------------------------------- entry points
+def train_main(
+    args: argparse.Namespace,
+    prepare: Prepare | None = None,
+    known_datasets: Collection[str] = (),
+) -> int:
+    """Check the inputs, then run :func:`train_worker` in ``launch``'s processes."""
+    cfg = load_config(args.config_file, args.opts)  # validate before spawning workers
+    if is_lazy(args.config_file):
+        _check_lazy_keys(cfg, args)
+    _check_weights(cfg, args)
+    if hasattr(cfg, "DATASETS"):
+        _check_datasets(cfg, known_datasets)
+    _check_launch(args)
+    from detectron2.engine import launch
+
+    launch(
+        train_worker,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args, prepare),
+    )
+    return 0
+
+
+def train_worker(args: argparse.Namespace, prepare: Prepare | None = None):
+    """One training process (``detectron2.engine.launch`` runs it on each GPU)."""
+    cfg = load_config(args.config_file, args.opts)
+    if is_lazy(args.config_file):
+        return _lazy_main(cfg, args, prepare)
+    return _yacs_main(cfg, args, prepare)
+
+
+def _say(message: str) -> None:
+    from detectron2.utils import comm
+
+    if comm.is_main_process():
+        print(f"[d2ema train] {message}", flush=True)
+
+
+def _summary(results: Any) -> str:
+    from detectron2.evaluation.testing import flatten_results_dict
+
+    flat = flatten_results_dict(dict(results)) if results else {}
+    keys = [k for k in flat if k.rsplit("/", 1)[-1] in ("AP", "AP50", "AP75", "mIoU")]
+    if not keys:
+        return json.dumps({k: str(v) for k, v in flat.items()})
+    parts = [f"{k}={float(flat[k]):.2f}" for k in keys]
+    note = " (nan: no detections)" if any(math.isnan(float(flat[k])) for k in keys) else ""
+    return ", ".join(parts) + note
+
+
+def _warn_no_ema(path: str) -> None:
+    logger.warning(
+        "the checkpoint %s has no EMA ('ema_state'): evaluating its raw weights, reported "
+        "without the 'ema/' prefix", path,
+    )
+
+
+# ----------------------------------------------------------------------------- yacs
+def _yacs_main(cfg, args, prepare: Prepare | None):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.engine import default_setup
+    from detectron2.evaluation import verify_results
+    from detectron2.utils import comm
+
+    from .build import get_model_ema
+
+    cfg.freeze()
+    default_setup(cfg, args)
+    if prepare is not None:
+        prepare(cfg)
+    if args.eval_only:
+        model = EMATrainer.build_model(cfg)
+        ema = get_model_ema(model)
+        if ema is not None:
+            checkpointer = EMACheckpointer(model, cfg.OUTPUT_DIR, ema=ema)
+        else:
+            checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        # load(), not resume_or_load(resume=False): the latter loads the model only, not the EMA
+        path = cfg.MODEL.WEIGHTS
+        if args.resume and checkpointer.has_checkpoint():
+            path = checkpointer.get_checkpoint_file()
+        checkpointer.load(path)
+        settings = ema_settings(cfg)
+        if ema is not None and settings.use_ema_weights_for_eval_only and not (
+            checkpointer.ema_loaded
+        ):
+            _warn_no_ema(path)
+            results = EMATrainer.test_with_ema(cfg, model, None, raw=True)
+        else:
+            results = EMATrainer.test_eval_only(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        _say(f"evaluation results: {_summary(results)}")
+        return results
+    trainer = EMATrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    results = getattr(trainer, "_last_eval_results", None)
+    if results:
+        _say(f"final evaluation: {_summary(results)}")
+    _say(f"done; checkpoints in {cfg.OUTPUT_DIR}")
+    return results
+
+
+# ----------------------------------------------------------------------------- LazyConfig
+def _lazy_test(cfg, model) -> dict[str, Any]:
+    from detectron2.config import instantiate
+    from detectron2.evaluation import inference_on_dataset, print_csv_format
+
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    ret = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(ret)
+    return dict(ret or {})
+
+
+def _lazy_checkpointer(model, ema, output_dir: str, **checkpointables):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    if ema is None:
+        return DetectionCheckpointer(model, output_dir, **checkpointables)
+    return EMACheckpointer(model, output_dir, ema=ema, **checkpointables)
+
+
+def _lazy_main(cfg, args, prepare: Prepare | None):
+    """tools/lazyconfig_train_net.py with the EMA of this layer."""
+    from detectron2.config import instantiate
+    from detectron2.engine import (
+        AMPTrainer,
+        SimpleTrainer,
+        create_ddp_model,
+        default_setup,
+        default_writers,
+        hooks,
+    )
+    from detectron2.utils import comm
+
+    default_setup(cfg, args)
+    if prepare is not None:
+        prepare(cfg)
+    settings = ema_settings(cfg)
+    train = cfg.train
+    model = instantiate(cfg.model)
+    model.to(train.get("device", "cuda"))
+    ema = build_model_ema(cfg, model)  # before the optimizer and DDP (FLAT re-points tensors)
+
+    if args.eval_only:
+        model = create_ddp_model(model)
+        checkpointer = _lazy_checkpointer(model, ema, train.output_dir)
+        checkpointer.load(train.init_checkpoint)
+        use_ema = ema is not None and settings.use_ema_weights_for_eval_only
+        if use_ema and not checkpointer.ema_loaded:
+            _warn_no_ema(train.init_checkpoint)
+            use_ema = False
+        results = evaluate_with_ema(
+            lambda m: _lazy_test(cfg, m), model, ema if use_ema else None,
+            raw=not use_ema or settings.eval_both,
+        )
+        _say(f"evaluation results: {_summary(results)}")
+        return results
+
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    loader = instantiate(cfg.dataloader.train)
+    model = create_ddp_model(model, **train.get("ddp", {}))
+    amp = train.get("amp", {}).get("enabled", False)
+    trainer = (AMPTrainer if amp else SimpleTrainer)(model, loader, optimizer)
+    checkpointer = _lazy_checkpointer(model, ema, train.output_dir, trainer=trainer)
+    last_results: dict[str, Any] = {}
+
+    def evaluate():
+        last_results.clear()
+        last_results.update(evaluate_with_ema(
+            lambda m: _lazy_test(cfg, m), model, ema, raw=ema is None or settings.eval_both
+        ))
+        return last_results
+
+    checkpoint_args = dict(train.get("checkpointer", {"period": 5000}))
+    trainer.register_hooks([
+        hooks.IterationTimer(),
+        EMAHook(ema, model, checkpointer=checkpointer) if ema is not None else None,
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        hooks.PeriodicCheckpointer(checkpointer, **checkpoint_args)
+        if comm.is_main_process() else None,
+        hooks.EvalHook(train.get("eval_period", 0), evaluate),
+        hooks.PeriodicWriter(default_writers(train.output_dir, train.max_iter),
+                             period=train.get("log_period", 20))
+        if comm.is_main_process() else None,
+    ])
+    checkpointer.resume_or_load(train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, train.max_iter)
+    if last_results:
+        _say(f"final evaluation: {_summary(last_results)}")
+    _say(f"done; checkpoints in {train.output_dir}")
+    return last_results

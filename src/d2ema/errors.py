@@ -1,0 +1,44 @@
+"""The errors d2ema raises for a user's mistake, all under one base class.
+
+Every error a user can fix (a config value, a checkpoint that does not fit, a file that cannot
+be read or written) derives from :class:`D2EMAError`, and its message names the problem and
+the fix. The command line prints any of them as one line and exits with status 2; anything
+else is a bug and shows its traceback.
+
+Example::
+
+    try:
+        ema.load_state_dict(torch.load(path))
+    except D2EMAError as e:          # EMAStateError: nothing was changed
+        print(f"cannot resume: {e}")
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "D2EMAError", "EMAStateError", "ExportError", "UsageError", "one_line"]
+
+
+class D2EMAError(Exception):
+    """Base class of every user-facing d2ema error."""
+
+
+class EMAStateError(D2EMAError, ValueError):
+    """A state dict or checkpoint that does not fit this EMA; nothing was changed."""
+
+
+class ConfigError(D2EMAError, ValueError):
+    """An EMA config value that cannot work; the message names key, value and allowed range."""
+
+
+class ExportError(D2EMAError, ValueError):
+    """A checkpoint that cannot be exported, or an output that cannot be written."""
+
+
+class UsageError(D2EMAError):
+    """A command-line input that cannot work (missing file, bad override, unknown dataset)."""
+
+
+def one_line(message: object) -> str:
+    """``message`` with its lines joined by ``"; "``: how the command line prints errors."""
+    lines = [part.strip() for part in str(message).splitlines() if part.strip()]
+    return "; ".join(lines) or "error"
