@@ -219,7 +219,7 @@ def test_lazyconfig_detrex_keys(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     model_ema.may_build_model_ema(cfg, model)
     extra = model_ema.may_get_ema_checkpointer(cfg, model)
-    assert set(extra) == {"ema_state"}
+    assert set(extra) == {"ema_state", "ema_meta"}  # issue 8: compat checkpoints carry ema_meta
     hook = model_ema.EMAHook(cfg, model)
     hook.before_train()
     assert isinstance(hook.ema, EMA) and hook.ema.decay_at(1) == 0.5
