@@ -3,7 +3,8 @@
 Three layers, imports pointing one way (app and cli -> d2 -> core):
 
 * the core (this package's modules) works on any ``nn.Module`` and training loop and imports no
-  detectron2: :class:`EMA`, schedules, the checkpoint format, export;
+  detectron2: :class:`EMA`, schedules, the checkpoint format, export, and post-hoc EMA
+  (:class:`PostHocEMA`: choose the EMA length after training);
 * ``d2ema.d2`` is the detectron2 layer (config keys, hook, checkpointer, trainer, evaluation,
   ``train_net``, and ``d2ema.d2.compat``, the seed article's / D2Go's API);
 * ``d2ema.app`` is the application behind the ``d2ema`` command (demo, embedded datasets).
@@ -15,6 +16,8 @@ detectron2).
 from .ema import EMA
 from .errors import D2EMAError, EMAStateError
 from .format import FORMAT_VERSION
+from .posthoc import PostHocError, Target
+from .posthoc_ema import PostHocEMA
 from .schedules import SCHEDULES, Schedule, make_schedule
 from .state import unwrap_model
 
@@ -24,7 +27,10 @@ __all__ = [
     "SCHEDULES",
     "D2EMAError",
     "EMAStateError",
+    "PostHocEMA",
+    "PostHocError",
     "Schedule",
+    "Target",
     "make_schedule",
     "unwrap_model",
 ]

@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["atomic_save", "file_mode"]
+__all__ = ["atomic_save", "atomic_write", "file_mode"]
 
 
 def file_mode(path: Path) -> int:
@@ -33,11 +34,11 @@ def file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def atomic_save(obj: Any, output: str | os.PathLike[str]) -> None:
-    """``torch.save(obj)`` to a temporary file next to ``output``, then rename it into place.
+def atomic_write(output: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` to a temporary file next to ``output``, then rename it into place.
 
-    Raises ``OSError`` (the folder cannot be made, the disk is full, ...) with no file left
-    behind and ``output`` unchanged.
+    Raises ``OSError`` (the folder cannot be made, the disk is full, ...) or whatever ``write``
+    raises, with no file left behind and ``output`` unchanged.
     """
     output = Path(output)
     folder = output.parent
@@ -45,7 +46,7 @@ def atomic_save(obj: Any, output: str | os.PathLike[str]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode(output))  # mkstemp makes 0600; give what open() would
@@ -54,3 +55,8 @@ def atomic_save(obj: Any, output: str | os.PathLike[str]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj: Any, output: str | os.PathLike[str]) -> None:
+    """``torch.save(obj)`` to ``output`` atomically (see :func:`atomic_write`)."""
+    atomic_write(output, lambda f: torch.save(obj, f))

@@ -83,7 +83,8 @@ class EMA:
         schedule: ``"constant"``, ``"yolov5"``, ``"tf"``, ``"power"``, ``"sigma_rel"``, a
             :class:`~d2ema.schedules.Schedule`, or a callable ``n -> decay``.
         schedule_params: the schedule's parameters, e.g. ``{"tau": 2000}`` for ``yolov5``.
-        every: average every ``every`` steps with ``decay ** every`` (same horizon in steps).
+        every: average every ``every`` steps with ``decay ** every`` (same horizon in steps;
+            ``sigma_rel``: ``(1 - every / n) ** (gamma + 1)``, the same power profile).
         start: for the first ``start`` steps the EMA is a copy of the weights; averaging step
             ``n = 1`` is step ``start + 1``.
         include_frozen: also average parameters with ``requires_grad=False``.
@@ -197,6 +198,8 @@ class EMA:
         n = step - self.start
         if n <= 0:
             return 0.0
+        if isinstance(self.schedule, Schedule):  # the built-in ones are in [0, 1] by design
+            return float(self.schedule.decay_over(n, self.every))
         d = float(self.schedule(n))
         if not 0.0 <= d <= 1.0 or math.isnan(d):
             raise ValueError(f"EMA schedule returned decay {d!r} at step {n}; it must be in [0, 1]")

@@ -63,6 +63,13 @@ class Schedule:
     def __call__(self, n: int) -> float:
         raise NotImplementedError
 
+    def decay_over(self, n: int, every: int) -> float:
+        """The decay of one update that stands for ``every`` steps and ends at step ``n``.
+
+        ``decay(n) ** every`` keeps the averaging horizon in steps the same.
+        """
+        return self(n) ** every
+
     def to_dict(self) -> dict[str, Any]:
         """The schedule as plain data: ``{"name": ..., **parameters}`` (saved in checkpoints)."""
         return {"name": self.name, **dataclasses.asdict(self)}
@@ -183,6 +190,11 @@ class SigmaRel(Schedule):
 
     def __call__(self, n: int) -> float:
         return (1.0 - 1.0 / n) ** (self.gamma + 1.0)
+
+    def decay_over(self, n: int, every: int) -> float:
+        """``(1 - every / n) ** (gamma + 1)``: the exact power profile over the weights seen at
+        steps ``every, 2 every, ..., n`` (``decay(n) ** every`` would widen it several-fold)."""
+        return max(0.0, 1.0 - every / n) ** (self.gamma + 1.0)
 
 
 SCHEDULES: dict[str, type[Schedule]] = {

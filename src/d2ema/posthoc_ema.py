@@ -1,0 +1,160 @@
+"""``PostHocEMA``: choose the EMA length after training, in any PyTorch training loop.
+
+It keeps several power-function EMAs of one model (:class:`~d2ema.EMA` with
+``schedule="sigma_rel"``; EDM2's 0.05 and 0.10 by default) and writes snapshots of them every
+``snapshot_every`` steps (:class:`~d2ema.snapshots.SnapshotWriter`). After training, an EMA of
+any other width, or a classic constant decay, is rebuilt from the snapshots by least squares
+(:mod:`d2ema.posthoc`), so the EMA length need not be guessed before training.
+
+Example::
+
+    ph = PostHocEMA(model, "out/ema_snapshots", sigma_rels=(0.05, 0.10), snapshot_every=500)
+    for step, batch in enumerate(loader, 1):
+        loss = model(batch); loss.backward(); optimizer.step(); optimizer.zero_grad()
+        ph.update(model)
+    ph.snapshot()                                   # the final step, if not a multiple of 500
+    torch.save({"model": model.state_dict(), "posthoc": ph.state_dict()}, "ckpt.pth")
+    ph.close()
+    ema_model = ph.model_copy(model, sigma_rel=0.07)   # or decay=0.9995
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .ema import EMA
+from .errors import EMAStateError
+from .posthoc import PostHocError, Target
+from .reconstruct import Reconstruction, reconstruct
+from .snapshots import SnapshotWriter
+from .state import unwrap_model
+
+__all__ = ["PostHocEMA", "load_reconstruction"]
+
+
+def load_reconstruction(model: nn.Module, rec: Reconstruction) -> nn.Module:
+    """Copy a reconstruction into ``model`` (every tracked tensor by name); returns ``model``."""
+    model = unwrap_model(model)
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    missing = sorted(set(rec.tensors) - set(state))
+    if missing:
+        raise PostHocError(f"the reconstruction has tensors the model lacks: {missing[:5]}; "
+                           "load it into the model the snapshots were taken from")
+    with torch.no_grad():
+        for name, value in rec.tensors.items():
+            state[name].copy_(value)
+    return model
+
+
+class PostHocEMA:
+    """Power EMAs of one model plus snapshots for post-hoc reconstruction.
+
+    Args:
+        model: the model (wrappers are looked through, as by :class:`~d2ema.EMA`).
+        folder: where snapshots and ``index.json`` go.
+        sigma_rels: the tracked widths (two are enough to rebuild anything in between, and
+            somewhat beyond with dense snapshots).
+        snapshot_every: snapshot when the step is a multiple of this (0: only by hand).
+        dtype: snapshot precision (``"float32"``; ``"float16"`` halves the disk use).
+        enabled: False keeps the EMAs but writes nothing (e.g. on all but the main process).
+        background: write the files in a background thread.
+        **ema_kwargs: passed to every :class:`~d2ema.EMA` (``every``, ``device``, ``exclude``,
+            ...; not ``schedule`` or ``decay``).
+    """
+
+    def __init__(self, model: nn.Module, folder: str | os.PathLike[str],
+                 sigma_rels: Sequence[float] = (0.05, 0.10), *, snapshot_every: int = 1000,
+                 dtype: str | torch.dtype = "float32", enabled: bool = True,
+                 background: bool = True, **ema_kwargs: Any):
+        if not isinstance(snapshot_every, int) or snapshot_every < 0:
+            raise PostHocError(f"snapshot_every must be an integer >= 0, got {snapshot_every!r}")
+        if len(set(sigma_rels)) != len(sigma_rels) or not sigma_rels:
+            raise PostHocError(f"sigma_rels {list(sigma_rels)} must be distinct, at least one")
+        for s in sigma_rels:
+            Target("sigma_rel", s)  # range check with a clear message
+        self.emas = {
+            f"sigma{s:g}": EMA(model, schedule="sigma_rel", schedule_params={"sigma_rel": s},
+                               **ema_kwargs)
+            for s in sigma_rels
+        }
+        self.writer = SnapshotWriter(folder, self.emas, dtype, enabled=enabled,
+                                     background=background)
+        self.snapshot_every = snapshot_every
+        self._synced = False
+
+    @property
+    def folder(self):
+        return self.writer.folder
+
+    @property
+    def step(self) -> int:
+        return next(iter(self.emas.values())).step
+
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        """Update every EMA (see :meth:`d2ema.EMA.update`), then snapshot on schedule."""
+        if not self._synced:
+            self._sync()
+        for ema in self.emas.values():
+            ema.update(model, step)
+        if self.snapshot_every and self.step % self.snapshot_every == 0:
+            self.writer.write(self.step)
+
+    def snapshot(self) -> None:
+        """Snapshot every EMA now (skipped for one already saved at its current time)."""
+        if not self._synced:
+            self._sync()
+        self.writer.write(self.step)
+
+    def _sync(self) -> None:
+        self.writer.sync(self.step)
+        self._synced = True
+
+    def reset(self, model: nn.Module) -> None:
+        """Restart every EMA from the model's weights (see :meth:`d2ema.EMA.reset`)."""
+        for ema in self.emas.values():
+            ema.reset(model)
+
+    def close(self) -> None:
+        """Wait for the last snapshot to be on disk (raises if writing it failed)."""
+        self.writer.close()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """``{name: EMA.state_dict()}``: save it with the model for an exact resume."""
+        return {name: ema.state_dict() for name, ema in self.emas.items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load every EMA (all checked first: on any problem nothing changes). The next
+        update or snapshot continues the series at the loaded step."""
+        missing = sorted(set(self.emas) - set(state_dict))
+        if missing:
+            raise EMAStateError(f"the post-hoc EMA state has no {missing} (it has "
+                                f"{sorted(state_dict)}); resume with the same sigma_rels")
+        for name, ema in self.emas.items():
+            ema.check_state_dict(state_dict[name])
+        for name, ema in self.emas.items():
+            ema.load_state_dict(state_dict[name])
+        self._synced = False
+
+    # ------------------------------------------------------------------ after training
+    def reconstruct(self, targets: Sequence[Target], step: int | None = None,
+                    **kwargs: Any) -> Iterator[Reconstruction]:
+        """:func:`d2ema.snapshots.reconstruct` on this folder (pending writes first)."""
+        self.writer.flush()
+        return reconstruct(self.folder, targets, step, **kwargs)
+
+    def model_copy(self, model: nn.Module, *, sigma_rel: float | None = None,
+                   decay: float | None = None, step: int | None = None) -> nn.Module:
+        """A deep copy of ``model`` holding the EMA of one ``sigma_rel`` or ``decay``."""
+        if (sigma_rel is None) == (decay is None):
+            raise PostHocError("give exactly one of sigma_rel= and decay=")
+        target = Target("sigma_rel", sigma_rel) if sigma_rel is not None else Target("decay", decay)
+        rec = next(self.reconstruct([target], step))
+        clone = copy.deepcopy(unwrap_model(model), memo={id(self): None})
+        return load_reconstruction(clone, rec)

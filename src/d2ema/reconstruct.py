@@ -1,0 +1,136 @@
+"""Post-hoc EMA after training: rebuild the EMA of any length from the snapshots on disk.
+
+:func:`plan` reads the index written by :class:`~d2ema.snapshots.SnapshotWriter`, solves for the
+mixing weights of each target (:func:`d2ema.posthoc.solve`) and refuses, before any tensor is
+read, a target the snapshots cannot represent or a series with a missing or truncated file.
+:func:`reconstruct` then streams the snapshots one at a time into one accumulator per target, so
+memory is (targets + 1) model copies whatever the number of snapshots. Float buffers (BN
+statistics) are mixed like the parameters; integer buffers come from the latest snapshot used.
+
+Example::
+
+    for rec in reconstruct("output/ema_snapshots", [Target("sigma_rel", 0.07)]):
+        print(rec.fit.describe())
+        model.load_state_dict(rec.tensors, strict=False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .posthoc import Fit, PostHocError, Target, check_fit, representable_range, solve
+from .snapshots import INDEX, SnapshotEntry, read_index
+
+__all__ = ["Reconstruction", "plan", "reconstruct"]
+
+
+@dataclasses.dataclass
+class Reconstruction:
+    """An EMA rebuilt from snapshots: ``tensors`` (name -> tensor, as the EMA stored them),
+    the :class:`~d2ema.posthoc.Fit` that made it, and the training step it stands for."""
+
+    fit: Fit
+    step: int
+    tensors: dict[str, torch.Tensor]
+
+
+def _load(folder: Path, entry: SnapshotEntry) -> dict[str, Any]:
+    entry.check(folder)
+    path = folder / entry.file
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(data.get("tensors"), dict):
+            raise KeyError("tensors")
+    except Exception as e:
+        raise PostHocError(f"snapshot {path} cannot be read ({type(e).__name__}); it is damaged: "
+                           f"restore it, or reconstruct at a step before {entry.step}") from e
+    meta = data.get("meta", {})
+    if meta.get("t") != entry.t or meta.get("sigma_rel") != entry.sigma_rel:
+        raise PostHocError(f"snapshot {path} holds sigma_rel {meta.get('sigma_rel')} at t="
+                           f"{meta.get('t')}, the index says {entry.sigma_rel} at t={entry.t}; "
+                           "the folder mixes runs")
+    return data
+
+
+def plan(
+    folder: str | os.PathLike[str], targets: Sequence[Target], step: int | None = None,
+    *, max_residual: float | None = None,
+) -> tuple[list[SnapshotEntry], list[Fit], int]:
+    """The snapshots, the checked fits of ``targets`` and the step they stand for (default:
+    the last snapshot's), without reading any tensor; see :func:`reconstruct`."""
+    folder = Path(folder)
+    entries = read_index(folder)
+    if not entries:
+        raise PostHocError(f"{folder}/{INDEX} lists no snapshots yet")
+    step = max(e.step for e in entries) if step is None else int(step)
+    at = [e.t for e in entries if e.step == step]
+    if not at:
+        steps = sorted({e.step for e in entries})
+        raise PostHocError(f"no snapshot at step {step}; snapshots exist at steps "
+                           f"{steps[0]}..{steps[-1]} (e.g. {', '.join(map(str, steps[-4:]))})")
+    times, gammas = [e.t for e in entries], [e.gamma for e in entries]
+    fits = solve(times, gammas, targets, at=at[0])
+    limits = {} if max_residual is None else {"max_residual": max_residual}
+    for fit in fits:
+        try:
+            check_fit(fit, **limits)
+        except PostHocError:
+            used = [i for i, e in enumerate(entries) if e.t <= at[0]]
+            span = representable_range([times[i] for i in used], [gammas[i] for i in used],
+                                       **limits)
+            check_fit(fit, representable=span, **limits)
+    for e in entries:
+        if e.t <= at[0]:
+            e.check(folder)  # fail before hours of streaming, not in the middle
+    return entries, fits, step
+
+
+def reconstruct(
+    folder: str | os.PathLike[str],
+    targets: Sequence[Target],
+    step: int | None = None,
+    *,
+    batch: int = 4,
+    max_residual: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[Reconstruction]:
+    """Rebuild the EMA of each target at training ``step`` (default: the last snapshot's).
+
+    Targets the snapshots cannot represent raise :class:`PostHocError` before anything is
+    read. ``batch`` targets share one pass over the files (memory: ``batch + 1`` model copies);
+    ``progress(done, total)`` is called after each file read.
+    """
+    folder = Path(folder)
+    entries, fits, step = plan(folder, targets, step, max_residual=max_residual)
+    groups = [fits[i : i + batch] for i in range(0, len(fits), batch)]
+    used = [i for i, e in enumerate(entries) if any(f.weights[i] for f in fits)]
+    total, done = len(used) * len(groups), 0
+    for group in groups:
+        accs: list[dict[str, torch.Tensor]] = [{} for _ in group]
+        latest: dict[str, torch.Tensor] = {}
+        dtypes: dict[str, str] = {}
+        for i in used:
+            data = _load(folder, entries[i])
+            dtypes.update(data.get("dtypes", {}))
+            for name, tensor in data["tensors"].items():
+                if not (tensor.is_floating_point() or tensor.is_complex()):
+                    latest[name] = tensor.clone()
+                    continue
+                for fit, acc in zip(group, accs):
+                    wide = torch.float64 if fit.l1 > 3 else torch.float32
+                    if name not in acc:
+                        acc[name] = torch.zeros(tensor.shape, dtype=wide)
+                    acc[name].add_(tensor.to(wide), alpha=fit.weights[i])
+            del data
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        for fit, acc in zip(group, accs):
+            out = {n: v.to(getattr(torch, dtypes.get(n, "float32"))) for n, v in acc.items()}
+            yield Reconstruction(fit, step, {**out, **latest})

@@ -1,0 +1,302 @@
+"""Post-hoc EMA during training: snapshots of power EMAs on disk, with an index.
+
+:class:`SnapshotWriter` saves every tracked power EMA (:class:`~d2ema.schedules.SigmaRel`) at
+the steps it is asked to, one file per EMA and step (fp32 by default, fp16/bf16 on request),
+plus ``index.json`` listing them. Files and index are written atomically, so a killed run
+never leaves a truncated snapshot under its final name; by default a background thread writes
+while training goes on. :meth:`SnapshotWriter.sync` makes a resumed run continue the series:
+snapshots after the resumed step (written by the run that went further) are dropped and will
+be written again, so the series has neither duplicates nor gaps.
+
+:mod:`d2ema.reconstruct` rebuilds EMAs of any length from the folder after training.
+
+Example::
+
+    writer = SnapshotWriter("out/ema_snapshots", {"sigma0.05": ema_05, "sigma0.1": ema_10})
+    writer.sync(step=0)                  # new run: start a new series
+    ...; writer.write(step)              # every K steps and at the last one
+    writer.close()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_save, atomic_write
+from .ema import EMA
+from .posthoc import PostHocError
+from .schedules import SigmaRel
+
+__all__ = ["INDEX", "SnapshotEntry", "SnapshotWriter", "read_index", "snapshot_dtype"]
+
+logger = logging.getLogger(__name__)
+
+INDEX = "index.json"
+FORMAT = "d2ema post-hoc EMA snapshots"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def snapshot_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` (default, exact), ``"float16"`` or ``"bfloat16"`` as a torch dtype."""
+    if isinstance(name, torch.dtype) and name in _DTYPES.values():
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise PostHocError(f"snapshot dtype {name!r} is not one of {sorted(_DTYPES)}; float32 "
+                           "is exact, float16 halves the disk use (about 2e-4 relative error)")
+    return _DTYPES[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotEntry:
+    """One snapshot file: which EMA, at which time, stored how."""
+
+    file: str
+    sigma_rel: float
+    gamma: float
+    t: int  # averaging time of the EMA's last update (its step minus start)
+    step: int  # the training step it was taken at
+    dtype: str
+    bytes: int
+    rounding: float  # ||stored - fp32|| / ||fp32|| of the floating tensors
+
+    def check(self, folder: Path) -> None:
+        path = folder / self.file
+        if not path.is_file():
+            raise PostHocError(f"snapshot {path} (step {self.step}) is missing; restore it, or "
+                               f"reconstruct at a step before {self.step} (--step)")
+        size = path.stat().st_size
+        if size != self.bytes:
+            raise PostHocError(f"snapshot {path} is truncated or changed ({size} bytes, the index "
+                               f"says {self.bytes}); restore it, or reconstruct at a step before "
+                               f"{self.step} (--step)")
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    data = json.dumps(obj, indent=1).encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def read_index(folder: str | os.PathLike[str]) -> list[SnapshotEntry]:
+    """The snapshots listed in ``folder/index.json``, in time order; one clear error if the
+    folder, the index or its format is not what :class:`SnapshotWriter` writes."""
+    folder = Path(folder)
+    index = folder / INDEX
+    if not index.is_file():
+        stray = sorted(folder.glob("*.pth")) if folder.is_dir() else []
+        if stray:
+            raise PostHocError(f"{folder} holds {len(stray)} snapshot files but no {INDEX}; it "
+                               "was not written by d2ema or the index was deleted")
+        raise PostHocError(f"no post-hoc EMA snapshots in {folder} (no {INDEX}); train with "
+                           "MODEL_EMA.POSTHOC.ENABLED True (or d2ema.PostHocEMA) to write them")
+    try:
+        data = json.loads(index.read_text())
+        entries = [SnapshotEntry(**e) for e in data["snapshots"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PostHocError(f"cannot read {index} ({type(e).__name__}: {e}); it is damaged or "
+                           "not a d2ema snapshot index") from e
+    if data.get("format") != FORMAT:
+        raise PostHocError(f"{index} is not a d2ema snapshot index (format {data.get('format')!r})")
+    return sorted(entries, key=lambda e: (e.t, e.sigma_rel))
+
+
+def _power_gamma(name: str, ema: EMA) -> tuple[float, float]:
+    sched = ema.schedule
+    if not isinstance(sched, SigmaRel):
+        raise PostHocError(f"EMA {name!r} has schedule {ema.meta()['schedule']}; snapshots for "
+                           "post-hoc EMA need power EMAs (schedule='sigma_rel')")
+    return sched.sigma_rel, sched.gamma
+
+
+def _time(ema: EMA) -> int:
+    """The averaging time of the EMA's last update (updates come every ``every`` steps)."""
+    n = ema.step - ema.start
+    return (n // ema.every) * ema.every if n > 0 else 0
+
+
+class SnapshotWriter:
+    """Write snapshots of power EMAs into ``folder`` with an index (see the module docstring).
+
+    Args:
+        folder: where to write (created when the first snapshot is written).
+        emas: name -> :class:`~d2ema.EMA` with a ``sigma_rel`` schedule.
+        dtype: storage precision: ``"float32"`` (exact), ``"float16"`` or ``"bfloat16"``. A
+            tensor that does not fit float16 is stored in float32.
+        enabled: False makes every method a no-op (e.g. on all but the main process).
+        background: write files in a background thread (the copy is taken at once).
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], emas: Mapping[str, EMA],
+                 dtype: str | torch.dtype = "float32", *, enabled: bool = True,
+                 background: bool = True):
+        if not emas:
+            raise PostHocError("post-hoc EMA needs at least one power EMA to snapshot")
+        self.folder = Path(folder)
+        self.emas = dict(emas)
+        self.power = {n: _power_gamma(n, e) for n, e in self.emas.items()}
+        self.dtype = snapshot_dtype(dtype)
+        self.enabled = enabled
+        self.entries: list[SnapshotEntry] = []
+        self._pool = ThreadPoolExecutor(1, "d2ema-snapshots") if background and enabled else None
+        self._pending: Future | None = None
+        self.seconds_blocked = 0.0  # time write()/flush() kept the caller waiting
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def bytes_per_snapshot(self) -> int:
+        """Disk use of one snapshot of every EMA (tensor data, without container overhead)."""
+        return sum(g.flat.numel() * self._stored_dtype(g).itemsize
+                   for ema in self.emas.values() for g in ema.groups)
+
+    def _stored_dtype(self, group) -> torch.dtype:
+        """Averaged tensors go down to the snapshot dtype, never up; others stay as they are."""
+        if group.averaged and group.dtype.itemsize >= self.dtype.itemsize:
+            return self.dtype
+        return group.dtype
+
+    def describe(self, period: int, total_steps: int) -> str:
+        count = total_steps // period + (total_steps % period != 0) if period else 1
+        sigmas = ", ".join(f"{s:g}" for s, _ in self.power.values())
+        per = self.bytes_per_snapshot
+        return (f"post-hoc EMA: snapshots of power EMAs sigma_rel {sigmas} every {period} steps "
+                f"and at step {total_steps} to {self.folder} ({str(self.dtype)[6:]}): "
+                f"{per / 1e6:.1f} MB per snapshot, about {count * per / 1e9:.2f} GB for the run")
+
+    # ------------------------------------------------------------------ series
+    def sync(self, step: int) -> None:
+        """Continue the series of ``folder`` at ``step`` (0: a new run starts a new series).
+
+        Snapshots taken after ``step`` came from a run that went further than the checkpoint
+        now resumed; they are deleted and will be written again. Raises
+        :class:`PostHocError` if the kept snapshots are of other EMAs than these.
+        """
+        if not self.enabled:
+            return
+        self.flush()
+        try:
+            entries = read_index(self.folder)
+        except PostHocError:
+            if (self.folder / INDEX).exists():
+                raise
+            entries = []
+        keep = [e for e in entries if e.step <= step]
+        tracked = {(round(s, 12), round(g, 9)) for s, g in self.power.values()}
+        foreign = sorted({e.sigma_rel for e in keep
+                          if (round(e.sigma_rel, 12), round(e.gamma, 9)) not in tracked})
+        if foreign:
+            raise PostHocError(
+                f"{self.folder} holds snapshots of sigma_rel {foreign} up to step {step}, but this "
+                "run tracks " + ", ".join(f"{s:g}" for s, _ in self.power.values()) + "; resume "
+                "with the same MODEL_EMA.POSTHOC.SIGMA_RELS, or move the folder away"
+            )
+        dropped = [e for e in entries if e.step > step]
+        if dropped:
+            logger.warning("post-hoc EMA: dropping %d snapshots after step %d in %s (from a run "
+                           "that went further than the state resumed now)",
+                           len(dropped), step, self.folder)
+            for e in dropped:
+                (self.folder / e.file).unlink(missing_ok=True)
+        self.entries = keep
+        if dropped:
+            self._save_index()
+
+    def write(self, step: int) -> int:
+        """Snapshot every EMA as it is now, at training step ``step``; returns how many files
+        were started (an EMA already saved at its current time is skipped)."""
+        if not self.enabled:
+            return 0
+        self.flush()
+        have = {(e.sigma_rel, e.t) for e in self.entries}
+        jobs = []
+        for name, ema in self.emas.items():
+            sigma_rel, gamma = self.power[name]
+            t = _time(ema)
+            if t <= 0 or (sigma_rel, t) in have:
+                continue
+            tensors, dtypes, rounding = self._copy(ema)
+            entry = SnapshotEntry(
+                file=f"sigma{sigma_rel:g}_step{step:08d}.pth", sigma_rel=sigma_rel, gamma=gamma,
+                t=t, step=int(step), dtype=str(self.dtype)[6:], bytes=0, rounding=rounding,
+            )
+            jobs.append((entry, {"tensors": tensors, "dtypes": dtypes,
+                                 "meta": dataclasses.asdict(entry) | {"name": name}}))
+        if jobs:
+            if self._pool is None:
+                self._save(jobs)
+            else:
+                self._pending = self._pool.submit(self._save, jobs)
+        return len(jobs)
+
+    def flush(self) -> None:
+        """Wait for the snapshot being written; raise :class:`PostHocError` if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        started = time.perf_counter()
+        try:
+            pending.result()
+        except OSError as e:
+            raise PostHocError(f"cannot write a post-hoc EMA snapshot to {self.folder}: "
+                               f"{e.strerror or e}; free disk space (or use "
+                               "MODEL_EMA.POSTHOC.DTYPE float16, or a longer PERIOD)") from e
+        finally:
+            self.seconds_blocked += time.perf_counter() - started
+
+    def close(self) -> None:
+        self.flush()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    # ------------------------------------------------------------------ internals
+    def _copy(self, ema: EMA) -> tuple[dict, dict, float]:
+        """A CPU copy of the EMA in the storage dtype, the original float dtypes, and the
+        relative rounding error of the cast. A tensor out of the storage dtype's range (e.g. a
+        BN running_var above 65504 in float16) is kept in its own dtype."""
+        tensors, dtypes, err2, norm2 = {}, {}, 0.0, 0.0
+        for g in ema.groups:
+            numels = [s.numel() for s in g.shapes]
+            if self._stored_dtype(g) == g.dtype:
+                stored = list(g.flat.detach().to("cpu", copy=True).split(numels))
+            else:
+                exact = g.flat.detach().cpu().split(numels)
+                low = g.flat.detach().to("cpu", self.dtype)
+                stored = list(low.split(numels))
+                overflow = not bool(torch.isfinite(low).all())
+                for i, (lo, hi) in enumerate(zip(stored, exact)):
+                    if overflow and not bool(torch.isfinite(lo).all()):
+                        stored[i] = hi.clone()
+                        continue
+                    err2 += float((lo.double() - hi.double()).square().sum())
+                    norm2 += float(hi.double().square().sum())
+            for name, shape, tensor in zip(g.names, g.shapes, stored):
+                tensors[name] = tensor.view(shape)
+                if g.averaged:
+                    dtypes[name] = str(g.dtype)[6:]
+        return tensors, dtypes, math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
+
+    def _save(self, jobs: list[tuple[SnapshotEntry, dict]]) -> None:
+        for entry, payload in jobs:
+            path = self.folder / entry.file
+            atomic_save(payload, path)
+            done = dataclasses.replace(entry, bytes=path.stat().st_size)
+            self.entries = [e for e in self.entries
+                            if (e.sigma_rel, e.t) != (done.sigma_rel, done.t)] + [done]
+        self._save_index()
+
+    def _save_index(self) -> None:
+        entries = sorted(self.entries, key=lambda e: (e.t, e.sigma_rel))
+        _atomic_json({"format": FORMAT, "version": 1,
+                      "snapshots": [dataclasses.asdict(e) for e in entries]},
+                     self.folder / INDEX)
