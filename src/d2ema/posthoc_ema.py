@@ -99,7 +99,7 @@ class PostHocEMA:
     def update(self, model: nn.Module, step: int | None = None) -> None:
         """Update every EMA (see :meth:`d2ema.EMA.update`), then snapshot on schedule."""
         if not self._synced:
-            self._sync()
+            self.sync()
         for ema in self.emas.values():
             ema.update(model, step)
         if self.snapshot_every and self.step % self.snapshot_every == 0:
@@ -108,12 +108,17 @@ class PostHocEMA:
     def snapshot(self) -> None:
         """Snapshot every EMA now (skipped for one already saved at its current time)."""
         if not self._synced:
-            self._sync()
+            self.sync()
         self.writer.write(self.step)
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Continue the folder's series at the current step (the first update or snapshot does
+        this): drop the snapshots after it, left by a run that went further than the state
+        loaded, and write the one of this step if it is due and was not finished."""
         self.writer.sync(self.step)
         self._synced = True
+        if self.step and self.snapshot_every and self.step % self.snapshot_every == 0:
+            self.writer.write(self.step)
 
     def reset(self, model: nn.Module) -> None:
         """Restart every EMA from the model's weights (see :meth:`d2ema.EMA.reset`)."""

@@ -14,27 +14,33 @@ from .build import build_model_ema, get_model_ema
 from .checkpoint import EMACheckpointer, ema_checkpointables
 from .config import (
     EMASettings,
+    PostHocSettings,
     add_model_ema_configs,
     ema_settings,
     lazy_model_ema_defaults,
 )
 from .evaluation import build_evaluator, evaluate_with_ema
 from .hooks import EMAHook
+from .multi import EMAFamily, get_ema_family, get_extra_emas
 from .trainer import EMATrainer, EMATrainerMixin
 
 __all__ = [
     "ConfigError",
     "EMACheckpointer",
+    "EMAFamily",
     "EMAHook",
     "EMASettings",
     "EMATrainer",
     "EMATrainerMixin",
+    "PostHocSettings",
     "add_model_ema_configs",
     "build_evaluator",
     "build_model_ema",
     "ema_checkpointables",
     "ema_settings",
     "evaluate_with_ema",
+    "get_ema_family",
+    "get_extra_emas",
     "get_model_ema",
     "lazy_model_ema_defaults",
 ]

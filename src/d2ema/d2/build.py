@@ -17,6 +17,7 @@ from torch import nn
 from ..ema import EMA
 from ..state import unwrap_model
 from .config import ema_settings
+from .multi import build_ema_family
 
 __all__ = ["ATTRIBUTE", "build_model_ema", "get_model_ema"]
 
@@ -24,7 +25,8 @@ ATTRIBUTE = "ema_state"
 
 
 def build_model_ema(cfg, model: nn.Module) -> EMA | None:
-    """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA`."""
+    """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA` (and
+    build the extra and post-hoc EMAs the config asks for: :mod:`d2ema.d2.multi`)."""
     settings = ema_settings(cfg)
     if not settings.enabled:
         return None
@@ -36,6 +38,7 @@ def build_model_ema(cfg, model: nn.Module) -> EMA | None:
         )
     ema = EMA(target, **settings.ema_kwargs())
     setattr(target, ATTRIBUTE, ema)
+    build_ema_family(cfg, target, settings)  # MODEL_EMA.EXTRA_* and POSTHOC, if any
     return ema
 
 

@@ -23,6 +23,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from ..ema import EMA
 from ..format import META_KEY, STATE_KEY
+from .multi import EMAGroupState, get_ema_family
 
 __all__ = ["EMACheckpointer", "ema_checkpointables"]
 
@@ -95,6 +96,8 @@ class EMACheckpointer(DetectionCheckpointer):
 
     def __init__(self, model, save_dir: str = "", *, ema: EMA, **checkpointables: Any):
         self._ema = ema
+        family = get_ema_family(model)  # extra and post-hoc EMAs: keys ema_extras, ema_posthoc
+        checkpointables = {**(family.states if family else {}), **checkpointables}
         super().__init__(
             model, save_dir, **ema_checkpointables(lambda: self._ema), **checkpointables
         )
@@ -110,4 +113,7 @@ class EMACheckpointer(DetectionCheckpointer):
             if META_KEY in checkpoint:
                 state[META_KEY] = checkpoint[META_KEY]
             self._ema.check_state_dict(state)
+        for key, holder in self.checkpointables.items():
+            if isinstance(holder, EMAGroupState) and key in checkpoint:
+                holder.check(checkpoint[key])
         return super()._load_model(checkpoint)

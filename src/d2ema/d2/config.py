@@ -18,17 +18,19 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
-from ..schedules import SCHEDULES, Schedule, TFWarmup, make_schedule
+from ..schedules import SCHEDULES, Schedule, SigmaRel, TFWarmup, make_schedule
 
 __all__ = [
     "KEYS",
     "ConfigError",
     "EMASettings",
+    "PostHocSettings",
     "add_model_ema_configs",
     "d2go_schedule",
     "ema_settings",
@@ -64,6 +66,18 @@ KEYS: dict[str, tuple[Any, str]] = {
     "EXCLUDE": ([], "regular expressions of tensor names not to track"),
     "FLAT": (False, "re-point model tensors into one buffer per group (single-op update)"),
     "EVAL_BOTH": (True, "evaluate the raw and the EMA weights at each evaluation"),
+    "EXTRA_DECAYS": ([], "more EMAs like this one (same SCHEDULE), one per decay; each is "
+                     "evaluated, logged (ema_<decay>/...) and checkpointed"),
+    "EXTRA_SIGMA_RELS": ([], "more power-function EMAs, one per sigma_rel; each is evaluated, "
+                         "logged (ema_sigma<sigma_rel>/...) and checkpointed"),
+    "POSTHOC.ENABLED": (False, "snapshot power EMAs to choose the EMA length after training "
+                        "(d2ema posthoc OUTPUT_DIR)"),
+    "POSTHOC.SIGMA_RELS": ([0.05, 0.10], "widths of the power EMAs snapshotted"),
+    "POSTHOC.PERIOD": (0, "snapshot every N iterations (0: about MAX_ITER / 100); always at "
+                       "the last iteration"),
+    "POSTHOC.DTYPE": ("float32", "snapshot precision: float32, float16 (half the disk, ~2e-4 "
+                      "relative error) or bfloat16"),
+    "POSTHOC.DIR": ("", "snapshot folder ('' = OUTPUT_DIR/ema_snapshots)"),
 }
 
 _MASTER_DTYPES = {"float32": torch.float32, "float64": torch.float64, "none": None, "": None}
@@ -78,15 +92,49 @@ def add_model_ema_configs(cfg) -> None:
     if "MODEL_EMA" not in cfg:
         cfg.MODEL_EMA = CN()
     for key, (default, _) in KEYS.items():
-        if key not in cfg.MODEL_EMA:
-            cfg.MODEL_EMA[key] = list(default) if isinstance(default, list) else default
+        node = cfg.MODEL_EMA
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if part not in node:
+                node[part] = CN()
+            node = node[part]
+        if leaf not in node:
+            node[leaf] = list(default) if isinstance(default, list) else default
     if was_frozen:
         cfg.freeze()
 
 
 def lazy_model_ema_defaults() -> dict[str, Any]:
     """``train.model_ema`` for a LazyConfig: ``train.model_ema = lazy_model_ema_defaults()``."""
-    return {k.lower(): (list(v) if isinstance(v, list) else v) for k, (v, _) in KEYS.items()}
+    out: dict[str, Any] = {}
+    for key, (value, _) in KEYS.items():
+        *parents, leaf = key.lower().split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = list(value) if isinstance(value, list) else value
+    return out
+
+
+def _lookup(node, key: str, default: Any, lower: bool) -> Any:
+    """``node[A][B]`` for the KEYS name ``A.B`` (lower-case names for LazyConfigs)."""
+    *parents, leaf = key.lower().split(".") if lower else key.split(".")
+    for part in parents:
+        node = node.get(part, None) or {}
+    return node.get(leaf, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class PostHocSettings:
+    """``MODEL_EMA.POSTHOC.*``, validated."""
+
+    sigma_rels: tuple[float, ...]
+    period: int  # 0: about max_iter / 100
+    dtype: str
+    dir: str
+
+    def period_for(self, max_iter: int) -> int:
+        return self.period or max(1, round(max_iter / 100))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +155,9 @@ class EMASettings:
     exclude: tuple[str, ...]
     flat: bool
     eval_both: bool
+    extra_decays: tuple[float, ...] = ()
+    extra_sigma_rels: tuple[float, ...] = ()
+    posthoc: PostHocSettings | None = None
 
     def ema_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`d2ema.EMA`."""
@@ -129,13 +180,16 @@ def _read(cfg) -> tuple[dict[str, Any], str, str]:
     """Raw values, the key prefix to name in errors, and the model's device."""
     if hasattr(cfg, "MODEL_EMA"):
         node = cfg.MODEL_EMA
-        values = {k: node.get(k, d) for k, (d, _) in KEYS.items()}
+        values = {k: _lookup(node, k, d, lower=False) for k, (d, _) in KEYS.items()}
         return values, "MODEL_EMA.", str(cfg.MODEL.DEVICE)
     train = cfg.train if hasattr(cfg, "train") else cfg["train"]
     node = train.get("model_ema", None) or {}
-    values = {k: node.get(k.lower(), d) for k, (d, _) in KEYS.items()}
-    lowered = {k.lower() for k in KEYS}
+    values = {k: _lookup(node, k, d, lower=True) for k, (d, _) in KEYS.items()}
+    lowered = {k.lower().split(".")[0] for k in KEYS}
     unknown = sorted(set(node.keys()) - lowered)
+    for parent in {k.lower().split(".")[0] for k in KEYS if "." in k}:
+        inner = {k.lower().split(".", 1)[1] for k in KEYS if k.lower().startswith(parent + ".")}
+        unknown += sorted(f"{parent}.{k}" for k in set(node.get(parent, None) or {}) - inner)
     if unknown:
         raise ConfigError(
             f"train.model_ema has unknown keys {unknown}; valid keys are {sorted(lowered)}"
@@ -238,4 +292,49 @@ def ema_settings(cfg) -> EMASettings:
         exclude=tuple(exclude),
         flat=bool(v["FLAT"]),
         eval_both=bool(v["EVAL_BOTH"]),
+        **_several_emas(v, key, schedule),
     )
+
+
+def _several_emas(v: dict[str, Any], key: Callable[[str], str], schedule) -> dict[str, Any]:
+    """``EXTRA_DECAYS``, ``EXTRA_SIGMA_RELS`` and ``POSTHOC.*``, validated."""
+
+    def widths(name: str, lo: float, hi: float) -> tuple[float, ...]:
+        values = v[name]
+        values = [values] if isinstance(values, (int, float)) else values
+        ok = isinstance(values, Sequence) and not isinstance(values, str)  # ListConfig too
+        values = list(values) if ok else []
+        ok = ok and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and lo < x < hi
+            for x in values
+        )
+        if not ok or len(set(values)) != len(values):
+            raise ConfigError(f"{key(name)} = {v[name]!r} must be a list of distinct numbers in "
+                              f"({lo:g}, {hi:.4g}), e.g. [0.05, 0.1]")
+        return tuple(float(x) for x in values)
+
+    out: dict[str, Any] = {
+        "extra_decays": widths("EXTRA_DECAYS", 0.0, 1.0),
+        "extra_sigma_rels": widths("EXTRA_SIGMA_RELS", 0.0, 12**-0.5),
+    }
+    if out["extra_decays"] and isinstance(schedule, SigmaRel):
+        raise ConfigError(f"{key('EXTRA_DECAYS')} needs a decay schedule, but "
+                          f"{key('SCHEDULE')} is 'sigma_rel' (which has no decay); list the "
+                          f"widths in {key('EXTRA_SIGMA_RELS')} instead")
+    if v["POSTHOC.ENABLED"]:
+        sigmas = widths("POSTHOC.SIGMA_RELS", 0.0, 12**-0.5)
+        period = v["POSTHOC.PERIOD"]
+        if isinstance(period, bool) or not isinstance(period, int) or period < 0:
+            raise ConfigError(f"{key('POSTHOC.PERIOD')} = {period!r} must be an integer >= 0 "
+                              "(0: about MAX_ITER / 100)")
+        if not sigmas:
+            raise ConfigError(f"{key('POSTHOC.SIGMA_RELS')} is empty; use e.g. [0.05, 0.1]")
+        dtype = str(v["POSTHOC.DTYPE"]).lower()
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"{key('POSTHOC.DTYPE')} = {v['POSTHOC.DTYPE']!r} must be float32,"
+                              " float16 or bfloat16")
+        out["posthoc"] = PostHocSettings(sigmas, period, dtype, str(v["POSTHOC.DIR"] or ""))
+    if not v["ENABLED"] and (out["extra_decays"] or out["extra_sigma_rels"] or "posthoc" in out):
+        raise ConfigError(f"{key('EXTRA_DECAYS')}/{key('EXTRA_SIGMA_RELS')}/{key('POSTHOC')} "
+                          f"need {key('ENABLED')} True")
+    return out

@@ -7,9 +7,11 @@ v0.6 and main alike comes after ``optimizer.step()``; it never updates in ``afte
 (main's extra hook point), which comes before the step and would average stale weights.
 
 Before training, an EMA that no checkpoint provided restarts from the model's weights as they
-are then (pretrained or resumed weights included). Driven by hand, outside a trainer
-(``hook.before_train()``, then ``hook.after_step()`` after each optimizer step), it counts its
-own steps.
+are then (pretrained or resumed weights included), and a constant decay that would leave the
+EMA mostly its starting weights at ``max_iter`` is warned about (:mod:`d2ema.advice`). The
+model's extra and post-hoc EMAs (:mod:`d2ema.d2.multi`), if any, are updated in the same step
+and snapshotted on schedule. Driven by hand, outside a trainer (``hook.before_train()``, then
+``hook.after_step()`` after each optimizer step), it counts its own steps.
 
 Example::
 
@@ -18,12 +20,18 @@ Example::
 
 from __future__ import annotations
 
+import logging
+
 from detectron2.engine import HookBase
 from torch import nn
 
+from ..advice import initial_share_warning
 from ..ema import EMA
+from .multi import get_ema_family
 
 __all__ = ["EMAHook"]
+
+logger = logging.getLogger(__name__)
 
 
 class EMAHook(HookBase):
@@ -34,10 +42,31 @@ class EMAHook(HookBase):
         self.model = model
         self.checkpointer = checkpointer
 
+    def _max_iter(self) -> int | None:
+        return getattr(self.trainer, "max_iter", None)
+
     def before_train(self) -> None:
         if not getattr(self.checkpointer, "ema_loaded", False):
             self.ema.reset(self.model)
+        family, max_iter = get_ema_family(self.model), self._max_iter()
+        if max_iter:
+            emas = {"MODEL_EMA": self.ema, **(family.extras if family else {})}
+            for name, ema in emas.items():
+                message = initial_share_warning(ema, max_iter, name=f"the EMA {name}")
+                if message:
+                    logger.warning(message)
+        if family is not None:
+            family.before_train(self.model, max_iter)
 
     def after_step(self) -> None:
         trainer = self.trainer
-        self.ema.update(self.model, step=None if trainer is None else trainer.iter + 1)
+        step = None if trainer is None else trainer.iter + 1
+        self.ema.update(self.model, step=step)
+        family = get_ema_family(self.model)
+        if family is not None:
+            family.after_step(self.model, self.ema.step, self._max_iter())
+
+    def after_train(self) -> None:
+        family = get_ema_family(self.model)
+        if family is not None:
+            family.after_train()

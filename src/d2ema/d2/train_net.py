@@ -38,6 +38,7 @@ from .checkpoint import EMACheckpointer
 from .config import add_model_ema_configs, ema_settings
 from .evaluation import evaluate_with_ema
 from .hooks import EMAHook
+from .multi import evaluate_extra_emas
 from .trainer import EMATrainer
 
 __all__ = ["is_lazy", "load_config", "train_main", "train_worker"]
@@ -362,6 +363,7 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
         last_results.update(evaluate_with_ema(
             lambda m: _lazy_test(cfg, m), model, ema, raw=ema is None or settings.eval_both
         ))
+        last_results.update(evaluate_extra_emas(lambda m: _lazy_test(cfg, m), model))
         return last_results
 
     checkpoint_args = dict(train.get("checkpointer", {"period": 5000}))

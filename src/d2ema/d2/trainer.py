@@ -34,8 +34,9 @@ from ..ema import EMA
 from .build import build_model_ema, get_model_ema
 from .checkpoint import EMACheckpointer
 from .config import ema_settings
-from .evaluation import build_evaluator, evaluate_with_ema, precise_bn
+from .evaluation import EMA_PREFIX, build_evaluator, evaluate_with_ema, precise_bn
 from .hooks import EMAHook
+from .multi import get_extra_emas
 
 __all__ = ["EMATrainer", "EMATrainerMixin"]
 
@@ -73,9 +74,10 @@ class EMATrainerMixin:
         return build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
-    def test_with_ema(cls, cfg, model, ema: EMA | None, *, raw: bool, evaluators=None):
+    def test_with_ema(cls, cfg, model, ema: EMA | None, *, raw: bool, evaluators=None,
+                      prefix: str = EMA_PREFIX):
         """detectron2's plain ``test`` for the raw weights (if ``raw``) and for ``ema``'s
-        weights (``ema/`` keys), with PreciseBN for the EMA weights when the config asks."""
+        weights (``prefix`` keys), with PreciseBN for the EMA weights when the config asks."""
         plain_test = super().test
 
         def bn_stats(m) -> None:
@@ -87,13 +89,20 @@ class EMATrainerMixin:
             ema,
             raw=raw,
             before_ema_test=bn_stats if cfg.TEST.PRECISE_BN.ENABLED else None,
+            prefix=prefix,
         )
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
+        """Raw weights (unless ``EVAL_BOTH`` is off), the EMA (``ema/``) and each extra EMA
+        (``ema_0.99/``, ``ema_sigma0.1/``)."""
         ema = get_model_ema(model)
         raw = ema is None or ema_settings(cfg).eval_both
-        return cls.test_with_ema(cfg, model, ema, raw=raw, evaluators=evaluators)
+        results = cls.test_with_ema(cfg, model, ema, raw=raw, evaluators=evaluators)
+        for name, extra in get_extra_emas(model).items():
+            results.update(cls.test_with_ema(cfg, model, extra, raw=False,
+                                             evaluators=evaluators, prefix=f"{name}/"))
+        return results
 
     @classmethod
     def test_eval_only(cls, cfg, model, evaluators=None):

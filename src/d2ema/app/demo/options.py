@@ -172,6 +172,7 @@ def demo_config(options: DemoOptions, preset: DemoPreset | None = None):
     cfg.TEST.EVAL_PERIOD = preset.eval_period
     cfg.MODEL_EMA.ENABLED = True
     cfg.MODEL_EMA.DECAY = decays[0]
+    cfg.MODEL_EMA.EXTRA_DECAYS = list(decays[1:])  # named ema_<decay>, as ema_prefix says
     cfg.MODEL_EMA.SCHEDULE = "yolov5"
     cfg.MODEL_EMA.TAU = float(preset.tau)
     cfg.MODEL_EMA.EVAL_BOTH = True

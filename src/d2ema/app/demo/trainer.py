@@ -1,9 +1,8 @@
-"""The demo's trainer: :class:`~d2ema.d2.EMATrainer` with one more EMA per extra decay, each
-evaluated at every evaluation, and concise progress lines."""
+"""The demo's trainer: :class:`~d2ema.d2.EMATrainer` (one more EMA per extra decay comes from
+``MODEL_EMA.EXTRA_DECAYS``, each evaluated at every evaluation), and concise progress lines."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -11,8 +10,7 @@ import torch
 from detectron2.engine import HookBase, hooks
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
-from ...d2 import EMAHook, EMATrainer, ema_settings, get_model_ema
-from ...ema import EMA
+from ...d2 import EMATrainer
 from .options import ema_prefix
 from .report import RunLog, duration
 
@@ -51,9 +49,8 @@ def _renamed(results: dict[str, Any], decay: float) -> dict[str, Any]:
 
 
 class DemoTrainer(EMATrainer):
-    """:class:`~d2ema.d2.EMATrainer` (its EMA: the first decay) + one more EMA per extra decay
-    (each with its own :class:`~d2ema.d2.EMAHook`), all evaluated at each evaluation; concise
-    progress lines."""
+    """:class:`~d2ema.d2.EMATrainer` (its EMA: the first decay; the others are its
+    ``MODEL_EMA.EXTRA_DECAYS``), all evaluated at each evaluation; concise progress lines."""
 
     def __init__(self, cfg, run: RunLog):
         self.run = run
@@ -70,16 +67,8 @@ class DemoTrainer(EMATrainer):
         return optimizer(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
     def build_hooks(self):
-        run, model = self.run, self.model
-        settings = ema_settings(self.cfg)
-        self.emas = {run.decays[0]: get_model_ema(model)}
-        for decay in run.decays[1:]:
-            schedule = dataclasses.replace(settings.schedule, decay=decay)
-            kwargs = {**settings.ema_kwargs(), "decay": decay, "schedule": schedule}
-            self.emas[decay] = EMA(model, **kwargs)
+        run = self.run
         ret = super().build_hooks()
-        main = next(i for i, h in enumerate(ret) if isinstance(h, EMAHook))
-        ret[main + 1 : main + 1] = [EMAHook(self.emas[d], model) for d in run.decays[1:]]
         period = self.cfg.TEST.EVAL_PERIOD
         ret = [hooks.EvalHook(period, self.evaluate_all) if isinstance(h, hooks.EvalHook) else h
                for h in ret]
@@ -89,12 +78,8 @@ class DemoTrainer(EMATrainer):
     def evaluate_all(self) -> dict[str, Any]:
         """Raw weights and every EMA: ``{"bbox": ..., "ema_0.99/bbox": ..., ...}``."""
         started = time.perf_counter()
-        cfg, model, decays = self.cfg, self.model, self.run.decays
-        with self.run.quiet_stdout():
-            results = _renamed(self.test(cfg, model), decays[0])  # raw + the trainer's EMA
-            for decay in decays[1:]:
-                ema_results = self.test_with_ema(cfg, model, self.emas[decay], raw=False)
-                results.update(_renamed(ema_results, decay))
+        with self.run.quiet_stdout():  # raw, the trainer's EMA, the extras (ema_<decay>/...)
+            results = _renamed(self.test(self.cfg, self.model), self.run.decays[0])
         self.run.record(min(self.iter + 1, self.max_iter), results,
                         time.perf_counter() - started)
         self._last_eval_results = results

@@ -1,0 +1,191 @@
+"""Several EMAs of one detectron2 model: ``MODEL_EMA.EXTRA_*`` and ``MODEL_EMA.POSTHOC.*``.
+
+Besides the primary EMA (``MODEL_EMA.DECAY``, checkpoint key ``ema_state`` as D2Go writes it), a
+model may have
+
+* extra EMAs, one per ``EXTRA_DECAYS`` value (the primary's schedule with another decay, named
+  ``ema_<decay>``) and per ``EXTRA_SIGMA_RELS`` value (power EMAs, ``ema_sigma<sigma_rel>``),
+  each evaluated with the raw weights and logged under its name (``ema_0.99/bbox/AP``: one
+  TensorBoard curve each), saved under the checkpoint key ``ema_extras``;
+* post-hoc EMAs (``POSTHOC.ENABLED``): power EMAs of ``POSTHOC.SIGMA_RELS``, not evaluated,
+  snapshotted every ``POSTHOC.PERIOD`` iterations and at the last one into
+  ``OUTPUT_DIR/ema_snapshots`` by the main process (:class:`~d2ema.PostHocEMA`), saved under
+  ``ema_posthoc`` so that a resumed run continues the series exactly.
+
+They form the model's :class:`EMAFamily`, built by :func:`~d2ema.d2.build_model_ema` and driven
+by :class:`~d2ema.d2.EMAHook` (one hook updates every EMA per step);
+:class:`~d2ema.d2.EMACheckpointer` saves and checks them with the primary.
+
+Example::
+
+    cfg.MODEL_EMA.EXTRA_DECAYS = [0.99, 0.9998]
+    cfg.MODEL_EMA.POSTHOC.ENABLED = True
+    trainer = EMATrainer(cfg)          # evaluates raw, ema/, ema_0.99/, ema_0.9998/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+from ..ema import EMA
+from ..errors import EMAStateError
+from ..posthoc_ema import PostHocEMA
+from ..schedules import SigmaRel
+from ..state import unwrap_model
+from .config import EMASettings
+from .evaluation import evaluate_with_ema
+
+__all__ = [
+    "EXTRAS_KEY",
+    "POSTHOC_KEY",
+    "EMAFamily",
+    "build_ema_family",
+    "evaluate_extra_emas",
+    "get_ema_family",
+    "get_extra_emas",
+]
+
+logger = logging.getLogger(__name__)
+
+EXTRAS_KEY = "ema_extras"
+POSTHOC_KEY = "ema_posthoc"
+SNAPSHOT_FOLDER = "ema_snapshots"
+
+_FAMILIES: weakref.WeakKeyDictionary[nn.Module, EMAFamily] = weakref.WeakKeyDictionary()
+
+
+class EMAGroupState:
+    """A checkpointable for named EMAs: ``{name: EMA.state_dict()}``, all checked, then all
+    loaded. Names only in the checkpoint are ignored; names only here restart (logged)."""
+
+    def __init__(self, get_emas: Callable[[], Mapping[str, EMA]], key: str):
+        self.emas, self.key = get_emas, key
+        self.loaded: set[str] = set()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: ema.state_dict() for name, ema in self.emas().items()}
+
+    def check(self, state: Any) -> None:
+        if not isinstance(state, Mapping):
+            raise EMAStateError(f"checkpoint key {self.key!r} is a {type(state).__name__}, not a "
+                                "dict of EMA states; nothing was loaded")
+        for name, ema in self.emas().items():
+            if name in state:
+                try:
+                    ema.check_state_dict(state[name])
+                except EMAStateError as e:
+                    raise EMAStateError(f"{self.key}[{name!r}]: {e}") from e
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.check(state)
+        emas = self.emas()
+        for name, ema in emas.items():
+            if name in state:
+                ema.load_state_dict(state[name])
+        self.loaded = set(emas) & set(state)
+        new, gone = sorted(set(emas) - set(state)), sorted(set(state) - set(emas))
+        if new or gone:
+            logger.info("%s: %s start from the loaded weights%s", self.key, new or "none",
+                        f"; {gone} in the checkpoint are not configured (ignored)" if gone else "")
+
+
+@dataclasses.dataclass
+class EMAFamily:
+    """The extra and post-hoc EMAs of one model (see the module docstring)."""
+
+    extras: dict[str, EMA]
+    posthoc: PostHocEMA | None = None
+
+    def __post_init__(self) -> None:
+        self.states = {EXTRAS_KEY: EMAGroupState(lambda: self.extras, EXTRAS_KEY)}
+        if self.posthoc is not None:
+            self.states[POSTHOC_KEY] = EMAGroupState(lambda: self.posthoc.emas, POSTHOC_KEY)
+
+    def before_train(self, model: nn.Module, max_iter: int | None) -> None:
+        """Restart the EMAs no checkpoint provided; continue the snapshot series."""
+        for state in self.states.values():
+            for name, ema in state.emas().items():
+                if name not in state.loaded:
+                    ema.reset(model)
+        if self.posthoc is not None:
+            if self.posthoc.writer.enabled:
+                logger.info(self.posthoc.writer.describe(self.posthoc.snapshot_every,
+                                                         max_iter or 0))
+            self.posthoc.sync()
+            if max_iter is not None and self.posthoc.step == max_iter:
+                self.posthoc.snapshot()
+
+    def after_step(self, model: nn.Module, step: int, max_iter: int | None) -> None:
+        for ema in self.extras.values():
+            ema.update(model, step=step)
+        if self.posthoc is not None:
+            self.posthoc.update(model, step=step)
+            if step == max_iter:
+                self.posthoc.snapshot()
+
+    def after_train(self) -> None:
+        if self.posthoc is not None:
+            self.posthoc.close()
+
+
+def _run_facts(cfg) -> tuple[str, int]:
+    """The output folder and the number of iterations of a yacs or LazyConfig config."""
+    if hasattr(cfg, "SOLVER"):
+        return str(cfg.OUTPUT_DIR), int(cfg.SOLVER.MAX_ITER)
+    train = cfg.train
+    return str(train.get("output_dir", "./output")), int(train.get("max_iter", 0))
+
+
+def build_ema_family(cfg, model: nn.Module, settings: EMASettings) -> EMAFamily | None:
+    """Build and attach the model's extra and post-hoc EMAs, if the config asks for any."""
+    if not (settings.extra_decays or settings.extra_sigma_rels or settings.posthoc):
+        return None
+    from detectron2.utils import comm
+
+    kwargs = settings.ema_kwargs()
+    extras = {}
+    for decay in settings.extra_decays:
+        schedule = dataclasses.replace(settings.schedule, decay=decay)
+        extras[f"ema_{decay:g}"] = EMA(model, **{**kwargs, "decay": decay, "schedule": schedule})
+    for sigma_rel in settings.extra_sigma_rels:
+        extras[f"ema_sigma{sigma_rel:g}"] = EMA(model, **{**kwargs, "schedule": SigmaRel(
+            sigma_rel=sigma_rel)})
+    posthoc = None
+    if settings.posthoc is not None:
+        output_dir, max_iter = _run_facts(cfg)
+        posthoc = PostHocEMA(
+            model, settings.posthoc.dir or os.path.join(output_dir, SNAPSHOT_FOLDER),
+            settings.posthoc.sigma_rels, snapshot_every=settings.posthoc.period_for(max_iter),
+            dtype=settings.posthoc.dtype, enabled=comm.is_main_process(),
+            **{k: v for k, v in kwargs.items() if k not in ("decay", "schedule")},
+        )
+    family = EMAFamily(extras, posthoc)
+    _FAMILIES[unwrap_model(model)] = family
+    return family
+
+
+def get_ema_family(model: nn.Module) -> EMAFamily | None:
+    return _FAMILIES.get(unwrap_model(model))
+
+
+def get_extra_emas(model: nn.Module) -> dict[str, EMA]:
+    """The model's extra EMAs by name (``ema_0.99``, ``ema_sigma0.1``); empty if none."""
+    family = get_ema_family(model)
+    return dict(family.extras) if family is not None else {}
+
+
+def evaluate_extra_emas(test, model: nn.Module, before_ema_test=None) -> OrderedDict:
+    """``test(model)`` with each extra EMA swapped in, results under ``<name>/``."""
+    results = OrderedDict()
+    for name, ema in get_extra_emas(model).items():
+        results.update(evaluate_with_ema(test, model, ema, raw=False,
+                                         before_ema_test=before_ema_test, prefix=f"{name}/"))
+    return results
