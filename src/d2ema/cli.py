@@ -7,6 +7,8 @@ Subcommands::
     d2ema train  --config-file CFG [--resume] [--eval-only] [--num-gpus N] [--num-machines M]
                  [--machine-rank R] [--dist-url URL] [KEY VALUE ... | key=value ...]
     d2ema export CHECKPOINT -o OUT.pth
+    d2ema posthoc OUTPUT_DIR [--sigma-rel 0.02,0.05,0.1] [--decay 0.999] [--step N] [--eval]
+                 [--export-best OUT.pth]
     d2ema bench  [arguments of benchmarks/update_speed.py]
 
 ``train`` is detectron2's ``tools/train_net.py`` (YAML configs) and
@@ -119,6 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(export)
     export.set_defaults(func=cmd_export)
 
+    posthoc = sub.add_parser(
+        "posthoc", help="choose the EMA length after training (MODEL_EMA.POSTHOC snapshots)",
+        description="Rebuild EMAs of any length from the snapshots a run with "
+        "MODEL_EMA.POSTHOC.ENABLED wrote (OUTPUT_DIR/ema_snapshots), say how well the snapshots "
+        "represent each, and with --eval score them on the run's test set (table, results.json "
+        "and ap_vs_length.png in OUTPUT_DIR/posthoc).",
+    )
+    posthoc.add_argument("output_dir", metavar="OUTPUT_DIR", help="the training run's folder")
+    posthoc.add_argument("--sigma-rel", default=None, metavar="S,S,...",
+                         help="power-EMA widths (default without --decay: a sweep 0.01..0.25)")
+    posthoc.add_argument("--decay", default=None, metavar="D,D,...",
+                         help="classic constant decays, as they stand at the step")
+    posthoc.add_argument("--step", type=int, default=None,
+                         help="the training step to rebuild the EMAs at (default: the last)")
+    posthoc.add_argument("--eval", action="store_true",
+                         help="rebuild each EMA and evaluate it (and the raw weights)")
+    posthoc.add_argument("--export-best", default=None, metavar="OUT.pth",
+                         help="with --eval: write the best EMA as a MODEL.WEIGHTS checkpoint")
+    posthoc.add_argument("--snapshots", default=None, metavar="DIR",
+                         help="snapshot folder (default: OUTPUT_DIR/ema_snapshots)")
+    posthoc.add_argument("--config-file", default=None, metavar="FILE",
+                         help="the run's config (default: OUTPUT_DIR/config.yaml)")
+    _add_verbose(posthoc)
+    posthoc.set_defaults(func=cmd_posthoc)
+
     bench = sub.add_parser(
         "bench", add_help=False, help="time EMA updates (runs benchmarks/update_speed.py)",
         description="Run benchmarks/update_speed.py of the source checkout; every argument is "
@@ -188,6 +215,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_ema
 
     print(export_ema(args.checkpoint, args.output).describe())
+    return 0
+
+
+def cmd_posthoc(args: argparse.Namespace) -> int:
+    from .app.posthoc import PostHocOptions, run_posthoc
+
+    run_posthoc(PostHocOptions(
+        args.output_dir, sigma_rels=args.sigma_rel, decays=args.decay, step=args.step,
+        evaluate=args.eval, export_best=args.export_best, snapshots=args.snapshots,
+        config_file=args.config_file, verbose=bool(getattr(args, "verbose", False)),
+    ))
     return 0
 
 

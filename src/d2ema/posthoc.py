@@ -318,6 +318,7 @@ def check_fit(
         raise PostHocError(
             f"{fit.target.label} is outside what the snapshots can represent at t={fit.t:g}: the "
             f"best mix misses its profile by {fit.residual:.0%} (limit {max_residual:.0%}){span}"
-            ". Snapshot more often (a width below the shortest stored EMA needs snapshots "
-            "every sigma_rel * T steps or closer), or choose a target in that range"
+            ". Choose a target in that range; or, for the next run, snapshot more often (a "
+            "width below the shortest stored EMA needs snapshots every sigma_rel * T steps or "
+            "closer) or track widths nearer the ones you want"
         )

@@ -35,19 +35,20 @@ from .reconstruct import Reconstruction, reconstruct
 from .snapshots import SnapshotWriter
 from .state import unwrap_model
 
-__all__ = ["PostHocEMA", "load_reconstruction"]
+__all__ = ["PostHocEMA", "load_tensors"]
 
 
-def load_reconstruction(model: nn.Module, rec: Reconstruction) -> nn.Module:
-    """Copy a reconstruction into ``model`` (every tracked tensor by name); returns ``model``."""
+def load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Copy reconstructed tensors into ``model`` by name (the names of its parameters and
+    buffers, as the EMA tracks them); returns ``model``. Checks every name first."""
     model = unwrap_model(model)
     state = dict(model.named_parameters()) | dict(model.named_buffers())
-    missing = sorted(set(rec.tensors) - set(state))
+    missing = sorted(set(tensors) - set(state))
     if missing:
         raise PostHocError(f"the reconstruction has tensors the model lacks: {missing[:5]}; "
                            "load it into the model the snapshots were taken from")
     with torch.no_grad():
-        for name, value in rec.tensors.items():
+        for name, value in tensors.items():
             state[name].copy_(value)
     return model
 
@@ -162,4 +163,4 @@ class PostHocEMA:
         target = Target("sigma_rel", sigma_rel) if sigma_rel is not None else Target("decay", decay)
         rec = next(self.reconstruct([target], step))
         clone = copy.deepcopy(unwrap_model(model), memo={id(self): None})
-        return load_reconstruction(clone, rec)
+        return load_tensors(clone, rec.tensors)

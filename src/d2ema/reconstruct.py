@@ -60,10 +60,12 @@ def _load(folder: Path, entry: SnapshotEntry) -> dict[str, Any]:
 
 def plan(
     folder: str | os.PathLike[str], targets: Sequence[Target], step: int | None = None,
-    *, max_residual: float | None = None,
+    *, max_residual: float | None = None, skip_unrepresentable: bool = False,
 ) -> tuple[list[SnapshotEntry], list[Fit], int]:
     """The snapshots, the checked fits of ``targets`` and the step they stand for (default:
-    the last snapshot's), without reading any tensor; see :func:`reconstruct`."""
+    the last snapshot's), without reading any tensor; see :func:`reconstruct`.
+    ``skip_unrepresentable`` leaves out the targets that :func:`~d2ema.posthoc.check_fit`
+    refuses, instead of raising."""
     folder = Path(folder)
     entries = read_index(folder)
     if not entries:
@@ -77,10 +79,14 @@ def plan(
     times, gammas = [e.t for e in entries], [e.gamma for e in entries]
     fits = solve(times, gammas, targets, at=at[0])
     limits = {} if max_residual is None else {"max_residual": max_residual}
+    kept = []
     for fit in fits:
         try:
             check_fit(fit, **limits)
+            kept.append(fit)
         except PostHocError:
+            if skip_unrepresentable:
+                continue
             used = [i for i, e in enumerate(entries) if e.t <= at[0]]
             span = representable_range([times[i] for i in used], [gammas[i] for i in used],
                                        **limits)
@@ -88,7 +94,7 @@ def plan(
     for e in entries:
         if e.t <= at[0]:
             e.check(folder)  # fail before hours of streaming, not in the middle
-    return entries, fits, step
+    return entries, kept, step
 
 
 def reconstruct(
@@ -98,6 +104,7 @@ def reconstruct(
     *,
     batch: int = 4,
     max_residual: float | None = None,
+    skip_unrepresentable: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[Reconstruction]:
     """Rebuild the EMA of each target at training ``step`` (default: the last snapshot's).
@@ -107,7 +114,8 @@ def reconstruct(
     ``progress(done, total)`` is called after each file read.
     """
     folder = Path(folder)
-    entries, fits, step = plan(folder, targets, step, max_residual=max_residual)
+    entries, fits, step = plan(folder, targets, step, max_residual=max_residual,
+                               skip_unrepresentable=skip_unrepresentable)
     groups = [fits[i : i + batch] for i in range(0, len(fits), batch)]
     used = [i for i, e in enumerate(entries) if any(f.weights[i] for f in fits)]
     total, done = len(used) * len(groups), 0

@@ -1,0 +1,148 @@
+"""Score other weights for a finished detectron2 run: what ``d2ema posthoc --eval`` evaluates.
+
+:class:`RunEvaluator` reads the run's config (``OUTPUT_DIR/config.yaml``, which detectron2's
+``default_setup`` writes for YAML and LazyConfig runs alike), builds its model once, loads its
+last checkpoint (so tensors that no EMA tracks keep their trained values) and evaluates any
+weights given by name on the config's first test set with the run's evaluator
+(:func:`~d2ema.d2.build_evaluator`, or ``dataloader.evaluator`` of a LazyConfig).
+
+Example::
+
+    run = RunEvaluator.load("output/run")
+    print(run.evaluate(None)["bbox"]["AP"])              # the raw weights
+    print(run.evaluate(reconstruction.tensors)["bbox"]["AP"])
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from ..posthoc_ema import load_tensors
+
+__all__ = ["RunEvaluator", "primary_ap"]
+
+logger = logging.getLogger(__name__)
+
+
+def primary_ap(results: Mapping[str, Any]) -> float:
+    """The headline AP of detectron2 results: ``bbox/AP``, else the first task's ``AP``; NaN
+    (COCO's "no detections") counts as 0."""
+    tasks = [results["bbox"]] if "bbox" in results else list(results.values())
+    for task in tasks:
+        if isinstance(task, Mapping) and "AP" in task:
+            ap = float(task["AP"])
+            return 0.0 if math.isnan(ap) else ap
+    raise UsageError(f"the evaluation gave no AP (results: {sorted(results)}); d2ema posthoc "
+                     "--eval needs a detection or segmentation test set")
+
+
+def _is_lazy(path: Path) -> bool:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"cannot read config {path}: {e}") from e
+    return isinstance(data, dict) and "dataloader" in data and "train" in data
+
+
+def _checkpoint(output_dir: Path) -> Path:
+    final = output_dir / "model_final.pth"
+    if final.is_file():
+        return final
+    last = output_dir / "last_checkpoint"
+    if last.is_file() and (output_dir / last.read_text().strip()).is_file():
+        return output_dir / last.read_text().strip()
+    raise UsageError(f"no checkpoint in {output_dir} (model_final.pth or last_checkpoint); the "
+                     "raw weights of the run are needed for the tensors no EMA tracks")
+
+
+class RunEvaluator:
+    """The model and test set of a finished run, ready to score weights given by name."""
+
+    def __init__(self, cfg, lazy: bool, output_dir: Path, folder: Path):
+        self.cfg, self.lazy, self.output_dir = cfg, lazy, output_dir
+        self.checkpoint = _checkpoint(output_dir)
+        self.model = self._build_model()
+        from detectron2.checkpoint import DetectionCheckpointer
+
+        DetectionCheckpointer(self.model).load(str(self.checkpoint))
+        self.raw = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.eval()
+        self._test = self._tester(folder)
+
+    @classmethod
+    def load(cls, output_dir: str | Path, config_file: str | Path | None = None,
+             prepare: Callable[[Any], Any] | None = None,
+             inference_dir: str | Path | None = None) -> RunEvaluator:
+        """The run in ``output_dir`` (its ``config.yaml`` unless ``config_file``); ``prepare``
+        runs on the config first (e.g. registering datasets)."""
+        output_dir = Path(output_dir)
+        path = Path(config_file) if config_file else output_dir / "config.yaml"
+        if not path.is_file():
+            raise UsageError(f"config {path} not found; --eval needs the run's config "
+                             "(detectron2 writes OUTPUT_DIR/config.yaml), or pass --config-file")
+        lazy = _is_lazy(path)
+        if lazy:
+            from detectron2.config import LazyConfig
+
+            cfg = LazyConfig.load(str(path))
+            if not torch.cuda.is_available():
+                cfg.train.device = "cpu"
+        else:
+            from detectron2.config import get_cfg
+
+            from .config import add_model_ema_configs
+
+            cfg = get_cfg()
+            add_model_ema_configs(cfg)
+            cfg.set_new_allowed(True)
+            cfg.merge_from_file(str(path))
+            if not torch.cuda.is_available():
+                cfg.MODEL.DEVICE = "cpu"
+            if not cfg.DATASETS.TEST:
+                raise UsageError(f"config {path} has no DATASETS.TEST to evaluate on")
+        if prepare is not None:
+            prepare(cfg)
+        return cls(cfg, lazy, output_dir, Path(inference_dir or output_dir / "posthoc"))
+
+    def _build_model(self):
+        if self.lazy:
+            from detectron2.config import instantiate
+
+            return instantiate(self.cfg.model).to(self.cfg.train.get("device", "cpu"))
+        from detectron2.modeling import build_model
+
+        return build_model(self.cfg)
+
+    def _tester(self, folder: Path) -> Callable[[], dict]:
+        from detectron2.evaluation import inference_on_dataset
+
+        if self.lazy:
+            from detectron2.config import instantiate
+
+            loader = instantiate(self.cfg.dataloader.test)
+            evaluator = instantiate(self.cfg.dataloader.evaluator)
+        else:
+            from detectron2.data import build_detection_test_loader
+
+            from .evaluation import build_evaluator
+
+            name = self.cfg.DATASETS.TEST[0]
+            loader = build_detection_test_loader(self.cfg, name)
+            evaluator = build_evaluator(self.cfg, name, str(folder / "inference"))
+        return lambda: dict(inference_on_dataset(self.model, loader, evaluator) or {})
+
+    def evaluate(self, tensors: Mapping[str, torch.Tensor] | None) -> dict:
+        """Results for the run's raw weights with ``tensors`` in place (None: raw only)."""
+        self.model.load_state_dict(self.raw)
+        if tensors is not None:
+            load_tensors(self.model, tensors)
+        return self._test()
