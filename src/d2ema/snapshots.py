@@ -150,6 +150,7 @@ class SnapshotWriter:
         self.entries: list[SnapshotEntry] = []
         self._pool = ThreadPoolExecutor(1, "d2ema-snapshots") if background and enabled else None
         self._pending: Future | None = None
+        self._buffers: dict[tuple, torch.Tensor] = {}
         self.seconds_blocked = 0.0  # time write()/flush() kept the caller waiting
 
     # ------------------------------------------------------------------ sizes
@@ -224,7 +225,7 @@ class SnapshotWriter:
             t = _time(ema)
             if t <= 0 or (sigma_rel, t) in have:
                 continue
-            tensors, dtypes, rounding = self._copy(ema)
+            tensors, dtypes, rounding = self._copy(name, ema)
             entry = SnapshotEntry(
                 file=f"sigma{sigma_rel:g}_step{step:08d}.pth", sigma_rel=sigma_rel, gamma=gamma,
                 t=t, step=int(step), dtype=str(self.dtype)[6:], bytes=0, rounding=rounding,
@@ -260,30 +261,40 @@ class SnapshotWriter:
             self._pool = None
 
     # ------------------------------------------------------------------ internals
-    def _copy(self, ema: EMA) -> tuple[dict, dict, float]:
+    def _staging(self, key: tuple, numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+        """A CPU buffer reused from one snapshot to the next (the previous write is finished
+        by then): allocating and faulting in a fresh model-sized buffer costs more than the
+        copy itself."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() != numel or buf.dtype != dtype:
+            buf = torch.empty(numel, dtype=dtype, pin_memory=pin)
+            self._buffers[key] = buf
+        return buf
+
+    def _copy(self, name: str, ema: EMA) -> tuple[dict, dict, float]:
         """A CPU copy of the EMA in the storage dtype, the original float dtypes, and the
         relative rounding error of the cast. A tensor out of the storage dtype's range (e.g. a
         BN running_var above 65504 in float16) is kept in its own dtype."""
         tensors, dtypes, err2, norm2 = {}, {}, 0.0, 0.0
-        for g in ema.groups:
+        for i, g in enumerate(ema.groups):
             numels = [s.numel() for s in g.shapes]
-            if self._stored_dtype(g) == g.dtype:
-                stored = list(g.flat.detach().to("cpu", copy=True).split(numels))
-            else:
-                exact = g.flat.detach().cpu().split(numels)
-                low = g.flat.detach().to("cpu", self.dtype)
-                stored = list(low.split(numels))
-                overflow = not bool(torch.isfinite(low).all())
-                for i, (lo, hi) in enumerate(zip(stored, exact)):
+            flat = g.flat.detach()
+            dtype = self._stored_dtype(g)
+            buf = self._staging((name, i), flat.numel(), dtype, flat.is_cuda)
+            stored = list(buf.copy_(flat).split(numels))
+            if dtype != g.dtype:
+                exact = flat.cpu().split(numels)
+                overflow = not bool(torch.isfinite(buf).all())
+                for j, (lo, hi) in enumerate(zip(stored, exact)):
                     if overflow and not bool(torch.isfinite(lo).all()):
-                        stored[i] = hi.clone()
+                        stored[j] = hi.clone()
                         continue
                     err2 += float((lo.double() - hi.double()).square().sum())
                     norm2 += float(hi.double().square().sum())
-            for name, shape, tensor in zip(g.names, g.shapes, stored):
-                tensors[name] = tensor.view(shape)
+            for tname, shape, tensor in zip(g.names, g.shapes, stored):
+                tensors[tname] = tensor.view(shape)
                 if g.averaged:
-                    dtypes[name] = str(g.dtype)[6:]
+                    dtypes[tname] = str(g.dtype)[6:]
         return tensors, dtypes, math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
 
     def _save(self, jobs: list[tuple[SnapshotEntry, dict]]) -> None:
