@@ -12,6 +12,7 @@ import pytest
 import torch
 from _d2_helpers import ReferenceEMA, Trainer, assert_matches_reference, make_cfg, register_tiny
 from test_cli import LAZY_CONFIG
+from test_ema_reference import gamma_for
 
 from d2ema import EMA
 from d2ema.advice import initial_share, initial_share_warning
@@ -29,16 +30,8 @@ def tiny_data(tmp_path_factory):
 
 
 def power(sigma_rel: float):
-    g = sigma_rel_gamma(sigma_rel)
+    g = gamma_for(sigma_rel)
     return lambda n: (1 - 1 / n) ** (g + 1)
-
-
-def sigma_rel_gamma(s: float) -> float:
-    lo, hi = 0.0, 1e4
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if (mid + 1) / ((mid + 2) ** 2 * (mid + 3)) > s * s else (lo, mid)
-    return lo
 
 
 def test_extra_emas_are_exact_evaluated_and_logged(tmp_path):

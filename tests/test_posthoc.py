@@ -11,6 +11,7 @@ import weakref
 
 import pytest
 import torch
+from test_ema_reference import gamma_for as gamma_ref  # bisection, shares no code
 from torch import nn
 
 from d2ema import EMA
@@ -32,17 +33,6 @@ T = 1200
 
 
 # ---------------------------------------------------------------- independent references
-def gamma_ref(sigma_rel: float) -> float:
-    lo, hi = 0.0, 1e4
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if (mid + 1) / ((mid + 2) ** 2 * (mid + 3)) > sigma_rel**2:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
 class Net(nn.Module):
     def __init__(self):
         super().__init__()

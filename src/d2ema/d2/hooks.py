@@ -56,7 +56,7 @@ class EMAHook(HookBase):
                 if message:
                     logger.warning(message)
         if family is not None:
-            family.before_train(self.model, max_iter)
+            family.before_train(self.model, max_iter, getattr(self.trainer, "start_iter", 0))
 
     def after_step(self) -> None:
         trainer = self.trainer

@@ -109,12 +109,16 @@ class EMAFamily:
         if self.posthoc is not None:
             self.states[POSTHOC_KEY] = EMAGroupState(lambda: self.posthoc.emas, POSTHOC_KEY)
 
-    def before_train(self, model: nn.Module, max_iter: int | None) -> None:
+    def before_train(self, model: nn.Module, max_iter: int | None, start_iter: int = 0) -> None:
         """Restart the EMAs no checkpoint provided; continue the snapshot series."""
         for state in self.states.values():
             for name, ema in state.emas().items():
                 if name not in state.loaded:
                     ema.reset(model)
+        if self.posthoc is not None and start_iter and not self.states[POSTHOC_KEY].loaded:
+            logger.warning("post-hoc EMA: the checkpoint resumed at iteration %d has no post-hoc "
+                           "EMAs; they start from its weights, as if training had begun there",
+                           start_iter)
         if self.posthoc is not None:
             if self.posthoc.writer.enabled:
                 logger.info(self.posthoc.writer.describe(self.posthoc.snapshot_every,
