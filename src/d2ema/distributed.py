@@ -38,6 +38,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -54,6 +55,7 @@ __all__ = [
     "comm_device",
     "full_state_dict",
     "rank_and_world",
+    "reshard",
     "to_dtensors",
     "to_local_shards",
 ]
@@ -128,6 +130,19 @@ def averaged_buffers(model: nn.Module, group=None) -> Iterator[nn.Module]:
     finally:
         with torch.no_grad():
             torch._foreach_copy_(buffers, saved)
+
+
+def reshard(model: nn.Module) -> bool:
+    """Reshard every FSDP2 module of ``model`` (free the full weights a forward left gathered,
+    e.g. the root's), so the next forward gathers the shards as they are now. Returns whether
+    the model has FSDP2 modules."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no FSDP2 model exists
+    if fsdp is None:
+        return False
+    modules = [m for m in unwrap_model(model).modules() if isinstance(m, fsdp.FSDPModule)]
+    for m in modules:
+        m.reshard()
+    return bool(modules)
 
 
 def to_dtensors(

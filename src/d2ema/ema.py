@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import to_dtensors, to_local_shards
+from .distributed import reshard, to_dtensors, to_local_shards
 from .errors import EMAStateError
 from .flat import flatten_model_tensors
 from .format import (
@@ -262,6 +262,7 @@ class EMA:
         """
         if self._swapped:
             raise RuntimeError("EMA.swapped() is already active for this EMA")
+        fsdp = reshard(model)  # FSDP2 keeps gathered weights after a forward: drop them
         bindings = self._binding_for(model)
         self._swapped = True
         try:
@@ -269,6 +270,8 @@ class EMA:
                 yield model
         finally:
             self._swapped = False
+            if fsdp:
+                reshard(model)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
