@@ -157,15 +157,41 @@ def _check_datasets(cfg, known_datasets: Collection[str]) -> None:
             )
 
 
-def _check_launch(args) -> None:
-    world = args.num_gpus * args.num_machines
-    if world > 1:
-        import torch
+def _check_launch(args, cfg=None) -> None:
+    """The process counts fit this machine (GPUs; CPU cores in the gloo testing mode) and the
+    batch splits evenly over the processes."""
+    import os
 
-        if args.num_gpus > torch.cuda.device_count():
-            raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has "
-                             f"{torch.cuda.device_count()} CUDA devices; use --num-gpus "
-                             f"{max(torch.cuda.device_count(), 1)}")
+    import torch
+
+    if args.num_gpus < 1 or args.num_machines < 1:
+        raise UsageError(f"--num-gpus {args.num_gpus} and --num-machines {args.num_machines} "
+                         "must be at least 1")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise UsageError(f"--machine-rank {args.machine_rank} must be in 0..{args.num_machines - 1}"
+                         f" (--num-machines {args.num_machines})")
+    world = args.num_gpus * args.num_machines
+    if world == 1:
+        return
+    gpus = torch.cuda.device_count()
+    if gpus and args.num_gpus > gpus:
+        raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has {gpus} CUDA "
+                         f"devices; use --num-gpus {gpus} or fewer")
+    cores = os.cpu_count() or 1
+    if not gpus and args.num_gpus > cores:
+        raise UsageError(f"--num-gpus {args.num_gpus}: this machine has no CUDA device, so "
+                         f"that many CPU processes (gloo, a testing mode) would start, but it "
+                         f"has only {cores} CPU cores; use --num-gpus {cores} or fewer")
+    lazy = cfg is not None and not hasattr(cfg, "SOLVER")
+    if cfg is None or args.eval_only:
+        return
+    if lazy and "total_batch_size" not in cfg.dataloader.get("train", {}):
+        return
+    batch = cfg.dataloader.train.total_batch_size if lazy else cfg.SOLVER.IMS_PER_BATCH
+    key = "dataloader.train.total_batch_size" if lazy else "SOLVER.IMS_PER_BATCH"
+    if batch % world:
+        raise UsageError(f"{key} = {batch} does not split over {world} processes; use a "
+                         f"multiple of {world}")
 
 
 def _check_lazy_keys(cfg, args) -> None:
@@ -194,8 +220,8 @@ def train_main(
     _check_weights(cfg, args)
     if hasattr(cfg, "DATASETS"):
         _check_datasets(cfg, known_datasets)
-    _check_launch(args)
-    from detectron2.engine import launch
+    _check_launch(args, cfg)
+    from .launch import launch
 
     launch(
         train_worker,
@@ -209,7 +235,8 @@ def train_main(
 
 
 def train_worker(args: argparse.Namespace, prepare: Prepare | None = None):
-    """One training process (``detectron2.engine.launch`` runs it on each GPU)."""
+    """One training process (:func:`d2ema.d2.launch.launch` runs it on each GPU, or on the CPU
+    with gloo where there is no GPU)."""
     cfg = load_config(args.config_file, args.opts)
     if is_lazy(args.config_file):
         return _lazy_main(cfg, args, prepare)
@@ -367,7 +394,8 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
     checkpoint_args = dict(train.get("checkpointer", {"period": 5000}))
     trainer.register_hooks([
         hooks.IterationTimer(),
-        EMAHook(ema, model, checkpointer=checkpointer) if ema is not None else None,
+        EMAHook(ema, model, checkpointer=checkpointer,
+                checkpoint_period=checkpoint_args.get("period", 0)) if ema is not None else None,
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **checkpoint_args)
         if comm.is_main_process() else None,
