@@ -190,12 +190,9 @@ class ShardedEMA(EMA):
         return out
 
     def gather(self, dst: int | None = None) -> dict[str, torch.Tensor] | None:
-        """Assemble the full average (a collective): on every rank, or on rank ``dst`` only.
-
-        The result is also kept until the next update, so that :meth:`tensors` and
-        :meth:`state_dict` on that rank (a checkpointer running only on rank 0) return it
-        without communicating.
-        """
+        """Assemble the full average (a collective): on every rank, or on rank ``dst`` only
+        (None elsewhere). The receiving ranks also keep it, until the next update, for
+        :meth:`gathered`."""
         if self.world == 1:
             return self._views()
         groups = self._gather_groups(dst)
@@ -204,16 +201,18 @@ class ShardedEMA(EMA):
         self._gathered = {n: t for g in groups for n, t in zip(g.names, g.tensors)}
         return self._gathered
 
-    def has_gathered(self) -> bool:
-        """Whether this rank holds the full average of the current step (see :meth:`gather`)."""
-        return self.world == 1 or self._gathered is not None
+    def gathered(self) -> dict[str, torch.Tensor] | None:
+        """The full average of the current step if this rank assembled it with :meth:`gather`
+        since the last update (no communication: for a checkpointer that runs on one rank),
+        else None. With one process, the EMA itself."""
+        return self._views() if self.world == 1 else self._gathered
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The full average by name. A collective unless :meth:`gather` ran since the last
-        update: then every rank must call it."""
-        if self.has_gathered():
-            return self._gathered if self._gathered is not None else self._views()
-        return self.gather()
+        """The full average by name: a collective (every rank calls it) with several ranks."""
+        if self.world == 1:
+            return self._views()
+        groups = self._gather_groups(None)
+        return {n: t for g in groups for n, t in zip(g.names, g.tensors)}
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:

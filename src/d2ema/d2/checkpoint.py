@@ -67,14 +67,17 @@ class _EMATensors:
 
     def state_dict(self) -> dict[str, Any]:
         ema = self._get_ema()
-        if isinstance(ema, ShardedEMA) and not ema.has_gathered():
+        if not isinstance(ema, ShardedEMA):
+            return ema.tensors()
+        tensors = ema.gathered()  # checkpointers run on the main process only: no collective
+        if tensors is None:
             raise D2EMAError(
                 f"the sharded EMA (step {ema.step}) is not gathered on this process, so it "
                 "cannot be saved here: checkpoints of a sharded EMA are written where "
                 "EMAHook gathered it (at its checkpoint_period and the last iteration); call "
                 "ema.gather(dst=0) on every rank before saving at another iteration"
             )
-        return ema.tensors()
+        return tensors
 
     def load_state_dict(self, tensors: dict[str, Any]) -> None:
         state = {STATE_KEY: tensors}

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..distributed import all_reduce_mean_
@@ -101,9 +102,17 @@ def precise_bn(model: nn.Module, batches: Iterable[Any], num_iter: int) -> None:
         bn_layers = get_bn_modules(model)
         if not bn_layers:
             return
+        # fvcore assigns new tensors to running_mean/var; write into the registered ones, so
+        # that inside EMA.swapped() the statistics land in the EMA and the swap restores them
+        own = [(bn, bn.running_mean, bn.running_var) for bn in bn_layers]
         with EventStorage():  # the model logs losses; discard them
             update_bn_stats(model, itertools.islice(iter(batches), num_iter), num_iter)
-        all_reduce_mean_([t for bn in bn_layers for t in (bn.running_mean, bn.running_var)])
+        with torch.no_grad():
+            for bn, mean, var in own:
+                mean.copy_(bn.running_mean)
+                var.copy_(bn.running_var)
+                bn.running_mean, bn.running_var = mean, var
+        all_reduce_mean_([t for _, mean, var in own for t in (mean, var)])
     finally:
         model.train(was_training)
 
