@@ -21,9 +21,6 @@ def yaml_config(tmp_path_factory):
     cfg.DATASETS.TRAIN = ("shapes_train",)  # registered in each process by `d2ema train`
     cfg.DATASETS.TEST = ("shapes_val",)
     cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.MODEL_EMA.ENABLED = True
-    cfg.MODEL_EMA.DECAY = 0.5
-    cfg.SEED = 0
     path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
     path.write_text(cfg.dump())
     return path
@@ -38,8 +35,8 @@ def test_train_two_cpu_processes_sharded_ema(yaml_config, tmp_path, capfd):
     out = tmp_path / "out"
     handlers = {n: list(logging.getLogger(n).handlers) for n in ("detectron2", "fvcore")}
     rc = main(["train", "--config-file", str(yaml_config), "--num-gpus", "2", "--dist-url",
-               "auto", "SOLVER.MAX_ITER", "2", "MODEL_EMA.SHARDED", "True",
-               "OUTPUT_DIR", str(out)])
+               "auto", "SOLVER.MAX_ITER", "2", "MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY",
+               "0.5", "MODEL_EMA.SHARDED", "True", "OUTPUT_DIR", str(out)])
     for name, kept in handlers.items():
         for h in [h for h in logging.getLogger(name).handlers if h not in kept]:
             logging.getLogger(name).removeHandler(h)

@@ -46,6 +46,17 @@ def _flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([tensors[n].double().reshape(-1) for n in sorted(tensors)])
 
 
+def _step(model, opt, rank: int, step: int, *emas) -> None:
+    """One training step on this rank's batch, then every EMA folds in the rank-averaged
+    buffers (a collective)."""
+    model(_batch(rank, step)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    with averaged_buffers(model):
+        for ema in emas:
+            ema.update(model)
+
+
 def _train_ddp(rank: int, world: int, out_path: str, fail_rank: int | None):
     """k DDP steps; the unsharded and the sharded EMA updated inside averaged_buffers."""
     model = _model()
@@ -55,12 +66,7 @@ def _train_ddp(rank: int, world: int, out_path: str, fail_rank: int | None):
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     seen = []  # per step: the weights of every rank (params, buffers), for the reference
     for step in range(1, STEPS + 1):
-        ddp(_batch(rank, step)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        with averaged_buffers(ddp):
-            ema.update(ddp)
-            sharded.update(ddp)
+        _step(ddp, opt, rank, step, ema, sharded)
         state = {n: t.detach().clone() for n, t in model.state_dict().items()}
         seen.append({n: _gather(t, world) for n, t in state.items()})
     raw = {n: t.clone() for n, t in model.state_dict().items()}
@@ -110,12 +116,7 @@ def _load_on_more_ranks(rank: int, world: int, path: str):
     ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     for step in range(1, 3):
-        ddp(_batch(rank, step)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        with averaged_buffers(ddp):
-            ema.update(ddp)
-            sharded.update(ddp)
+        _step(ddp, opt, rank, step, ema, sharded)
     return dict(reloaded=reloaded, full=ema.state_dict(), gathered=sharded.state_dict(),
                 owned_bytes=sharded.num_bytes, full_bytes=ema.num_bytes, step=sharded.step)
 

@@ -8,12 +8,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from _dist import run_ranks
-from test_distributed_core import DECAY, _batch, _model, _reference
+from test_distributed_core import DECAY, _batch, _model, _reference, _step
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from d2ema import EMA
-from d2ema.distributed import averaged_buffers, full_state_dict
+from d2ema.distributed import full_state_dict
 
 STEPS = 3
 
@@ -42,11 +42,7 @@ def _train_fsdp(rank: int, world: int, path: str, dcp_dir: str):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     seen = []
     for step in range(1, STEPS + 1):
-        model(_batch(rank, step)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        with averaged_buffers(model):
-            ema.update(model)
+        _step(model, opt, rank, step, ema)
         seen.append(_full_weights(model, world))
     local = {n: t.shape for n, t in ema.tensors().items()}
     state = full_state_dict(ema)

@@ -71,9 +71,11 @@ def prepare_cpu_process(processes_per_machine: int) -> None:
     from detectron2.engine import defaults
     from detectron2.utils import comm
 
-    if hasattr(comm, "create_local_process_group"):  # detectron2 main
+    if comm._LOCAL_PROCESS_GROUP is not None:
+        pass
+    elif hasattr(comm, "create_local_process_group"):  # detectron2 main
         comm.create_local_process_group(processes_per_machine)
-    elif comm._LOCAL_PROCESS_GROUP is None:  # v0.6: what its _distributed_worker does
+    else:  # v0.6: what its _distributed_worker does
         machine = dist.get_rank() // processes_per_machine
         for i in range(dist.get_world_size() // processes_per_machine):
             ranks = list(range(i * processes_per_machine, (i + 1) * processes_per_machine))

@@ -158,38 +158,32 @@ def _check_datasets(cfg, known_datasets: Collection[str]) -> None:
 
 
 def _check_launch(args, cfg=None) -> None:
-    """The process counts fit this machine (GPUs; CPU cores in the gloo testing mode) and the
-    batch splits evenly over the processes."""
+    """The process counts fit this machine (its GPUs; its cores in the CPU testing mode) and
+    the batch splits evenly over the processes."""
     import os
 
     import torch
 
-    if args.num_gpus < 1 or args.num_machines < 1:
+    if args.num_gpus < 1 or args.num_machines < 1 or not 0 <= args.machine_rank < args.num_machines:
         raise UsageError(f"--num-gpus {args.num_gpus} and --num-machines {args.num_machines} "
-                         "must be at least 1")
-    if not 0 <= args.machine_rank < args.num_machines:
-        raise UsageError(f"--machine-rank {args.machine_rank} must be in 0..{args.num_machines - 1}"
-                         f" (--num-machines {args.num_machines})")
+                         f"must be at least 1, and --machine-rank {args.machine_rank} must be in "
+                         f"0..{args.num_machines - 1}")
     world = args.num_gpus * args.num_machines
-    if world == 1:
-        return
-    gpus = torch.cuda.device_count()
-    if gpus and args.num_gpus > gpus:
+    gpus, cores = torch.cuda.device_count(), os.cpu_count()
+    if world > 1 and gpus and args.num_gpus > gpus:
         raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has {gpus} CUDA "
                          f"devices; use --num-gpus {gpus} or fewer")
-    cores = os.cpu_count() or 1
-    if not gpus and args.num_gpus > cores:
-        raise UsageError(f"--num-gpus {args.num_gpus}: this machine has no CUDA device, so "
-                         f"that many CPU processes (gloo, a testing mode) would start, but it "
-                         f"has only {cores} CPU cores; use --num-gpus {cores} or fewer")
+    if world > 1 and not gpus and args.num_gpus > (cores or 1):
+        raise UsageError(f"--num-gpus {args.num_gpus}: with no CUDA device that many CPU "
+                         f"processes (gloo, a testing mode) would start, but this machine has "
+                         f"{cores} CPU cores; use --num-gpus {cores} or fewer")
     lazy = cfg is not None and not hasattr(cfg, "SOLVER")
-    if cfg is None or args.eval_only:
+    if world == 1 or cfg is None or args.eval_only:
         return
-    if lazy and "total_batch_size" not in cfg.dataloader.get("train", {}):
-        return
-    batch = cfg.dataloader.train.total_batch_size if lazy else cfg.SOLVER.IMS_PER_BATCH
-    key = "dataloader.train.total_batch_size" if lazy else "SOLVER.IMS_PER_BATCH"
+    batch = (cfg.dataloader.get("train", {}).get("total_batch_size", 0) if lazy
+             else cfg.SOLVER.IMS_PER_BATCH)
     if batch % world:
+        key = "dataloader.train.total_batch_size" if lazy else "SOLVER.IMS_PER_BATCH"
         raise UsageError(f"{key} = {batch} does not split over {world} processes; use a "
                          f"multiple of {world}")
 
