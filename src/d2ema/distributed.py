@@ -4,9 +4,9 @@ Under DDP every rank holds the same parameters after each optimizer step (the gr
 all-reduced), so every rank's EMA of the parameters is the same without any communication. The
 buffers are another matter: with ``broadcast_buffers=False`` (detectron2's trainer) each rank's
 BatchNorm running statistics are estimated from its own batches only, so per-rank EMAs of them
-drift apart: the ranks evaluate different "EMA" models and a checkpoint holds rank 0's. :func:`averaged_buffers` fixes this:
-inside it every floating buffer holds its mean over the ranks, and every EMA updated inside folds
-in the same values on every rank.
+drift apart: the ranks evaluate different "EMA" models and a checkpoint holds rank 0's.
+:func:`averaged_buffers` fixes this: inside it every floating buffer holds its mean over the
+ranks, and every EMA updated inside folds in the same values on every rank.
 
 Why the mean and not rank 0's broadcast: both make the ranks agree, but the mean is the estimate
 from every rank's batches (N times the data, what SyncBN or a single large-batch process would
