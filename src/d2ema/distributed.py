@@ -154,8 +154,8 @@ def to_dtensors(
 
     out = dict(tensors)
     for name, ref in like.items():
-        out[name] = DTensor.from_local(
-            tensors[name], ref.device_mesh, ref.placements,
+        out[name] = DTensor.from_local(  # an EMA kept elsewhere (device="cpu") is copied over
+            tensors[name].to(ref._local_tensor.device), ref.device_mesh, ref.placements,
             run_check=False, shape=ref.shape, stride=ref.stride(),
         )
     return out
