@@ -3,8 +3,9 @@
 Three layers, imports pointing one way (app and cli -> d2 -> core):
 
 * the core (this package's modules) works on any ``nn.Module`` and training loop and imports no
-  detectron2: :class:`EMA`, schedules, the checkpoint format, export, and post-hoc EMA
-  (:class:`PostHocEMA`: choose the EMA length after training);
+  detectron2: :class:`EMA`, schedules, the checkpoint format, export, post-hoc EMA
+  (:class:`PostHocEMA`: choose the EMA length after training), and for multi-process
+  jobs ``d2ema.distributed`` (DDP buffers, FSDP2 states) and :class:`ShardedEMA`;
 * ``d2ema.d2`` is the detectron2 layer (config keys, hook, checkpointer, trainer, evaluation,
   ``train_net``, and ``d2ema.d2.compat``, the seed article's / D2Go's API);
 * ``d2ema.app`` is the application behind the ``d2ema`` command (demo, embedded datasets).
@@ -19,6 +20,7 @@ from .format import FORMAT_VERSION
 from .posthoc import PostHocError, Target
 from .posthoc_ema import PostHocEMA
 from .schedules import SCHEDULES, Schedule, make_schedule
+from .sharded import ShardedEMA
 from .state import unwrap_model
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "PostHocEMA",
     "PostHocError",
     "Schedule",
+    "ShardedEMA",
     "Target",
     "make_schedule",
     "unwrap_model",

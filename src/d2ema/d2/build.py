@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..ema import EMA
+from ..sharded import ShardedEMA
 from ..state import unwrap_model
 from .config import ema_settings
 from .multi import build_ema_family
@@ -25,8 +26,9 @@ ATTRIBUTE = "ema_state"
 
 
 def build_model_ema(cfg, model: nn.Module) -> EMA | None:
-    """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA` (and
-    build the extra and post-hoc EMAs the config asks for: :mod:`d2ema.d2.multi`)."""
+    """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA`
+    (a :class:`~d2ema.sharded.ShardedEMA` with ``SHARDED``), and build the extra and post-hoc
+    EMAs the config asks for (:mod:`d2ema.d2.multi`)."""
     settings = ema_settings(cfg)
     if not settings.enabled:
         return None
@@ -36,7 +38,7 @@ def build_model_ema(cfg, model: nn.Module) -> EMA | None:
             f"the model already has an attribute {ATTRIBUTE!r}: it is reserved for the EMA. "
             "Build the EMA once per model."
         )
-    ema = EMA(target, **settings.ema_kwargs())
+    ema = (ShardedEMA if settings.sharded else EMA)(target, **settings.ema_kwargs())
     setattr(target, ATTRIBUTE, ema)
     build_ema_family(cfg, target, settings)  # MODEL_EMA.EXTRA_* and POSTHOC, if any
     return ema

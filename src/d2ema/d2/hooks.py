@@ -13,6 +13,12 @@ model's extra and post-hoc EMAs (:mod:`d2ema.d2.multi`), if any, are updated in 
 and snapshotted on schedule. Driven by hand, outside a trainer (``hook.before_train()``, then
 ``hook.after_step()`` after each optimizer step), it counts its own steps.
 
+In a multi-process job (``launch``) every rank runs the hook: the EMA folds in each floating
+buffer's mean over the ranks (:func:`d2ema.distributed.averaged_buffers`), so every rank holds
+the same EMA after every step, BN statistics included. A :class:`~d2ema.sharded.ShardedEMA` is
+gathered on the main process at the iterations where its ``PeriodicCheckpointer`` saves
+(``checkpoint_period`` and the last iteration), since that hook runs there only.
+
 Example::
 
     trainer.register_hooks([EMAHook(ema, trainer.model, checkpointer=trainer.checkpointer)])
@@ -26,7 +32,9 @@ from detectron2.engine import HookBase
 from torch import nn
 
 from ..advice import initial_share_warning
+from ..distributed import averaged_buffers
 from ..ema import EMA
+from ..sharded import ShardedEMA
 from .multi import get_ema_family
 
 __all__ = ["EMAHook"]
@@ -35,19 +43,22 @@ logger = logging.getLogger(__name__)
 
 
 class EMAHook(HookBase):
-    def __init__(self, ema: EMA, model: nn.Module, checkpointer=None):
+    def __init__(self, ema: EMA, model: nn.Module, checkpointer=None, checkpoint_period: int = 0):
         """``checkpointer``: an :class:`~d2ema.d2.checkpoint.EMACheckpointer`, if any, to tell
-        whether the EMA was loaded from a checkpoint (then it is kept as loaded)."""
+        whether the EMA was loaded from a checkpoint (then it is kept as loaded).
+        ``checkpoint_period``: the ``PeriodicCheckpointer``'s period (for a sharded EMA)."""
         self.ema = ema
         self.model = model
         self.checkpointer = checkpointer
+        self.checkpoint_period = checkpoint_period
 
     def _max_iter(self) -> int | None:
         return getattr(self.trainer, "max_iter", None)
 
     def before_train(self) -> None:
         if not getattr(self.checkpointer, "ema_loaded", False):
-            self.ema.reset(self.model)
+            with averaged_buffers(self.model):
+                self.ema.reset(self.model)
         family, max_iter = get_ema_family(self.model), self._max_iter()
         if max_iter:
             emas = {"MODEL_EMA": self.ema, **(family.extras if family else {})}
@@ -56,17 +67,27 @@ class EMAHook(HookBase):
                 if message:
                     logger.warning(message)
         if family is not None:
-            family.before_train(self.model, max_iter, getattr(self.trainer, "start_iter", 0))
+            with averaged_buffers(self.model):
+                family.before_train(self.model, max_iter, getattr(self.trainer, "start_iter", 0))
 
     def after_step(self) -> None:
         trainer = self.trainer
-        step = None if trainer is None else trainer.iter + 1
-        self.ema.update(self.model, step=step)
         family = get_ema_family(self.model)
-        if family is not None:
-            family.after_step(self.model, self.ema.step, self._max_iter())
+        with averaged_buffers(self.model):
+            self.ema.update(self.model, step=None if trainer is None else trainer.iter + 1)
+            if family is not None:
+                family.after_step(self.model, self.ema.step, self._max_iter())
+        if isinstance(self.ema, ShardedEMA) and self._checkpoint_now():
+            self.ema.gather(dst=0)
 
     def after_train(self) -> None:
         family = get_ema_family(self.model)
         if family is not None:
             family.after_train()
+
+    def _checkpoint_now(self) -> bool:
+        trainer = self.trainer
+        if trainer is None:
+            return False
+        period, it = self.checkpoint_period, trainer.iter
+        return bool(period and (it + 1) % period == 0) or it >= trainer.max_iter - 1

@@ -35,7 +35,7 @@ from typing import Any
 from ..errors import UsageError, one_line
 from .build import build_model_ema
 from .checkpoint import EMACheckpointer
-from .config import add_model_ema_configs, ema_settings
+from .config import add_model_ema_configs, check_device, ema_settings
 from .evaluation import evaluate_with_ema
 from .hooks import EMAHook
 from .multi import evaluate_extra_emas
@@ -76,15 +76,6 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _check_device(device: str, key: str, sep: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"{key} is {device!r} but this machine has no CUDA device; "
-                             f"train on the CPU with {key}{sep}cpu")
-
-
 def load_config(path_text: str, opts: Sequence[str] = ()):
     """The config of ``d2ema train``: yacs (``get_cfg`` + ``MODEL_EMA``) or a LazyConfig.
 
@@ -106,7 +97,7 @@ def load_config(path_text: str, opts: Sequence[str] = ()):
             raise UsageError(f"invalid override in {' '.join(opts)!r}: {_reason(e)}; "
                              "LazyConfig overrides are key=value, e.g. train.max_iter=100") from e
         if "train" in cfg:
-            _check_device(str(cfg.train.get("device", "cuda")), "train.device", "=")
+            check_device("train.device", str(cfg.train.get("device", "cuda")), "=")
             if "model_ema" in cfg.train:
                 ema_settings(cfg)
         return cfg
@@ -129,7 +120,7 @@ def load_config(path_text: str, opts: Sequence[str] = ()):
         cfg.merge_from_list(opts)
     except Exception as e:
         raise UsageError(f"invalid config override in {' '.join(opts)!r}: {_reason(e)}") from e
-    _check_device(cfg.MODEL.DEVICE, "MODEL.DEVICE", " ")
+    check_device("MODEL.DEVICE", cfg.MODEL.DEVICE, " ")
     ema_settings(cfg)  # ConfigError names the key, the value and what is allowed
     return cfg
 
@@ -158,15 +149,35 @@ def _check_datasets(cfg, known_datasets: Collection[str]) -> None:
             )
 
 
-def _check_launch(args) -> None:
-    world = args.num_gpus * args.num_machines
-    if world > 1:
-        import torch
+def _check_launch(args, cfg=None) -> None:
+    """The process counts fit this machine (its GPUs; its cores in the CPU testing mode) and
+    the batch splits evenly over the processes."""
+    import os
 
-        if args.num_gpus > torch.cuda.device_count():
-            raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has "
-                             f"{torch.cuda.device_count()} CUDA devices; use --num-gpus "
-                             f"{max(torch.cuda.device_count(), 1)}")
+    import torch
+
+    if args.num_gpus < 1 or args.num_machines < 1 or not 0 <= args.machine_rank < args.num_machines:
+        raise UsageError(f"--num-gpus {args.num_gpus} and --num-machines {args.num_machines} "
+                         f"must be at least 1, and --machine-rank {args.machine_rank} must be in "
+                         f"0..{args.num_machines - 1}")
+    world = args.num_gpus * args.num_machines
+    gpus, cores = torch.cuda.device_count(), os.cpu_count()
+    if world > 1 and gpus and args.num_gpus > gpus:
+        raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has {gpus} CUDA "
+                         f"devices; use --num-gpus {gpus} or fewer")
+    if world > 1 and not gpus and args.num_gpus > (cores or 1):
+        raise UsageError(f"--num-gpus {args.num_gpus}: with no CUDA device that many CPU "
+                         f"processes (gloo, a testing mode) would start, but this machine has "
+                         f"{cores} CPU cores; use --num-gpus {cores} or fewer")
+    lazy = cfg is not None and not hasattr(cfg, "SOLVER")
+    if world == 1 or cfg is None or args.eval_only:
+        return
+    batch = (cfg.dataloader.get("train", {}).get("total_batch_size", 0) if lazy
+             else cfg.SOLVER.IMS_PER_BATCH)
+    if batch % world:
+        key = "dataloader.train.total_batch_size" if lazy else "SOLVER.IMS_PER_BATCH"
+        raise UsageError(f"{key} = {batch} does not split over {world} processes; use a "
+                         f"multiple of {world}")
 
 
 def _check_lazy_keys(cfg, args) -> None:
@@ -195,8 +206,8 @@ def train_main(
     _check_weights(cfg, args)
     if hasattr(cfg, "DATASETS"):
         _check_datasets(cfg, known_datasets)
-    _check_launch(args)
-    from detectron2.engine import launch
+    _check_launch(args, cfg)
+    from .launch import launch
 
     launch(
         train_worker,
@@ -210,7 +221,8 @@ def train_main(
 
 
 def train_worker(args: argparse.Namespace, prepare: Prepare | None = None):
-    """One training process (``detectron2.engine.launch`` runs it on each GPU)."""
+    """One training process (:func:`d2ema.d2.launch.launch` runs it on each GPU, or on the CPU
+    with gloo where there is no GPU)."""
     cfg = load_config(args.config_file, args.opts)
     if is_lazy(args.config_file):
         return _lazy_main(cfg, args, prepare)
@@ -369,7 +381,8 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
     checkpoint_args = dict(train.get("checkpointer", {"period": 5000}))
     trainer.register_hooks([
         hooks.IterationTimer(),
-        EMAHook(ema, model, checkpointer=checkpointer) if ema is not None else None,
+        EMAHook(ema, model, checkpointer=checkpointer,
+                checkpoint_period=checkpoint_args.get("period", 0)) if ema is not None else None,
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **checkpoint_args)
         if comm.is_main_process() else None,
