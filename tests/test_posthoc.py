@@ -361,3 +361,13 @@ def test_writer_skips_duplicates_and_refuses_other_emas(tmp_path):
         "sigma_rel": 0.2}).state_dict() | {"ema_meta": {"format_version": 1, "step": 30}}})
     with pytest.raises(PostHocError, match=r"this run tracks 0\.2"):
         other.snapshot()
+
+
+def test_only_the_writing_process_writes(tmp_path):
+    """``enabled=False`` (every process but the main one) keeps the EMAs, writes nothing."""
+    model = Net()
+    quiet = PostHocEMA(model, tmp_path / "rank1", snapshot_every=5, enabled=False)
+    train(model, 20, quiet)
+    quiet.snapshot()
+    quiet.close()
+    assert not (tmp_path / "rank1").exists() and quiet.step == 20

@@ -203,9 +203,10 @@ class SnapshotWriter:
             )
         dropped = [e for e in entries if e.step > step]
         if dropped:
-            logger.warning("post-hoc EMA: dropping %d snapshots after step %d in %s (from a run "
-                           "that went further than the state resumed now)",
-                           len(dropped), step, self.folder)
+            why = ("a new run starts a new series" if step == 0 else
+                   f"from a run that went further than step {step}, resumed now")
+            logger.warning("post-hoc EMA: deleting %d snapshots in %s (%s)", len(dropped),
+                           self.folder, why)
             for e in dropped:
                 (self.folder / e.file).unlink(missing_ok=True)
         self.entries = keep
