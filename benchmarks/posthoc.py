@@ -304,11 +304,13 @@ def cost_run(args, work: Path) -> list[str]:
                  for i in (2 * j, 2 * j + 1)]
         on_first = j % 2 == 0
         on, off = spans if on_first else spans[::-1]
-        pairs.append((on[0] - off[0], on[1] - off[1], off[0] / block))
-    wall = [p[0] for p in pairs]
-    cpu = [p[1] for p in pairs]
-    per_iter = statistics.mean(p[2] for p in pairs)
-    se = statistics.stdev(wall) / math.sqrt(len(wall)) if len(wall) > 1 else math.nan
+        pairs.append((on[0] - off[0], on[1] - off[1], off[0] / block, off[1] / block))
+    wall, cpu = [p[0] for p in pairs], [p[1] for p in pairs]
+    per_iter, cpu_iter = (statistics.mean(p[i] for p in pairs) for i in (2, 3))
+
+    def se(xs: list[float]) -> float:
+        return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else math.nan
+
     n_iter = cfg.SOLVER.MAX_ITER
     return ["## 4. Cost of writing snapshots (paired)", "",
             f"The default POSTHOC config (2 power EMAs, fp32), {args.pairs} pairs of blocks of "
@@ -316,12 +318,15 @@ def cost_run(args, work: Path) -> list[str]:
             f"({family.posthoc.writer.bytes_per_snapshot / 1e6:.0f} MB) is written in the middle, "
             "in the other none (order alternating). Extra time per snapshot = block with - block "
             f"without; at the default K = {K} (MAX_ITER {args.iters} / 100) its share is that over "
-            f"K iterations ({per_iter:.2f} s/iteration here).", "",
-            "| measure | extra per snapshot | share of training at K |", "|---|--:|--:|",
-            f"| wall time | {statistics.mean(wall):+.3f} s (SE {se:.3f}) | "
-            f"{statistics.mean(wall) / (K * per_iter):+.2%} (SE {se / (K * per_iter):.2%}) |",
-            f"| CPU time of the process | {statistics.mean(cpu):+.3f} s | "
-            f"{statistics.mean(cpu) / (K * per_iter):+.2%} |", "",
+            "K iterations.", "",
+            "| measure | per iteration without | extra per snapshot | share of K iterations |",
+            "|---|--:|--:|--:|",
+            f"| wall time | {per_iter:.3f} s | {statistics.mean(wall):+.3f} s (SE {se(wall):.3f}) "
+            f"| {statistics.mean(wall) / (K * per_iter):+.2%} "
+            f"(SE {se(wall) / (K * per_iter):.2%}) |",
+            f"| CPU time of the process | {cpu_iter:.3f} s | {statistics.mean(cpu):+.3f} s (SE "
+            f"{se(cpu):.3f}) | {statistics.mean(cpu) / (K * cpu_iter):+.2%} (SE "
+            f"{se(cpu) / (K * cpu_iter):.2%}) |", "",
             f"Updating the 2 post-hoc EMAs every step took {updates['seconds'] / n_iter * 1e3:.0f}"
             f" ms per iteration ({updates['seconds'] / n_iter / per_iter:.1%} of an iteration; "
             "not part of the snapshot cost; see benchmarks/update_speed.py).", ""]
