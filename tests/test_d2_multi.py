@@ -4,6 +4,7 @@ against real detectron2 v0.6 on the CPU and the independent reference EMA of _d2
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import textwrap
@@ -175,6 +176,9 @@ def test_lazy_config_extras_and_posthoc(tmp_path, capsys):
     ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert set(ckpt["ema_extras"]) == {"ema_0.9"} and "ema_posthoc" in ckpt
     assert [e.step for e in read_index(out / "ema_snapshots")] == [1, 1, 2, 2]
+    assert main(["posthoc", str(out), "--sigma-rel", "0.1", "--eval"]) == 0  # a LazyConfig run
+    rows = json.loads((out / "posthoc" / "results.json").read_text())["rows"]
+    assert [r["target"] for r in rows] == ["sigma_rel 0.1", "raw weights"]
     assert main(["train", "--config-file", str(path), "train.model_ema.posthoc.perod=3"]) == 2
     assert "posthoc.perod" in capsys.readouterr().err
 
