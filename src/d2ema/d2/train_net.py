@@ -8,8 +8,14 @@ after every optimizer step, and :func:`~d2ema.d2.evaluate_with_ema` scores the r
 weights. Settings come from ``MODEL_EMA.*`` or ``train.model_ema.*``.
 
 Every mistake in the input (a missing or unreadable config, a bad override, an unknown dataset,
-a missing checkpoint) raises :class:`~d2ema.errors.UsageError` *before* any worker starts, with a
-message that names the problem and the fix.
+a missing checkpoint) raises a :class:`~d2ema.errors.D2EMAError` *before* any worker starts, with
+a message that names the problem and the fix.
+
+Your own COCO-format datasets: ``args.dataset``, a list of ``NAME=ANNOTATIONS.json:IMAGE_DIR``
+(``d2ema train --dataset``), is written into the config (``DATASETS.COCO_INSTANCES`` /
+``train.coco_instances``, see :mod:`d2ema.d2.datasets`), so ``OUTPUT_DIR/config.yaml`` resumes
+the run as it is. The config is loaded once per process (a LazyConfig that registers its own
+dataset with detectron2's ``register_coco_instances`` runs once, as in detectron2's tools).
 
 The caller may pass ``prepare(cfg)``, run in every worker before training (e.g. to register
 datasets), and ``known_datasets``, names it will provide; both must be picklable (module-level
@@ -28,6 +34,7 @@ import argparse
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,8 +43,15 @@ from ..errors import UsageError, one_line
 from .build import build_model_ema
 from .checkpoint import EMACheckpointer
 from .config import add_model_ema_configs, ema_settings
+from .datasets import (
+    add_dataset_config,
+    add_datasets_to_config,
+    check_datasets_known,
+    register_config_datasets,
+)
 from .evaluation import evaluate_with_ema
 from .hooks import EMAHook
+from .safety import NoEMACheckpointer, last_checkpoint_has_ema, refuse_dropping_ema
 from .trainer import EMATrainer
 
 __all__ = ["is_lazy", "load_config", "train_main", "train_worker"]
@@ -48,8 +62,21 @@ Prepare = Callable[[Any], Any]
 
 
 # ----------------------------------------------------------------------------- configs
+_LAZY_ROOTS = ("train", "model", "dataloader")
+
+
 def is_lazy(path: str) -> bool:
-    return str(path).endswith(".py")
+    """A LazyConfig: a ``.py``, or the ``config.yaml`` detectron2 saved for one (top-level
+    keys such as ``train:``, ``model:``, and no upper-case yacs keys)."""
+    if str(path).endswith(".py"):
+        return True
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return False
+    roots = re.findall(r"^([A-Za-z_]\w*)\s*:", text, flags=re.MULTILINE)
+    return any(r in _LAZY_ROOTS for r in roots) and not any(r.isupper() for r in roots)
 
 
 def _check_readable(path_text: str) -> Path:
@@ -84,11 +111,13 @@ def _check_device(device: str, key: str, sep: str) -> None:
                              f"train on the CPU with {key}{sep}cpu")
 
 
-def load_config(path_text: str, opts: Sequence[str] = ()):
-    """The config of ``d2ema train``: yacs (``get_cfg`` + ``MODEL_EMA``) or a LazyConfig.
+def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str] = ()):
+    """The config of ``d2ema train``: yacs (``get_cfg`` + ``MODEL_EMA``) or a LazyConfig, with
+    ``datasets`` (``NAME=ANNOTATIONS.json:IMAGE_DIR``) added to its list of COCO datasets.
 
-    Raises :class:`UsageError` for a missing, unreadable or invalid file or override, and
-    :class:`~d2ema.errors.ConfigError` for an invalid EMA setting.
+    Raises :class:`UsageError` for a missing, unreadable or invalid file or override,
+    :class:`~d2ema.errors.ConfigError` for an invalid EMA setting and
+    :class:`~d2ema.errors.DatasetError` for a malformed dataset or missing dataset files.
     """
     path = _check_readable(path_text)
     opts = list(opts or ())
@@ -108,6 +137,7 @@ def load_config(path_text: str, opts: Sequence[str] = ()):
             _check_device(str(cfg.train.get("device", "cuda")), "train.device", "=")
             if "model_ema" in cfg.train:
                 ema_settings(cfg)
+            add_datasets_to_config(cfg, datasets)
         return cfg
 
     import yaml
@@ -115,6 +145,7 @@ def load_config(path_text: str, opts: Sequence[str] = ()):
 
     cfg = get_cfg()
     add_model_ema_configs(cfg)
+    add_dataset_config(cfg)
     try:
         cfg.merge_from_file(str(path))
     except yaml.YAMLError as e:
@@ -130,12 +161,22 @@ def load_config(path_text: str, opts: Sequence[str] = ()):
         raise UsageError(f"invalid config override in {' '.join(opts)!r}: {_reason(e)}") from e
     _check_device(cfg.MODEL.DEVICE, "MODEL.DEVICE", " ")
     ema_settings(cfg)  # ConfigError names the key, the value and what is allowed
+    if not add_datasets_to_config(cfg, datasets):
+        del cfg.DATASETS["COCO_INSTANCES"]  # config.yaml stays as without d2ema's datasets
     return cfg
 
 
 def _check_weights(cfg, args) -> None:
     lazy = not hasattr(cfg, "MODEL")
     weights = cfg.train.get("init_checkpoint", "") if lazy else cfg.MODEL.WEIGHTS
+    if args.eval_only and not weights:
+        last = None if lazy else Path(cfg.OUTPUT_DIR, "last_checkpoint")
+        if last is None or not args.resume or not last.is_file():
+            key = "train.init_checkpoint=" if lazy else "MODEL.WEIGHTS "
+            alt = "" if lazy else " (or --resume, with checkpoints in OUTPUT_DIR)"
+            raise UsageError(f"--eval-only evaluates a checkpoint, but {key.strip(' =')} is "
+                             f"empty (that would evaluate random weights); pass "
+                             f"{key}output/model_final.pth{alt}")
     if not weights or "://" in str(weights) or args.resume or Path(weights).is_file():
         return
     key = "train.init_checkpoint" if lazy else "MODEL.WEIGHTS"
@@ -144,17 +185,15 @@ def _check_weights(cfg, args) -> None:
                      f"e.g. {example}")
 
 
-def _check_datasets(cfg, known_datasets: Collection[str]) -> None:
-    from detectron2.data import DatasetCatalog
-
-    known = set(DatasetCatalog.list()) | set(known_datasets)
-    for name in [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]:
-        if name not in known:
-            extra = f"one of d2ema's ({', '.join(known_datasets)}) or " if known_datasets else ""
-            raise UsageError(
-                f"unknown dataset {name!r} in DATASETS; use {extra}a detectron2 builtin (e.g. "
-                "coco_2017_train, with its files under $DETECTRON2_DATASETS)"
-            )
+def _check_resume_keeps_ema(cfg, args) -> None:
+    """Refuse, before config.yaml is rewritten, a resume without EMA of a run that has one."""
+    settings = ema_settings(cfg)
+    if not args.resume or args.eval_only or settings.enabled or settings.discard_on_resume:
+        return
+    lazy = not hasattr(cfg, "MODEL")
+    path = last_checkpoint_has_ema(cfg.train.output_dir if lazy else cfg.OUTPUT_DIR)
+    if path is not None:
+        refuse_dropping_ema(path, "train.model_ema." if lazy else "MODEL_EMA.")
 
 
 def _check_launch(args) -> None:
@@ -188,29 +227,38 @@ def train_main(
     known_datasets: Collection[str] = (),
 ) -> int:
     """Check the inputs, then run :func:`train_worker` in ``launch``'s processes."""
-    cfg = load_config(args.config_file, args.opts)  # validate before spawning workers
+    # validate before spawning workers
+    cfg = load_config(args.config_file, args.opts, _datasets(args))
     if is_lazy(args.config_file):
         _check_lazy_keys(cfg, args)
     _check_weights(cfg, args)
-    if hasattr(cfg, "DATASETS"):
-        _check_datasets(cfg, known_datasets)
+    _check_resume_keeps_ema(cfg, args)
+    check_datasets_known(cfg, known_datasets)
     _check_launch(args)
     from detectron2.engine import launch
 
+    in_process = args.num_gpus * args.num_machines == 1  # launch() then calls the worker here
     launch(
         train_worker,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
-        args=(args, prepare),
+        args=(args, prepare, cfg if in_process else None),
     )
     return 0
 
 
-def train_worker(args: argparse.Namespace, prepare: Prepare | None = None):
-    """One training process (``detectron2.engine.launch`` runs it on each GPU)."""
-    cfg = load_config(args.config_file, args.opts)
+def _datasets(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "dataset", None) or ())
+
+
+def train_worker(args: argparse.Namespace, prepare: Prepare | None = None, cfg: Any = None):
+    """One training process (``detectron2.engine.launch`` runs it on each GPU). ``cfg``: the
+    config already loaded in this process, if any (a LazyConfig file runs once per process)."""
+    if cfg is None:
+        cfg = load_config(args.config_file, args.opts, _datasets(args))
+    register_config_datasets(cfg)
     if is_lazy(args.config_file):
         return _lazy_main(cfg, args, prepare)
     return _yacs_main(cfg, args, prepare)
@@ -303,11 +351,10 @@ def _lazy_test(cfg, model) -> dict[str, Any]:
     return dict(ret or {})
 
 
-def _lazy_checkpointer(model, ema, output_dir: str, **checkpointables):
-    from detectron2.checkpoint import DetectionCheckpointer
-
-    if ema is None:
-        return DetectionCheckpointer(model, output_dir, **checkpointables)
+def _lazy_checkpointer(model, ema, output_dir: str, settings, **checkpointables):
+    if ema is None:  # a resume must not drop a checkpoint's EMA unnoticed
+        return NoEMACheckpointer(model, output_dir, discard_ema=settings.discard_on_resume,
+                                 key="train.model_ema.", **checkpointables)
     return EMACheckpointer(model, output_dir, ema=ema, **checkpointables)
 
 
@@ -335,7 +382,7 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
 
     if args.eval_only:
         model = create_ddp_model(model)
-        checkpointer = _lazy_checkpointer(model, ema, train.output_dir)
+        checkpointer = _lazy_checkpointer(model, ema, train.output_dir, settings)
         checkpointer.load(train.init_checkpoint)
         use_ema = ema is not None and settings.use_ema_weights_for_eval_only
         if use_ema and not checkpointer.ema_loaded:
@@ -354,7 +401,7 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
     model = create_ddp_model(model, **train.get("ddp", {}))
     amp = train.get("amp", {}).get("enabled", False)
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, loader, optimizer)
-    checkpointer = _lazy_checkpointer(model, ema, train.output_dir, trainer=trainer)
+    checkpointer = _lazy_checkpointer(model, ema, train.output_dir, settings, trainer=trainer)
     last_results: dict[str, Any] = {}
 
     def evaluate():
