@@ -198,8 +198,9 @@ def _lazy_names(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
             where = f"{path}.{key}" if path else str(key)
             if key in ("names", "dataset_name"):
                 values = [value] if isinstance(value, str) else value
-                if isinstance(values, (list, tuple)):
-                    yield from ((v, where) for v in values if isinstance(v, str))
+                if isinstance(values, (list, tuple)):  # "${..}" points at a checked node
+                    yield from ((v, where) for v in values
+                                if isinstance(v, str) and not v.startswith("${"))
             else:
                 yield from _lazy_names(value, where)
     elif isinstance(node, (list, tuple)):
