@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 import shutil
 from pathlib import Path
@@ -48,15 +47,11 @@ def readme_files(tmp_path, monkeypatch):
     (tmp_path / "my_config.yaml").write_text(child.replace("../Base-RetinaNet", "Base-RetinaNet"))
     monkeypatch.chdir(tmp_path)
     _unregister()
-    saved = {n: list(logging.getLogger(n).handlers) for n in ("detectron2", "fvcore")}
     yield tmp_path
     _unregister()
-    for name, handlers in saved.items():
-        logger = logging.getLogger(name)
-        for h in [h for h in logger.handlers if h not in handlers]:
-            logger.removeHandler(h)
 
 
+@pytest.mark.usefixtures("restore_loggers")
 def test_readme_detectron2_quick_start_trains_and_evaluates(readme_files):
     namespace: dict = {}
     exec(compile(quick_start_block(), str(README), "exec"), namespace)

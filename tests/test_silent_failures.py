@@ -40,14 +40,7 @@ from d2ema.errors import EMAStateError, one_line
 TRAIN, VAL = "guard_train", "guard_val"
 
 
-@pytest.fixture(autouse=True)
-def _restore_loggers():
-    saved = {n: list(logging.getLogger(n).handlers) for n in ("detectron2", "fvcore", "d2ema")}
-    yield
-    for name, handlers in saved.items():
-        logger = logging.getLogger(name)
-        for h in [h for h in logger.handlers if h not in handlers]:
-            logger.removeHandler(h)
+pytestmark = pytest.mark.usefixtures("restore_loggers")
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,7 @@ from d2ema.d2.train_net import load_config
 TRAIN, VAL = "widgets_train", "widgets_val"  # unique in this test process
 
 
-@pytest.fixture(autouse=True)
-def _restore_loggers():
-    """default_setup() adds console handlers bound to this test's captured stdout: drop them."""
-    saved = {n: list(logging.getLogger(n).handlers) for n in ("detectron2", "fvcore", "d2ema")}
-    yield
-    for name, handlers in saved.items():
-        logger = logging.getLogger(name)
-        for h in [h for h in logger.handlers if h not in handlers]:
-            logger.removeHandler(h)
+pytestmark = pytest.mark.usefixtures("restore_loggers")
 
 
 def _error_line(capsys) -> str:
