@@ -25,12 +25,14 @@ import torch
 
 from ..errors import ConfigError
 from ..schedules import SCHEDULES, Schedule, TFWarmup, make_schedule
+from .yacs_numbers import accept_integers_for_floats
 
 __all__ = [
     "KEYS",
     "ConfigError",
     "EMASettings",
     "add_model_ema_configs",
+    "check_device",
     "d2go_schedule",
     "ema_settings",
     "lazy_model_ema_defaults",
@@ -82,9 +84,8 @@ def add_model_ema_configs(cfg) -> None:
     """Add ``cfg.MODEL_EMA`` with every key of :data:`KEYS` at its default (idempotent)."""
     from detectron2.config import CfgNode as CN
 
-    from .yacs_numbers import accept_integers_for_floats
-
-    accept_integers_for_floats()  # MODEL_EMA.TAU 5 in a file or override, as the README shows
+    # MODEL_EMA.TAU 5 in a file or an override, as people write it
+    accept_integers_for_floats(f"MODEL_EMA.{k}" for k, (d, _) in KEYS.items() if type(d) is float)
     was_frozen = cfg.is_frozen()
     cfg.defrost()
     if "MODEL_EMA" not in cfg:
@@ -174,18 +175,23 @@ def d2go_schedule(
     return TFWarmup(decay=decay, warmup_factor=float(decay_warm_up_factor))
 
 
-def _check_device(key: str, value: str) -> None:
+def check_device(key: str, value: str, sep: str = " ") -> None:
+    """Raise :class:`ConfigError` unless ``value`` names a device this machine has.
+
+    ``sep`` joins key and value in the suggested fix (``" "`` for yacs, ``"="`` for LazyConfig).
+    """
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"{key} = {value!r} is not a device name ('cpu', 'cuda:0', ...)") from e
     if device.type == "cuda":
         count = torch.cuda.device_count()
-        if (device.index is not None and device.index >= count) or count == 0:
-            raise ConfigError(
-                f"{key} = {value!r} does not exist on this machine ({count} CUDA devices); "
-                "use '' for the model's device, or 'cpu'"
-            )
+        if count == 0:
+            raise ConfigError(f"{key} = {value!r} does not exist on this machine: it has no CUDA "
+                              f"device; train on the CPU with {key}{sep}cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{key} = {value!r} does not exist on this machine ({count} CUDA "
+                              f"devices); use {key}{sep}cuda:0 .. cuda:{count - 1}, or cpu")
 
 
 def _as_float(x: Any) -> Any:
@@ -276,7 +282,10 @@ def ema_settings(cfg) -> EMASettings:
         )
     device = str(v["DEVICE"] or "")
     if v["ENABLED"]:
-        _check_device(key("DEVICE"), device or model_device)
+        yacs = prefix.startswith("MODEL_EMA")
+        model_key = "MODEL.DEVICE" if yacs else "train.device"
+        check_device(key("DEVICE") if device else model_key, device or model_device,
+                     " " if yacs else "=")
     exclude = v["EXCLUDE"]
     if isinstance(exclude, str):
         exclude = [exclude]

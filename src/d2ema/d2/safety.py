@@ -26,9 +26,11 @@ from torch import nn
 from ..ema import EMA
 from ..errors import ConfigError, EMANotLoadedError, TrainerError
 from ..format import has_ema
+from .config import ema_settings
 
 __all__ = [
     "NoEMACheckpointer",
+    "check_resume_keeps_ema",
     "check_trainer_bases",
     "last_checkpoint_has_ema",
     "refuse_dropping_ema",
@@ -83,6 +85,18 @@ def last_checkpoint_has_ema(output_dir: str) -> str | None:
     except Exception:  # not a zip checkpoint, or objects beyond plain data
         return None
     return path if isinstance(checkpoint, dict) and has_ema(checkpoint) else None
+
+
+def check_resume_keeps_ema(cfg) -> None:
+    """Refuse resuming a run whose last checkpoint has an EMA with the EMA off (yacs or
+    LazyConfig), unless ``DISCARD_ON_RESUME``: before anything is built or written."""
+    settings = ema_settings(cfg)
+    if settings.enabled or settings.discard_on_resume:
+        return
+    lazy = not hasattr(cfg, "MODEL")
+    path = last_checkpoint_has_ema(cfg.train.output_dir if lazy else cfg.OUTPUT_DIR)
+    if path is not None:
+        refuse_dropping_ema(path, "train.model_ema." if lazy else "MODEL_EMA.")
 
 
 class NoEMACheckpointer(DetectionCheckpointer):

@@ -11,11 +11,9 @@ Every mistake in the input (a missing or unreadable config, a bad override, an u
 a missing checkpoint) raises a :class:`~d2ema.errors.D2EMAError` *before* any worker starts, with
 a message that names the problem and the fix.
 
-Your own COCO-format datasets: ``args.dataset``, a list of ``NAME=ANNOTATIONS.json:IMAGE_DIR``
-(``d2ema train --dataset``), is written into the config (``DATASETS.COCO_INSTANCES`` /
-``train.coco_instances``, see :mod:`d2ema.d2.datasets`), so ``OUTPUT_DIR/config.yaml`` resumes
-the run as it is. The config is loaded once per process (a LazyConfig that registers its own
-dataset with detectron2's ``register_coco_instances`` runs once, as in detectron2's tools).
+``args.dataset`` (``--dataset NAME=ANNOTATIONS.json:IMAGE_DIR``) goes into the config, so its
+``config.yaml`` resumes the run (:mod:`d2ema.d2.datasets`). A config is loaded once per process,
+as in detectron2's tools (a LazyConfig may register its own data with plain detectron2).
 
 The caller may pass ``prepare(cfg)``, run in every worker before training (e.g. to register
 datasets), and ``known_datasets``, names it will provide; both must be picklable (module-level
@@ -42,7 +40,7 @@ from typing import Any
 from ..errors import UsageError, one_line
 from .build import build_model_ema
 from .checkpoint import EMACheckpointer
-from .config import add_model_ema_configs, ema_settings
+from .config import add_model_ema_configs, check_device, ema_settings
 from .datasets import (
     add_dataset_config,
     add_datasets_to_config,
@@ -51,7 +49,7 @@ from .datasets import (
 )
 from .evaluation import evaluate_with_ema
 from .hooks import EMAHook
-from .safety import NoEMACheckpointer, last_checkpoint_has_ema, refuse_dropping_ema
+from .safety import NoEMACheckpointer, check_resume_keeps_ema
 from .trainer import EMATrainer
 
 __all__ = ["is_lazy", "load_config", "train_main", "train_worker"]
@@ -102,15 +100,6 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _check_device(device: str, key: str, sep: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"{key} is {device!r} but this machine has no CUDA device; "
-                             f"train on the CPU with {key}{sep}cpu")
-
-
 def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str] = ()):
     """The config of ``d2ema train``: yacs (``get_cfg`` + ``MODEL_EMA``) or a LazyConfig, with
     ``datasets`` (``NAME=ANNOTATIONS.json:IMAGE_DIR``) added to its list of COCO datasets.
@@ -134,7 +123,7 @@ def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str
             raise UsageError(f"invalid override in {' '.join(opts)!r}: {_reason(e)}; "
                              "LazyConfig overrides are key=value, e.g. train.max_iter=100") from e
         if "train" in cfg:
-            _check_device(str(cfg.train.get("device", "cuda")), "train.device", "=")
+            check_device("train.device", str(cfg.train.get("device", "cuda")), "=")
             if "model_ema" in cfg.train:
                 ema_settings(cfg)
             add_datasets_to_config(cfg, datasets)
@@ -159,7 +148,7 @@ def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str
         cfg.merge_from_list(opts)
     except Exception as e:
         raise UsageError(f"invalid config override in {' '.join(opts)!r}: {_reason(e)}") from e
-    _check_device(cfg.MODEL.DEVICE, "MODEL.DEVICE", " ")
+    check_device("MODEL.DEVICE", cfg.MODEL.DEVICE, " ")
     ema_settings(cfg)  # ConfigError names the key, the value and what is allowed
     if not add_datasets_to_config(cfg, datasets):
         del cfg.DATASETS["COCO_INSTANCES"]  # config.yaml stays as without d2ema's datasets
@@ -183,17 +172,6 @@ def _check_weights(cfg, args) -> None:
     example = f"{key}=output/model_final.pth" if lazy else f"{key} output/model_final.pth"
     raise UsageError(f"checkpoint {weights} ({key}) does not exist; pass an existing file, "
                      f"e.g. {example}")
-
-
-def _check_resume_keeps_ema(cfg, args) -> None:
-    """Refuse, before config.yaml is rewritten, a resume without EMA of a run that has one."""
-    settings = ema_settings(cfg)
-    if not args.resume or args.eval_only or settings.enabled or settings.discard_on_resume:
-        return
-    lazy = not hasattr(cfg, "MODEL")
-    path = last_checkpoint_has_ema(cfg.train.output_dir if lazy else cfg.OUTPUT_DIR)
-    if path is not None:
-        refuse_dropping_ema(path, "train.model_ema." if lazy else "MODEL_EMA.")
 
 
 def _check_launch(args) -> None:
@@ -232,7 +210,8 @@ def train_main(
     if is_lazy(args.config_file):
         _check_lazy_keys(cfg, args)
     _check_weights(cfg, args)
-    _check_resume_keeps_ema(cfg, args)
+    if args.resume and not args.eval_only:  # before config.yaml is rewritten
+        check_resume_keeps_ema(cfg)
     check_datasets_known(cfg, known_datasets)
     _check_launch(args)
     from detectron2.engine import launch

@@ -12,38 +12,36 @@ and the wrapper passes everything but those keys through unchanged.
 
 Example::
 
-    cfg = get_cfg(); add_model_ema_configs(cfg)     # calls accept_integers_for_floats()
+    cfg = get_cfg(); add_model_ema_configs(cfg)     # calls accept_integers_for_floats
     cfg.merge_from_list(["MODEL_EMA.TAU", "5"])     # cfg.MODEL_EMA.TAU == 5.0
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["FLOAT_KEYS", "accept_integers_for_floats"]
+__all__ = ["accept_integers_for_floats"]
 
 
-def _float_keys() -> frozenset[str]:
-    from .config import KEYS
-
-    return frozenset(f"MODEL_EMA.{k}" for k, (d, _) in KEYS.items() if isinstance(d, float))
-
-
-FLOAT_KEYS = _float_keys()
-
-
-def accept_integers_for_floats() -> None:
-    """Let yacs merge an ``int`` into a float key of ``MODEL_EMA`` (idempotent)."""
+def accept_integers_for_floats(keys: Iterable[str]) -> None:
+    """Let yacs merge an ``int`` into the float keys ``keys`` (full names, e.g.
+    ``"MODEL_EMA.TAU"``); every call adds to the keys so accepted."""
     import yacs.config as yacs_config
 
     check = yacs_config._check_and_coerce_cfg_value_type
-    if getattr(check, "d2ema_wrapped", False):
-        return
+    float_keys = getattr(check, "d2ema_float_keys", None)
+    if float_keys is None:
+        float_keys = set()
+        original = check
 
-    def check_and_coerce(replacement: Any, original: Any, key: str, full_key: str) -> Any:
-        if full_key in FLOAT_KEYS and type(original) is float and type(replacement) is int:
-            return float(replacement)
-        return check(replacement, original, key, full_key)
+        def check(replacement: Any, original_value: Any, key: str, full_key: str) -> Any:
+            if full_key in float_keys and type(original_value) is float and (
+                type(replacement) is int
+            ):
+                return float(replacement)
+            return original(replacement, original_value, key, full_key)
 
-    check_and_coerce.d2ema_wrapped = True  # type: ignore[attr-defined]
-    yacs_config._check_and_coerce_cfg_value_type = check_and_coerce
+        check.d2ema_float_keys = float_keys  # type: ignore[attr-defined]
+        yacs_config._check_and_coerce_cfg_value_type = check
+    float_keys.update(keys)
