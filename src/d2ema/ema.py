@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import reshard, to_dtensors, to_local_shards
 from .errors import EMAStateError
 from .flat import flatten_model_tensors
 from .format import (
@@ -138,9 +139,10 @@ class EMA:
             master_dtype,
             flat,
         )
-        slots = self._options.slots(model)
-        if not slots:
+        all_slots = self._options.slots(model)
+        if not all_slots:
             raise ValueError("the model has no tensors to track (check include_*/exclude)")
+        slots = self._select(all_slots)
         self.groups, slots_by_group = group_slots(slots, self._options.device, master_dtype)
         self._bindings: list[Binding] = []
         self._bound_to: nn.Module | None = None
@@ -160,8 +162,16 @@ class EMA:
         self._bound_to = model
         self._backups = {}
 
+    def _select(self, slots: list[Slot]) -> list[Slot]:
+        """The tracked slots this EMA stores (all; a sharded EMA keeps its rank's share)."""
+        return slots
+
+    def _dtensors(self) -> dict[str, torch.Tensor]:
+        """The model's DTensors (FSDP2) whose local shards this EMA averages, by name."""
+        return {s.name: s.tensor() for b in self._bindings for s in b.slots if s.local}
+
     def _match_slots(self, model: nn.Module) -> list:
-        slots = {s.name: s for s in self._options.slots(model)}
+        slots = {s.name: s for s in self._select(self._options.slots(model))}
         problems = compare(
             {n: (s.get().shape, s.get().dtype) for n, s in slots.items()},
             {n: (shape, g.dtype) for g in self.groups for n, shape in zip(g.names, g.shapes)},
@@ -256,6 +266,7 @@ class EMA:
         """
         if self._swapped:
             raise RuntimeError("EMA.swapped() is already active for this EMA")
+        fsdp = reshard(model)  # FSDP2 keeps gathered weights after a forward: drop them
         bindings = self._binding_for(model)
         self._swapped = True
         try:
@@ -263,6 +274,8 @@ class EMA:
                 yield model
         finally:
             self._swapped = False
+            if fsdp:
+                reshard(model)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -292,7 +305,19 @@ class EMA:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The averages by name, in no particular order (live views: do not modify)."""
+        return self._views()
+
+    def _views(self) -> dict[str, torch.Tensor]:
         return {n: t for g in self.groups for n, t in zip(g.names, g.tensors)}
+
+    def _expected_state(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """Name -> (shape, dtype) in a full state of this EMA (a DTensor's global shape)."""
+        dtensors = self._dtensors()
+        return {n: (dtensors.get(n, t).shape, t.dtype) for n, t in self._views().items()}
+
+    def _own_part(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What this EMA stores of a full state: all of it, or this rank's shards (FSDP2)."""
+        return to_local_shards(tensors, self._dtensors())
 
     @property
     def num_bytes(self) -> int:
@@ -324,9 +349,10 @@ class EMA:
         """``{"ema_state": {name: tensor}, "ema_meta": {...}}``.
 
         ``ema_state`` is the plain name->tensor dict that D2Go and the seed article write;
-        ``ema_meta`` holds the format version, step counter and schedule.
+        ``ema_meta`` holds the format version, step counter and schedule. Under FSDP2 the
+        averages of DTensor parameters are DTensors too (see :mod:`d2ema.distributed`).
         """
-        return {STATE_KEY: self.tensors(), META_KEY: self.meta()}
+        return {STATE_KEY: to_dtensors(self.tensors(), self._dtensors()), META_KEY: self.meta()}
 
     def check_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True
@@ -336,11 +362,11 @@ class EMA:
         Returns the tensors (names aligned to this EMA's) and the metadata, if any.
         """
         tensors, meta = split_state(state_dict)
-        mine = self.tensors()
-        tensors = align_names(tensors, mine)
+        expected = self._expected_state()
+        tensors = align_names(tensors, expected)
         problems = compare(
             {n: (t.shape, t.dtype) for n, t in tensors.items()},
-            {n: (t.shape, t.dtype) for n, t in mine.items()},
+            expected,
             "the checkpoint",
             allow_missing=not strict,
         )
@@ -350,7 +376,7 @@ class EMA:
             raise EMAStateError(
                 "cannot load this EMA state; the EMA is unchanged:\n  " + "\n  ".join(problems)
             )
-        return tensors, meta
+        return self._own_part(tensors), meta
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
         """Load our format, or a plain name->tensor dict (D2Go's and the seed's ``ema_state``).
@@ -360,7 +386,7 @@ class EMA:
         ``strict=False`` missing and unexpected names are allowed (and returned).
         """
         tensors, meta = self.check_state_dict(state_dict, strict)
-        mine = self.tensors()
+        mine = self._views()
         with torch.no_grad():
             for name, t in tensors.items():
                 if name in mine:
@@ -377,9 +403,10 @@ class EMA:
                     current,
                 )
         self.provenance = "loaded"
+        expected = self._expected_state()
+        given = set(align_names(split_state(state_dict)[0], expected))
         return nn.modules.module._IncompatibleKeys(
-            missing_keys=sorted(set(mine) - set(tensors)),
-            unexpected_keys=sorted(set(tensors) - set(mine)),
+            sorted(set(expected) - given), sorted(given - set(expected))
         )
 
     def __repr__(self) -> str:

@@ -18,7 +18,16 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Slot", "TensorGroup", "clean_name", "group_slots", "tracked_slots", "unwrap_model"]
+__all__ = [
+    "Slot",
+    "TensorGroup",
+    "clean_name",
+    "group_slots",
+    "is_dtensor",
+    "plan_groups",
+    "tracked_slots",
+    "unwrap_model",
+]
 
 # Name segments that wrappers insert between a module and its children.
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -37,6 +46,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters are)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+
+
 def clean_name(name: str) -> str:
     for segment in _WRAPPER_SEGMENTS:
         name = name.replace(segment, "")
@@ -45,16 +59,26 @@ def clean_name(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """Where a tracked tensor lives: ``module._parameters[attr]`` or ``module._buffers[attr]``."""
+    """Where a tracked tensor lives: ``module._parameters[attr]`` or ``module._buffers[attr]``.
+
+    ``local``: the tensor there is a DTensor (FSDP2) and the EMA tracks this rank's shard of it.
+    """
 
     name: str
     module: nn.Module
     attr: str
     is_param: bool
+    local: bool = False
 
-    def get(self) -> torch.Tensor:
+    def tensor(self) -> torch.Tensor:
+        """The tensor as registered (the DTensor itself for a local slot)."""
         table = self.module._parameters if self.is_param else self.module._buffers
         return table[self.attr]
+
+    def get(self) -> torch.Tensor:
+        """The tensor the EMA averages: the registered one, or this rank's shard of it."""
+        t = self.tensor()
+        return t._local_tensor if self.local else t
 
 
 def tracked_slots(
@@ -85,7 +109,7 @@ def tracked_slots(
                 continue
             prefix, _, attr = raw_name.rpartition(".")
             module = model.get_submodule(prefix) if prefix else model
-            slots.append(Slot(name, module, attr, is_param))
+            slots.append(Slot(name, module, attr, is_param, is_dtensor(tensor)))
 
     add(model.named_parameters(), True)
     if include_buffers:
@@ -137,6 +161,19 @@ class TensorGroup:
         return dataclasses.replace(self, device=flat.device, flat=flat, tensors=tensors)
 
 
+def plan_groups(
+    slots: list[Slot], device: torch.device | None, master_dtype: torch.dtype | None
+) -> dict[tuple, list[Slot]]:
+    """The slots by group key (EMA device, EMA dtype, model device, model dtype), in order."""
+    keyed: dict[tuple, list[Slot]] = {}
+    for slot in slots:
+        t = slot.get()
+        ema_device = torch.device(device) if device is not None else t.device
+        key = (ema_device, ema_dtype_for(t.dtype, master_dtype), t.device, t.dtype)
+        keyed.setdefault(key, []).append(slot)
+    return keyed
+
+
 def group_slots(
     slots: list[Slot],
     device: torch.device | None,
@@ -146,14 +183,8 @@ def group_slots(
 
     Returns the groups and, for each, its slots in the group's storage order.
     """
-    keyed: dict[tuple, list[Slot]] = {}
-    for slot in slots:
-        t = slot.get()
-        ema_device = torch.device(device) if device is not None else t.device
-        key = (ema_device, ema_dtype_for(t.dtype, master_dtype), t.device, t.dtype)
-        keyed.setdefault(key, []).append(slot)
     groups, group_slots_ = [], []
-    for (ema_device, ema_dtype, _, _), members in keyed.items():
+    for (ema_device, ema_dtype, _, _), members in plan_groups(slots, device, master_dtype).items():
         tensors = [s.get() for s in members]
         group = TensorGroup.allocate(
             [s.name for s in members], [t.shape for t in tensors], ema_device, ema_dtype

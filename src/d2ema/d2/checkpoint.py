@@ -27,7 +27,9 @@ from typing import Any, Protocol
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..ema import EMA
+from ..errors import D2EMAError
 from ..format import META_KEY, STATE_KEY
+from ..sharded import ShardedEMA
 from .lenient import plan_ema_load
 
 __all__ = ["EMACheckpointer", "ema_checkpointables"]
@@ -70,7 +72,18 @@ class _EMATensors:
         self._get_ema, self._shared = get_ema, shared
 
     def state_dict(self) -> dict[str, Any]:
-        return self._get_ema().tensors()
+        ema = self._get_ema()
+        if not isinstance(ema, ShardedEMA):
+            return ema.tensors()
+        tensors = ema.gathered()  # checkpointers run on the main process only: no collective
+        if tensors is None:
+            raise D2EMAError(
+                f"the sharded EMA (step {ema.step}) is not gathered on this process, so it "
+                "cannot be saved here: checkpoints of a sharded EMA are written where "
+                "EMAHook gathered it (at its checkpoint_period and the last iteration); call "
+                "ema.gather(dst=0) on every rank before saving at another iteration"
+            )
+        return tensors
 
     def load_state_dict(self, tensors: dict[str, Any]) -> None:
         state = {STATE_KEY: tensors}

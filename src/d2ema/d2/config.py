@@ -72,6 +72,11 @@ KEYS: dict[str, tuple[Any, str]] = {
         "with ENABLED False: resume from a checkpoint that has an EMA and drop that EMA "
         "(refused otherwise, so that no checkpoint loses its EMA silently)",
     ),
+    "SHARDED": (
+        False,
+        "multi-GPU (DDP): each of N ranks stores and updates 1/N of the EMA, gathered only to "
+        "evaluate and to save (see d2ema.sharded)",
+    ),
 }
 
 # Schedule parameters, and the schedule that uses each (set for another, they do nothing).
@@ -121,6 +126,7 @@ class EMASettings:
     flat: bool
     eval_both: bool
     discard_on_resume: bool = False
+    sharded: bool = False
 
     def ema_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`d2ema.EMA`."""
@@ -305,4 +311,5 @@ def ema_settings(cfg) -> EMASettings:
         flat=bool(v["FLAT"]),
         eval_both=bool(v["EVAL_BOTH"]),
         discard_on_resume=bool(v["DISCARD_ON_RESUME"]),
+        sharded=bool(v["SHARDED"]),
     )

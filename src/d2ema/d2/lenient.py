@@ -88,7 +88,7 @@ def plan_ema_load(
     """Match a checkpoint's ``ema_state`` to ``ema``; raise :class:`EMAStateError` if a
     parameter of the EMA is missing from it (nothing is changed)."""
     tensors, _ = split_state(ema_state)
-    mine = ema.tensors()
+    mine = ema._expected_state()  # the full EMA's names (also for a sharded one)
     tensors = align_names(tensors, mine)
     slots = {s.name: s for s in tracked_slots(model)}
     missing = [n for n in mine if n not in tensors]

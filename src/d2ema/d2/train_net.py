@@ -32,9 +32,7 @@ import argparse
 import json
 import logging
 import math
-import re
 from collections.abc import Callable, Collection, Sequence
-from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError, one_line
@@ -50,6 +48,7 @@ from .datasets import (
 from .evaluation import evaluate_with_ema
 from .hooks import EMAHook
 from .safety import NoEMACheckpointer, check_resume_keeps_ema
+from .train_inputs import check_lazy_keys, check_readable, check_weights, is_lazy
 from .trainer import EMATrainer
 
 __all__ = ["is_lazy", "load_config", "train_main", "train_worker"]
@@ -60,41 +59,6 @@ Prepare = Callable[[Any], Any]
 
 
 # ----------------------------------------------------------------------------- configs
-_LAZY_ROOTS = ("train", "model", "dataloader")
-
-
-def is_lazy(path: str) -> bool:
-    """A LazyConfig: a ``.py``, or the ``config.yaml`` detectron2 saved for one (top-level
-    keys such as ``train:``, ``model:``, and no upper-case yacs keys)."""
-    if str(path).endswith(".py"):
-        return True
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read(1 << 20)
-    except OSError:
-        return False
-    roots = re.findall(r"^([A-Za-z_]\w*)\s*:", text, flags=re.MULTILINE)
-    return any(r in _LAZY_ROOTS for r in roots) and not any(r.isupper() for r in roots)
-
-
-def _check_readable(path_text: str) -> Path:
-    path = Path(path_text)
-    if not path.exists():
-        raise UsageError(f"config file {path} does not exist; pass an existing --config-file "
-                         "(a YAML config or a LazyConfig .py)")
-    if not path.is_file():
-        raise UsageError(f"config file {path} is not a file; pass a YAML config or a .py")
-    if path.suffix not in (".yaml", ".yml", ".py"):
-        raise UsageError(f"config file {path} should end in .yaml, .yml (detectron2 config) or "
-                         ".py (LazyConfig)")
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from e
-    return path
-
-
 def _reason(e: BaseException) -> str:
     text = one_line(str(e)) if str(e).strip() else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -108,7 +72,7 @@ def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str
     :class:`~d2ema.errors.ConfigError` for an invalid EMA setting and
     :class:`~d2ema.errors.DatasetError` for a malformed dataset or missing dataset files.
     """
-    path = _check_readable(path_text)
+    path = check_readable(path_text)
     opts = list(opts or ())
     if is_lazy(path_text):
         from detectron2.config import LazyConfig
@@ -155,47 +119,35 @@ def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str
     return cfg
 
 
-def _check_weights(cfg, args) -> None:
-    lazy = not hasattr(cfg, "MODEL")
-    weights = cfg.train.get("init_checkpoint", "") if lazy else cfg.MODEL.WEIGHTS
-    if args.eval_only and not weights:
-        last = None if lazy else Path(cfg.OUTPUT_DIR, "last_checkpoint")
-        if last is None or not args.resume or not last.is_file():
-            key = "train.init_checkpoint=" if lazy else "MODEL.WEIGHTS "
-            alt = "" if lazy else " (or --resume, with checkpoints in OUTPUT_DIR)"
-            raise UsageError(f"--eval-only evaluates a checkpoint, but {key.strip(' =')} is "
-                             f"empty (that would evaluate random weights); pass "
-                             f"{key}output/model_final.pth{alt}")
-    if not weights or "://" in str(weights) or args.resume or Path(weights).is_file():
-        return
-    key = "train.init_checkpoint" if lazy else "MODEL.WEIGHTS"
-    example = f"{key}=output/model_final.pth" if lazy else f"{key} output/model_final.pth"
-    raise UsageError(f"checkpoint {weights} ({key}) does not exist; pass an existing file, "
-                     f"e.g. {example}")
+def _check_launch(args, cfg=None) -> None:
+    """The process counts fit this machine (its GPUs; its cores in the CPU testing mode) and
+    the batch splits evenly over the processes."""
+    import os
 
+    import torch
 
-def _check_launch(args) -> None:
+    if args.num_gpus < 1 or args.num_machines < 1 or not 0 <= args.machine_rank < args.num_machines:
+        raise UsageError(f"--num-gpus {args.num_gpus} and --num-machines {args.num_machines} "
+                         f"must be at least 1, and --machine-rank {args.machine_rank} must be in "
+                         f"0..{args.num_machines - 1}")
     world = args.num_gpus * args.num_machines
-    if world > 1:
-        import torch
-
-        if args.num_gpus > torch.cuda.device_count():
-            raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has "
-                             f"{torch.cuda.device_count()} CUDA devices; use --num-gpus "
-                             f"{max(torch.cuda.device_count(), 1)}")
-
-
-def _check_lazy_keys(cfg, args) -> None:
-    needed = ["model", "dataloader", "train"]
-    if not args.eval_only:
-        needed += ["optimizer", "lr_multiplier"]
-    missing = [k for k in needed if k not in cfg]
-    if missing:
-        raise UsageError(
-            f"LazyConfig {args.config_file} defines no {', '.join(missing)}; a training config "
-            "needs model, dataloader (train, test, evaluator), optimizer, lr_multiplier and train "
-            "(as detectron2's configs/common/*.py)"
-        )
+    gpus, cores = torch.cuda.device_count(), os.cpu_count()
+    if world > 1 and gpus and args.num_gpus > gpus:
+        raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has {gpus} CUDA "
+                         f"devices; use --num-gpus {gpus} or fewer")
+    if world > 1 and not gpus and args.num_gpus > (cores or 1):
+        raise UsageError(f"--num-gpus {args.num_gpus}: with no CUDA device that many CPU "
+                         f"processes (gloo, a testing mode) would start, but this machine has "
+                         f"{cores} CPU cores; use --num-gpus {cores} or fewer")
+    lazy = cfg is not None and not hasattr(cfg, "SOLVER")
+    if world == 1 or cfg is None or args.eval_only:
+        return
+    batch = (cfg.dataloader.get("train", {}).get("total_batch_size", 0) if lazy
+             else cfg.SOLVER.IMS_PER_BATCH)
+    if batch % world:
+        key = "dataloader.train.total_batch_size" if lazy else "SOLVER.IMS_PER_BATCH"
+        raise UsageError(f"{key} = {batch} does not split over {world} processes; use a "
+                         f"multiple of {world}")
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -208,13 +160,13 @@ def train_main(
     # validate before spawning workers
     cfg = load_config(args.config_file, args.opts, _datasets(args))
     if is_lazy(args.config_file):
-        _check_lazy_keys(cfg, args)
-    _check_weights(cfg, args)
+        check_lazy_keys(cfg, args)
+    check_weights(cfg, args)
     if args.resume and not args.eval_only:  # before config.yaml is rewritten
         check_resume_keeps_ema(cfg)
     check_datasets_known(cfg, known_datasets)
-    _check_launch(args)
-    from detectron2.engine import launch
+    _check_launch(args, cfg)
+    from .launch import launch
 
     in_process = args.num_gpus * args.num_machines == 1  # launch() then calls the worker here
     launch(
@@ -233,8 +185,9 @@ def _datasets(args: argparse.Namespace) -> list[str]:
 
 
 def train_worker(args: argparse.Namespace, prepare: Prepare | None = None, cfg: Any = None):
-    """One training process (``detectron2.engine.launch`` runs it on each GPU). ``cfg``: the
-    config already loaded in this process, if any (a LazyConfig file runs once per process)."""
+    """One training process (:func:`d2ema.d2.launch.launch` runs it on each GPU, or on the CPU
+    with gloo where there is no GPU). ``cfg``: the config already loaded in this process, if
+    any (a LazyConfig file runs once per process)."""
     if cfg is None:
         cfg = load_config(args.config_file, args.opts, _datasets(args))
     register_config_datasets(cfg)
@@ -393,7 +346,8 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
     checkpoint_args = dict(train.get("checkpointer", {"period": 5000}))
     trainer.register_hooks([
         hooks.IterationTimer(),
-        EMAHook(ema, model, checkpointer=checkpointer) if ema is not None else None,
+        EMAHook(ema, model, checkpointer=checkpointer,
+                checkpoint_period=checkpoint_args.get("period", 0)) if ema is not None else None,
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **checkpoint_args)
         if comm.is_main_process() else None,
