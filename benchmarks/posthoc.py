@@ -151,10 +151,12 @@ def _rounding(exact: Path, low: Path) -> float:
 # ----------------------------------------------------------------------------- 2. shapes run
 def bench_config(args, out: Path, period: int = 0, extras: bool = True):
     from d2ema.app.demo import DemoOptions, demo_config
+    from d2ema.d2.config import KEYS
 
     cfg = demo_config(DemoOptions(dataset="shapes", iters=args.iters, eval_period=0,
                                   output=out, seed=args.seed, decays=(0.999,)))
     cfg.MODEL_EMA.SCHEDULE = "constant"  # MODEL_EMA at its defaults: decay 0.999, no ramp
+    cfg.MODEL_EMA.TAU = KEYS["TAU"][0]  # (the demo's ramp parameter, unused now)
     cfg.MODEL_EMA.EXTRA_DECAYS = list(DIRECT_DECAYS) if extras else []
     cfg.MODEL_EMA.EXTRA_SIGMA_RELS = list(DIRECT_SIGMAS) if extras else []
     cfg.MODEL_EMA.POSTHOC.ENABLED = True

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write", "file_mode"]
+__all__ = ["atomic_save", "atomic_write_text", "file_mode"]
 
 
 def file_mode(path: Path) -> int:
@@ -34,12 +34,21 @@ def file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def atomic_write(output: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
-    """``write(f)`` to a temporary file next to ``output``, then rename it into place.
+def atomic_save(obj: Any, output: str | os.PathLike[str]) -> None:
+    """``torch.save(obj)`` to a temporary file next to ``output``, then rename it into place.
 
-    Raises ``OSError`` (the folder cannot be made, the disk is full, ...) or whatever ``write``
-    raises, with no file left behind and ``output`` unchanged.
+    Raises ``OSError`` (the folder cannot be made, the disk is full, ...) with no file left
+    behind and ``output`` unchanged.
     """
+    _write_atomically(output, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, output: str | os.PathLike[str]) -> None:
+    """Write ``text`` (UTF-8) to ``output`` the same way as :func:`atomic_save`."""
+    _write_atomically(output, lambda f: f.write(text.encode("utf-8")))
+
+
+def _write_atomically(output: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
     output = Path(output)
     folder = output.parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,8 +64,3 @@ def atomic_write(output: str | os.PathLike[str], write: Callable[[BinaryIO], obj
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def atomic_save(obj: Any, output: str | os.PathLike[str]) -> None:
-    """``torch.save(obj)`` to ``output`` atomically (see :func:`atomic_write`)."""
-    atomic_write(output, lambda f: torch.save(obj, f))

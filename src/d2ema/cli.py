@@ -4,16 +4,17 @@ Subcommands::
 
     d2ema demo   [--quick] [--dataset shapes|digits] [--iters N] [--output DIR] [--seed S]
                  [--decays 0.99,0.998] [--eval-period K] [--verbose] [KEY VALUE ...]
-    d2ema train  --config-file CFG [--resume] [--eval-only] [--num-gpus N] [--num-machines M]
-                 [--machine-rank R] [--dist-url URL] [KEY VALUE ... | key=value ...]
-    d2ema export CHECKPOINT -o OUT.pth
-    d2ema posthoc OUTPUT_DIR [--sigma-rel 0.02,0.05,0.1] [--decay 0.999] [--step N] [--eval]
-                 [--export-best OUT.pth]
+    d2ema train  --config-file CFG [--dataset NAME=ANNOTATIONS.json:IMAGE_DIR ...] [--resume]
+                 [--eval-only] [--num-gpus N] [--num-machines M] [--machine-rank R]
+                 [--dist-url URL] [KEY VALUE ... | key=value ...]
+    d2ema export CHECKPOINT -o OUT.pth [--config RUN_CONFIG.yaml]
+    d2ema posthoc OUTPUT_DIR [--sigma-rel S,..] [--decay D,..] [--eval] [--export-best OUT]
     d2ema bench  [arguments of benchmarks/update_speed.py]
 
 ``train`` is detectron2's ``tools/train_net.py`` (YAML configs) and
 ``tools/lazyconfig_train_net.py`` (``.py`` LazyConfigs) with EMA: ``MODEL_EMA.*`` or
-``train.model_ema.*``. The embedded datasets (``shapes_*``, ``digits_*``) are generated and
+``train.model_ema.*``. ``--dataset`` registers your COCO-format datasets (and records them in
+the run's config); the embedded datasets (``shapes_*``, ``digits_*``) are generated and
 registered when a config names them.
 
 A mistake in the input (unknown dataset, missing or unreadable config or checkpoint, a
@@ -94,12 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
         "YAML configs: MODEL_EMA.ENABLED True, MODEL_EMA.DECAY 0.9998, ...; LazyConfigs: "
         "train.model_ema.enabled=True, ...\n\nExamples:\n"
         "  d2ema train --config-file cfg.yaml MODEL_EMA.ENABLED True SOLVER.MAX_ITER 1000\n"
+        "  d2ema train --config-file cfg.yaml --dataset my_train=train.json:images/ "
+        "--dataset my_val=val.json:images/ DATASETS.TRAIN \"('my_train',)\" "
+        "DATASETS.TEST \"('my_val',)\"\n"
         "  d2ema train --config-file cfg.yaml --eval-only MODEL.WEIGHTS out/model_final.pth "
         "MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY True\n"
         "  d2ema train --config-file cfg.py train.model_ema.enabled=True",
     )
     train.add_argument("--config-file", required=True, metavar="FILE",
                        help="YAML config, or a LazyConfig .py")
+    train.add_argument("--dataset", action="append", default=[],
+                       metavar="NAME=ANNOTATIONS.json:IMAGE_DIR",
+                       help="register a COCO-format instances dataset under NAME (repeatable); "
+                       "recorded in the run's config.yaml (DATASETS.COCO_INSTANCES or "
+                       "train.coco_instances), so a resume needs no --dataset")
     train.add_argument("--resume", action="store_true",
                        help="resume from the last checkpoint of the output folder")
     train.add_argument("--eval-only", action="store_true", help="evaluate only")
@@ -115,35 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write a checkpoint whose weights are the EMA (for MODEL.WEIGHTS)",
         description="Write OUT: a detectron2 checkpoint whose 'model' holds the EMA weights of "
         "CHECKPOINT (its 'ema_state'), loadable by any detectron2 as MODEL.WEIGHTS. Written "
-        "atomically.",
+        "atomically. With the run's config.yaml (found beside CHECKPOINT, or --config), also "
+        "writes OUT with the suffix .yaml: that config without d2ema's keys, MODEL.WEIGHTS set "
+        "to OUT, for plain detectron2.",
     )
     export.add_argument("checkpoint", metavar="CHECKPOINT", help="training checkpoint (.pth)")
     export.add_argument("-o", "--output", required=True, metavar="OUT.pth", help="file to write")
+    export.add_argument("--config", default=None, metavar="RUN_CONFIG.yaml",
+                        help="the run's config (default: config.yaml beside CHECKPOINT)")
     _add_verbose(export)
     export.set_defaults(func=cmd_export)
 
-    posthoc = sub.add_parser(
-        "posthoc", help="choose the EMA length after training (MODEL_EMA.POSTHOC snapshots)",
-        description="Rebuild EMAs of any length from the snapshots a run with "
-        "MODEL_EMA.POSTHOC.ENABLED wrote (OUTPUT_DIR/ema_snapshots), say how well the snapshots "
-        "represent each, and with --eval score them on the run's test set (table, results.json "
-        "and ap_vs_length.png in OUTPUT_DIR/posthoc).",
-    )
+    posthoc = sub.add_parser("posthoc", help="choose the EMA length after training", description=
+                             "Rebuild EMAs of any length from a run's MODEL_EMA.POSTHOC snapshots; "
+                             "--eval scores them (results in OUTPUT_DIR/posthoc).")
     posthoc.add_argument("output_dir", metavar="OUTPUT_DIR", help="the training run's folder")
-    posthoc.add_argument("--sigma-rel", default=None, metavar="S,S,...",
-                         help="power-EMA widths (default without --decay: a sweep 0.01..0.25)")
-    posthoc.add_argument("--decay", default=None, metavar="D,D,...",
-                         help="classic constant decays, as they stand at the step")
-    posthoc.add_argument("--step", type=int, default=None,
-                         help="the training step to rebuild the EMAs at (default: the last)")
-    posthoc.add_argument("--eval", action="store_true",
-                         help="rebuild each EMA and evaluate it (and the raw weights)")
-    posthoc.add_argument("--export-best", default=None, metavar="OUT.pth",
-                         help="with --eval: write the best EMA as a MODEL.WEIGHTS checkpoint")
-    posthoc.add_argument("--snapshots", default=None, metavar="DIR",
-                         help="snapshot folder (default: OUTPUT_DIR/ema_snapshots)")
-    posthoc.add_argument("--config-file", default=None, metavar="FILE",
-                         help="the run's config (default: OUTPUT_DIR/config.yaml)")
+    for flag, metavar, text in (
+        ("--sigma-rel", "S,S,...", "power-EMA widths (default without --decay: 0.01..0.25)"),
+        ("--decay", "D,D,...", "classic constant decays, as they stand at the step"),
+        ("--export-best", "OUT.pth", "with --eval: write the best EMA as a MODEL.WEIGHTS file"),
+        ("--snapshots", "DIR", "snapshot folder (default: OUTPUT_DIR/ema_snapshots)"),
+        ("--config-file", "FILE", "the run's config (default: OUTPUT_DIR/config.yaml)"),
+    ):
+        posthoc.add_argument(flag, default=None, metavar=metavar, help=text)
+    posthoc.add_argument("--step", type=int, help="the step to rebuild at (default: the last)")
+    posthoc.add_argument("--eval", action="store_true", help="evaluate each EMA and raw weights")
     _add_verbose(posthoc)
     posthoc.set_defaults(func=cmd_posthoc)
 
@@ -208,25 +213,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .app.data import DATASETS, register_for_config
     from .d2.train_net import train_main
+    from .errors import UsageError
+
+    late = next((i for i, word in enumerate(args.opts or ()) if word.startswith("--")), None)
+    if late is not None:  # argparse leaves options after the first override in the overrides
+        raise UsageError(f"options go before the config overrides: {args.opts[late]!r} comes "
+                         f"after {' '.join(args.opts[:late])!r}; e.g. d2ema train --config-file "
+                         "CFG --dataset NAME=ANN.json:IMAGES --resume KEY VALUE ...")
 
     return train_main(args, prepare=register_for_config, known_datasets=tuple(DATASETS))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_ema
+    from .d2.plain_config import export_with_config
 
-    print(export_ema(args.checkpoint, args.output).describe())
+    print("\n".join(export_with_config(args.checkpoint, args.output, args.config)))
     return 0
 
 
 def cmd_posthoc(args: argparse.Namespace) -> int:
     from .app.posthoc import PostHocOptions, run_posthoc
 
-    run_posthoc(PostHocOptions(
-        args.output_dir, sigma_rels=args.sigma_rel, decays=args.decay, step=args.step,
-        evaluate=args.eval, export_best=args.export_best, snapshots=args.snapshots,
-        config_file=args.config_file, verbose=bool(getattr(args, "verbose", False)),
-    ))
+    run_posthoc(PostHocOptions(args.output_dir, args.sigma_rel, args.decay, args.step, args.eval,
+                               args.export_best, args.snapshots, args.config_file, args.verbose))
     return 0
 
 

@@ -129,6 +129,9 @@ class EMA:
         self.skip_nonfinite = skip_nonfinite
         self.step = 0
         self.num_skipped = 0
+        # What the average holds: "built" (the model's weights when this EMA was made), "reset"
+        # (the model's weights at a later reset()), "updated" (training) or "loaded".
+        self.provenance = "built"
         self._options = _Options(
             include_frozen,
             include_buffers,
@@ -227,6 +230,7 @@ class EMA:
                 "EMA.update() called inside EMA.swapped(): the model holds the EMA weights"
             )
         step = self.step + 1 if step is None else int(step)
+        self.provenance = "updated"
         n = step - self.start
         if n > 0 and n % self.every:
             self.step = step
@@ -289,6 +293,7 @@ class EMA:
         """
         for b in self._binding_for(model):
             b.copy()
+        self.provenance = "reset"
 
     def model_copy(self, model: nn.Module) -> nn.Module:
         """A deep copy of ``model`` (unwrapped) holding the EMA weights; ``model`` is untouched."""
@@ -400,6 +405,7 @@ class EMA:
                     saved,
                     current,
                 )
+        self.provenance = "loaded"
         expected = self._expected_state()
         given = set(align_names(split_state(state_dict)[0], expected))
         return nn.modules.module._IncompatibleKeys(

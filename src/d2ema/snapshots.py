@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_save, atomic_write
+from .atomic import atomic_save, atomic_write_text
 from .ema import EMA
 from .posthoc import PostHocError
 from .schedules import SigmaRel
@@ -84,8 +84,7 @@ class SnapshotEntry:
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
-    data = json.dumps(obj, indent=1).encode()
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write_text(json.dumps(obj, indent=1), path)
 
 
 def read_index(folder: str | os.PathLike[str]) -> list[SnapshotEntry]:

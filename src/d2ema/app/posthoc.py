@@ -46,8 +46,8 @@ class PostHocOptions:
     export_best: str | None = None
     snapshots: str | None = None  # default: OUTPUT_DIR/ema_snapshots
     config_file: str | None = None  # default: OUTPUT_DIR/config.yaml
-    batch: int = 4
     verbose: bool = False
+    batch: int = 4  # targets rebuilt per pass over the snapshots (memory: batch + 1 models)
 
 
 @dataclasses.dataclass

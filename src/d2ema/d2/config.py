@@ -25,6 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from ..schedules import SCHEDULES, Schedule, SigmaRel, TFWarmup, make_schedule
+from .yacs_numbers import accept_integers_for_floats
 
 __all__ = [
     "KEYS",
@@ -79,12 +80,20 @@ KEYS: dict[str, tuple[Any, str]] = {
     "POSTHOC.DTYPE": ("float32", "snapshot precision: float32, float16 (half the disk, ~2e-4 "
                       "relative error) or bfloat16"),
     "POSTHOC.DIR": ("", "snapshot folder ('' = OUTPUT_DIR/ema_snapshots)"),
+    "DISCARD_ON_RESUME": (
+        False,
+        "with ENABLED False: resume from a checkpoint that has an EMA and drop that EMA "
+        "(refused otherwise, so that no checkpoint loses its EMA silently)",
+    ),
     "SHARDED": (
         False,
         "multi-GPU (DDP): each of N ranks stores and updates 1/N of the EMA, gathered only to "
         "evaluate and to save (see d2ema.sharded)",
     ),
 }
+
+# Schedule parameters, and the schedule that uses each (set for another, they do nothing).
+_SCHEDULE_OF = {"TAU": "yolov5", "INV_GAMMA": "power", "POWER": "power", "MIN_DECAY": "power"}
 
 _MASTER_DTYPES = {"float32": torch.float32, "float64": torch.float64, "none": None, "": None}
 
@@ -93,6 +102,8 @@ def add_model_ema_configs(cfg) -> None:
     """Add ``cfg.MODEL_EMA`` with every key of :data:`KEYS` at its default (idempotent)."""
     from detectron2.config import CfgNode as CN
 
+    # MODEL_EMA.TAU 5 in a file or an override, as people write it
+    accept_integers_for_floats(f"MODEL_EMA.{k}" for k, (d, _) in KEYS.items() if type(d) is float)
     was_frozen = cfg.is_frozen()
     cfg.defrost()
     if "MODEL_EMA" not in cfg:
@@ -164,6 +175,7 @@ class EMASettings:
     extra_decays: tuple[float, ...] = ()
     extra_sigma_rels: tuple[float, ...] = ()
     posthoc: PostHocSettings | None = None
+    discard_on_resume: bool = False
     sharded: bool = False
 
     def ema_kwargs(self) -> dict[str, Any]:
@@ -241,6 +253,48 @@ def check_device(key: str, value: str, sep: str = " ") -> None:
                               f"devices); use {key}{sep}cuda:0 .. cuda:{count - 1}, or cpu")
 
 
+def _as_float(x: Any) -> Any:
+    return float(x) if type(x) is int else x
+
+
+def _check_consistency(v: dict[str, Any], key: Callable[[str], str], schedule: str) -> None:
+    """Refuse settings that contradict each other or would silently do nothing."""
+    on = f"{key('ENABLED')} True"
+    if not v["ENABLED"]:
+        if v["USE_EMA_WEIGHTS_FOR_EVAL_ONLY"]:
+            raise ConfigError(
+                f"{key('USE_EMA_WEIGHTS_FOR_EVAL_ONLY')} = True asks to evaluate EMA weights, but "
+                f"{key('ENABLED')} is False, so there is no EMA (the raw weights would be "
+                f"evaluated instead); set {on} to evaluate a checkpoint's EMA, or "
+                "USE_EMA_WEIGHTS_FOR_EVAL_ONLY False for the raw weights"
+            )
+        if not v["EVAL_BOTH"]:
+            raise ConfigError(
+                f"{key('EVAL_BOTH')} = False asks to evaluate the EMA weights only, but "
+                f"{key('ENABLED')} is False, so there is no EMA; set {on}, or EVAL_BOTH True"
+            )
+        return
+    if v["DISCARD_ON_RESUME"]:
+        raise ConfigError(
+            f"{key('DISCARD_ON_RESUME')} = True drops a checkpoint's EMA when resuming without "
+            f"one, but {key('ENABLED')} is True; set DISCARD_ON_RESUME False to keep the EMA"
+        )
+    if v["DECAY_WARM_UP_FACTOR"] >= 0 and schedule not in ("constant", "tf"):
+        raise ConfigError(
+            f"{key('DECAY_WARM_UP_FACTOR')} = {v['DECAY_WARM_UP_FACTOR']!r} selects the 'tf' "
+            f"warm-up, but {key('SCHEDULE')} is {schedule!r}; keep one: DECAY_WARM_UP_FACTOR -1, "
+            "or SCHEDULE 'tf'"
+        )
+    for name, used_by in _SCHEDULE_OF.items():
+        default = KEYS[name][0]
+        if schedule != used_by and v[name] != default:
+            raise ConfigError(
+                f"{key(name)} = {v[name]!r} has no effect with {key('SCHEDULE')} = "
+                f"{schedule!r} (it is a parameter of '{used_by}'); set SCHEDULE '{used_by}', or "
+                f"leave {name} at its default {default!r}"
+            )
+
+
 def ema_settings(cfg) -> EMASettings:
     """Read and validate the EMA settings of a yacs or LazyConfig config."""
     v, prefix, model_device = _read(cfg)
@@ -263,6 +317,7 @@ def ema_settings(cfg) -> EMASettings:
     warm_up = number("DECAY_WARM_UP_FACTOR", -1.0)
     if d2go_schedule(decay, warm_up, key("DECAY_WARM_UP_FACTOR")) and name == "constant":
         name = "tf"
+    v.update({k: _as_float(v[k]) for k in ("TAU", "INV_GAMMA", "POWER", "MIN_DECAY", "SIGMA_REL")})
     params = {
         "yolov5": {"tau": v["TAU"]},
         "tf": {"warmup_factor": warm_up if warm_up >= 1 else 10.0},
@@ -273,6 +328,7 @@ def ema_settings(cfg) -> EMASettings:
         raise ConfigError(
             f"{key('SCHEDULE')} = {name!r} is unknown; choose one of {sorted(SCHEDULES)}"
         )
+    _check_consistency(v, key, v["SCHEDULE"])
     try:
         schedule = make_schedule(name, decay, **params.get(name, {}))
     except ValueError as e:
@@ -308,6 +364,7 @@ def ema_settings(cfg) -> EMASettings:
         flat=bool(v["FLAT"]),
         eval_both=bool(v["EVAL_BOTH"]),
         **_several_emas(v, key, schedule),
+        discard_on_resume=bool(v["DISCARD_ON_RESUME"]),
         sharded=bool(v["SHARDED"]),
     )
 
