@@ -32,6 +32,7 @@ import math
 import platform
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -356,7 +357,8 @@ def main(argv=None) -> int:
     register_datasets(sizes={"shapes_val": args.val}, names=["shapes_train", "shapes_val"])
     parts = args.parts.split(",")
     lines = ["# Post-hoc EMA: reconstructions vs EMAs tracked directly", "",
-             f"`benchmarks/posthoc.py {' '.join(argv or [])}`".replace(" `", "`"),
+             f"`benchmarks/posthoc.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+             .replace(" `", "`"),
              f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} thread(s), {time.strftime('%Y-%m-%d')}).", ""]
     if "1" in parts:
