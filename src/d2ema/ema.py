@@ -22,7 +22,8 @@ What it does beyond the textbook loop:
   ulp and a bf16 EMA never moves); step counter and schedule in the checkpoint, so a resumed run
   continues bit for bit; optional guard that skips an update whose weights hold NaN/Inf;
 * fast: storage grouped by (device, dtype) and updated with fused multi-tensor ops, no Python
-  per-tensor work per step; ``flat=True`` makes a step one ``lerp_`` per group;
+  per-tensor work per step; ``flat=True`` makes a step one ``lerp_`` per group; a CPU-held
+  EMA of a CUDA model updates in the background (:mod:`d2ema.offload`);
 * safe: :meth:`swapped` always restores the trained weights; :meth:`load_state_dict` checks
   names, shapes and dtypes first and changes nothing when it refuses.
 """
@@ -51,6 +52,7 @@ from .format import (
     meta_problems,
     split_state,
 )
+from .offload import Offload, wants_overlap
 from .schedules import Schedule, make_schedule
 from .state import Slot, group_slots, tracked_slots, unwrap_model
 from .swap import swapped_bindings
@@ -68,6 +70,7 @@ class _Options:
     device: torch.device | None
     master_dtype: torch.dtype | None
     flat: bool
+    overlap: bool | None
 
     def slots(self, model: nn.Module) -> list[Slot]:
         return tracked_slots(model, self.include_frozen, self.include_buffers, self.exclude)
@@ -95,6 +98,8 @@ class EMA:
         skip_nonfinite: skip (and count) an update whose weights hold NaN or Inf.
         flat: re-point the model's tensors into one buffer per group so that an update is a
             single op (see :mod:`d2ema.flat`; build the EMA before the optimizer and DDP).
+        overlap: run updates in the background (:mod:`d2ema.offload`); ``None``: where a CUDA
+            model's EMA is on the CPU. Reads of the average wait for the update in flight.
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class EMA:
         master_dtype: torch.dtype | None = torch.float32,
         skip_nonfinite: bool = False,
         flat: bool = False,
+        overlap: bool | None = None,
     ):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
@@ -134,27 +140,42 @@ class EMA:
             torch.device(device) if device is not None else None,
             master_dtype,
             flat,
+            overlap,
         )
         slots = self._options.slots(model)
         if not slots:
             raise ValueError("the model has no tensors to track (check include_*/exclude)")
         self.groups, slots_by_group = group_slots(slots, self._options.device, master_dtype)
         self._bindings: list[Binding] = []
+        self._direct: list[Binding] = []  # bindings updated in the calling thread
+        self._offload: Offload | None = None
         self._bound_to: nn.Module | None = None
+        self._last_arg: nn.Module | None = None  # the last model passed, wrappers included
         self._backups: dict = {}
         self._swapped = False
         self._bind(unwrap_model(model), slots_by_group)
 
     # ------------------------------------------------------------------ binding to a model
     def _bind(self, model: nn.Module, slots_by_group: list | None = None) -> None:
+        self.synchronize()
         if slots_by_group is None:
             slots_by_group = self._match_slots(model)
-        if self._options.flat:
-            for group, slots in zip(self.groups, slots_by_group):
-                if group.averaged and flat_view([s.get() for s in slots]) is None:
-                    flatten_model_tensors(slots)
-        self._bindings = [Binding(g, s) for g, s in zip(self.groups, slots_by_group)]
+        opts = self._options
+        for group, slots in zip(self.groups, slots_by_group):
+            group.follow_layout([s.get() for s in slots])
+            if opts.flat and group.averaged and flat_view(
+                [s.get() for s in slots], group.strides
+            ) is None:
+                flatten_model_tensors(slots, group.strides)
+        self._bindings = [
+            Binding(g, s, stage=bool(opts.overlap)) for g, s in zip(self.groups, slots_by_group)
+        ]
+        overlap = wants_overlap(self._bindings) if opts.overlap is None else opts.overlap
+        queued = [b for b in self._bindings if b.staging is not None] if overlap else []
+        self._offload = Offload(queued, model) if queued else None
+        self._direct = [b for b in self._bindings if b not in queued]
         self._bound_to = model
+        self._last_arg = None
         self._backups = {}
 
     def _match_slots(self, model: nn.Module) -> list:
@@ -186,10 +207,22 @@ class EMA:
         self._bind(unwrap_model(model))
 
     def _binding_for(self, model: nn.Module) -> list[Binding]:
-        model = unwrap_model(model)
-        if model is not self._bound_to or not all(b.is_current() for b in self._bindings):
-            self._bind(model)
+        if model is not self._last_arg:  # the same model as last time skips the unwrapping
+            target = unwrap_model(model)
+            if target is not self._bound_to:
+                self._bind(target)
+            self._last_arg = model
+        for b in self._bindings:
+            if not b.is_current():
+                self._bind(self._bound_to)
+                self._last_arg = model
+                break
         return self._bindings
+
+    def synchronize(self) -> None:
+        """Complete the background update in flight, if any (every read of the average does)."""
+        if self._offload is not None:
+            self._offload.wait()
 
     # ------------------------------------------------------------------ update
     def decay_at(self, step: int) -> float:
@@ -230,9 +263,12 @@ class EMA:
                     step,
                 )
             return
-        for b in bindings:
-            if b.group.averaged and d > 0.0:
-                b.average(1.0 - d)
+        alpha = 1.0 - d if d > 0.0 else None
+        if self._offload is not None:
+            self._offload.submit(alpha)
+        for b in self._direct:
+            if alpha is not None and b.group.averaged:
+                b.average(alpha)
             else:
                 b.copy()
 
@@ -252,6 +288,7 @@ class EMA:
         """
         if self._swapped:
             raise RuntimeError("EMA.swapped() is already active for this EMA")
+        self.synchronize()
         bindings = self._binding_for(model)
         self._swapped = True
         try:
@@ -263,6 +300,7 @@ class EMA:
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Copy the EMA into the model for good (e.g. before export)."""
+        self.synchronize()
         for b in self._binding_for(model):
             torch._foreach_copy_(b.model, b.group.tensors)
 
@@ -271,11 +309,13 @@ class EMA:
 
         For weights loaded from a checkpoint that has no EMA, e.g. pretrained backbones.
         """
+        self.synchronize()
         for b in self._binding_for(model):
             b.copy()
 
     def model_copy(self, model: nn.Module) -> nn.Module:
         """A deep copy of ``model`` (unwrapped) holding the EMA weights; ``model`` is untouched."""
+        self.synchronize()
         model = unwrap_model(model)
         # References to this EMA (e.g. ``model.ema_state``) become None in the copy.
         clone = copy.deepcopy(model, memo={id(self): None})
@@ -287,6 +327,7 @@ class EMA:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The averages by name, in no particular order (live views: do not modify)."""
+        self.synchronize()
         return {n: t for g in self.groups for n, t in zip(g.names, g.tensors)}
 
     @property
@@ -296,6 +337,7 @@ class EMA:
     def to(self, device: torch.device | str) -> EMA:
         """Move the EMA storage (e.g. after loading a checkpoint on the CPU)."""
         device = torch.device(device)
+        self.synchronize()
         self.groups = [g.to(device) for g in self.groups]
         self._options = dataclasses.replace(self._options, device=device)
         if self._bound_to is not None:

@@ -18,7 +18,18 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Slot", "TensorGroup", "clean_name", "group_slots", "tracked_slots", "unwrap_model"]
+__all__ = [
+    "Slot",
+    "TensorGroup",
+    "clean_name",
+    "dense_strides",
+    "gatherable",
+    "group_slots",
+    "same_layout",
+    "tracked_slots",
+    "unwrap_model",
+    "views",
+]
 
 # Name segments that wrappers insert between a module and its children.
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -105,9 +116,52 @@ def ema_dtype_for(dtype: torch.dtype, master_dtype: torch.dtype | None) -> torch
     return dtype
 
 
+def dense_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s strides if it covers its memory without gaps or overlaps (contiguous,
+    channels_last, a transpose...), else the contiguous strides of its shape.
+
+    The averages copy this layout, so that a tensor and its average have their elements in the
+    same order in memory: the flat update pairs them by position, and a swap keeps the
+    model's memory format.
+    """
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for st, n in dims:
+        if st != expected:
+            return _contiguous_strides(t.shape)
+        expected *= n
+    return tuple(t.stride())
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def same_layout(t: torch.Tensor, strides: tuple[int, ...]) -> bool:
+    """Whether ``t`` has ``strides`` (dimensions of size 1 have no meaningful stride)."""
+    return all(n == 1 or a == b for a, b, n in zip(t.stride(), strides, t.shape))
+
+
+# A CPU group lays out its averages of tensors up to this many elements first, so that one
+# torch.cat gathers those weights and one lerp_ averages them (see update.Binding).
+SMALL_NUMEL = 4096
+
+
+def gatherable(t: torch.Tensor) -> bool:
+    """A tensor whose update costs more in dispatch than in bytes, and that ``cat`` can gather."""
+    return t.device.type == "cpu" and t.numel() <= SMALL_NUMEL and t.is_contiguous()
+
+
 @dataclasses.dataclass
 class TensorGroup:
-    """The averages of tensors sharing (device, dtype): one flat buffer, one view per tensor."""
+    """The averages of tensors sharing (device, dtype): one flat buffer, one view per tensor.
+
+    Each view has the layout (strides) of the model tensor it averages, see :func:`dense_strides`.
+    """
 
     device: torch.device
     dtype: torch.dtype
@@ -115,6 +169,7 @@ class TensorGroup:
     shapes: list[torch.Size]
     flat: torch.Tensor
     tensors: list[torch.Tensor]
+    strides: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
 
     @property
     def averaged(self) -> bool:
@@ -123,18 +178,43 @@ class TensorGroup:
 
     @classmethod
     def allocate(
-        cls, names: list[str], shapes: list[torch.Size], device: torch.device, dtype: torch.dtype
+        cls,
+        names: list[str],
+        shapes: list[torch.Size],
+        device: torch.device,
+        dtype: torch.dtype,
+        strides: list[tuple[int, ...]] | None = None,
     ) -> TensorGroup:
-        numels = [s.numel() for s in shapes]
-        flat = torch.empty(sum(numels), device=device, dtype=dtype)
-        tensors = [v.view(s) for v, s in zip(flat.split(numels), shapes)]
-        return cls(device, dtype, list(names), list(shapes), flat, tensors)
+        flat = torch.empty(sum(s.numel() for s in shapes), device=device, dtype=dtype)
+        strides = list(strides) if strides is not None else [_contiguous_strides(s) for s in shapes]
+        return cls(device, dtype, list(names), list(shapes), flat, views(flat, shapes, strides),
+                   strides)
 
     def to(self, device: torch.device) -> TensorGroup:
         flat = self.flat.to(device)
-        numels = [s.numel() for s in self.shapes]
-        tensors = [v.view(s) for v, s in zip(flat.split(numels), self.shapes)]
+        tensors = views(flat, self.shapes, self.strides)
         return dataclasses.replace(self, device=flat.device, flat=flat, tensors=tensors)
+
+    @torch.no_grad()
+    def follow_layout(self, tensors: list[torch.Tensor]) -> None:
+        """Re-lay the averages out like ``tensors`` (e.g. after ``model.to(channels_last)``),
+        values unchanged; a no-op when the layouts already agree."""
+        strides = [dense_strides(t) for t in tensors]
+        if all(same_layout(v, st) for v, st in zip(self.tensors, strides)):
+            return
+        values = [t.clone() for t in self.tensors]
+        self.strides = strides
+        self.tensors = views(self.flat, self.shapes, self.strides)
+        torch._foreach_copy_(self.tensors, values)
+
+
+def views(flat: torch.Tensor, shapes: list[torch.Size], strides: list[tuple[int, ...]]):
+    """One view of ``flat`` per shape, back to back, each with its dense ``strides``."""
+    out, offset = [], 0
+    for shape, stride in zip(shapes, strides):
+        out.append(flat.as_strided(shape, stride, offset))
+        offset += shape.numel()
+    return out
 
 
 def group_slots(
@@ -144,7 +224,8 @@ def group_slots(
 ) -> tuple[list[TensorGroup], list[list[Slot]]]:
     """Allocate one :class:`TensorGroup` per (EMA device, EMA dtype, model device, model dtype).
 
-    Returns the groups and, for each, its slots in the group's storage order.
+    Returns the groups and, for each, its slots in the group's storage order: the tracking
+    order, except that a CPU group puts its small contiguous tensors first.
     """
     keyed: dict[tuple, list[Slot]] = {}
     for slot in slots:
@@ -154,9 +235,11 @@ def group_slots(
         keyed.setdefault(key, []).append(slot)
     groups, group_slots_ = [], []
     for (ema_device, ema_dtype, _, _), members in keyed.items():
+        members = sorted(members, key=lambda s: not gatherable(s.get()))  # stable
         tensors = [s.get() for s in members]
         group = TensorGroup.allocate(
-            [s.name for s in members], [t.shape for t in tensors], ema_device, ema_dtype
+            [s.name for s in members], [t.shape for t in tensors], ema_device, ema_dtype,
+            [dense_strides(t) for t in tensors],
         )
         with torch.no_grad():
             torch._foreach_copy_(group.tensors, tensors)

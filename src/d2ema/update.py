@@ -2,12 +2,17 @@
 
 Per group and step, the work is a few fused ops chosen once, when the EMA binds to a model:
 
-* model tensors in one flat buffer (``flat=True``): a single ``lerp_`` over the whole group;
-* same device and dtype: one ``torch._foreach_lerp_`` over prebuilt lists (gathering small
-  tensors with ``torch.cat`` first measured slower with 2 threads: benchmarks/);
+* model tensors in one buffer laid out like the EMA's (``flat=True``): a single ``lerp_``;
+* same device and dtype: one ``torch._foreach_lerp_`` over prebuilt lists. On the CPU the
+  small tensors (laid out first in the group, see :data:`~d2ema.state.SMALL_NUMEL`) are
+  gathered with ``torch.cat`` into a scratch buffer and averaged with one ``lerp_``: per-tensor
+  dispatch costs more than their bytes. The gather is cut in chunks below ATen's grain size
+  (32768 elements), where ``cat`` takes its serial memcpy path; a larger ``cat`` with two or
+  more threads copies input by input and is slower than the foreach it replaces;
 * another dtype or device (fp32 master of a bf16 model, CPU EMA of a GPU model): one
   ``_foreach_copy_`` into a reusable staging buffer of the EMA's dtype on the EMA's device
-  (pinned, non-blocking for GPU -> CPU), then one ``lerp_``.
+  (pinned, non-blocking for GPU -> CPU), then one ``lerp_``. :mod:`d2ema.offload` runs the
+  copy on a side stream and the ``lerp_`` in a background thread.
 
 No step allocates or walks the model in Python. ``lerp_`` with weight ``1 - d`` computes
 ``d * ema + (1 - d) * w``; it is exact at ``d = 0`` and ``d = 1`` and leaves a constant weight
@@ -19,9 +24,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .state import Slot, TensorGroup
+from .state import Slot, TensorGroup, gatherable, same_layout, views
 
 __all__ = ["Binding", "flat_view"]
+
+# ATen's at::internal::GRAIN_SIZE: a cat below it runs serially as plain memcpys.
+_CAT_CHUNK = 32768
 
 # Counts parameter and buffer (re-)registrations in every module of the process
 # (``module.running_mean = torch.zeros(3)``, ``module.weight = nn.Parameter(...)``), so that a
@@ -38,24 +46,33 @@ nn.modules.module.register_module_buffer_registration_hook(_count_registration)
 nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 
 
-def flat_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """A 1-D view over ``tensors`` if they lie back to back in one storage, else None."""
-    first = tensors[0]
-    if not all(t.is_contiguous() for t in tensors):
+def flat_view(
+    tensors: list[torch.Tensor], strides: list[tuple[int, ...]] | None = None
+) -> torch.Tensor | None:
+    """A 1-D view over ``tensors`` if they lie back to back in one storage, each dense with
+    ``strides[i]`` (default: contiguous), else None."""
+    nonempty = [t for t in tensors if t.numel()]
+    if not nonempty:
         return None
-    storage = first.untyped_storage()
+    first = nonempty[0]
+    if strides is None:
+        if not all(t.is_contiguous() for t in tensors):
+            return None
+    elif not all(same_layout(t, st) for t, st in zip(tensors, strides)):
+        return None
+    storage = first.untyped_storage().data_ptr()
     offset = first.storage_offset()
     expected = offset
-    for t in tensors:
+    for t in nonempty:
         if (
-            t.untyped_storage().data_ptr() != storage.data_ptr()
+            t.untyped_storage().data_ptr() != storage
             or t.storage_offset() != expected
             or t.dtype != first.dtype
         ):
             return None
         expected += t.numel()
     with torch.no_grad():
-        return first.new_empty(0).set_(storage, offset, (expected - offset,))
+        return first.new_empty(0).set_(first.untyped_storage(), offset, (expected - offset,))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -66,9 +83,13 @@ def _synchronize(device: torch.device) -> None:
 
 
 class Binding:
-    """One group's link to the live model tensors it averages, with its update kernels."""
+    """One group's link to the live model tensors it averages, with its update kernels.
 
-    def __init__(self, group: TensorGroup, slots: list[Slot]):
+    ``stage=True`` gives it a staging buffer even on the model's device and dtype, so that the
+    weights can be snapshotted and averaged later (:mod:`d2ema.offload`).
+    """
+
+    def __init__(self, group: TensorGroup, slots: list[Slot], *, stage: bool = False):
         self.group = group
         self.slots = slots
         self.model = [s.get() for s in slots]
@@ -76,39 +97,63 @@ class Binding:
         self.model_device = src.device
         self.cross_device = src.device != group.device
         self.staged = self.cross_device or src.dtype != group.dtype
-        self.model_flat = flat_view(self.model)
+        self.model_flat = flat_view(self.model, group.strides)
         # The inf-norm of an empty tensor is an error, not 0: leave those out of the check.
         self._nonempty = [t for t in self.model if t.numel()]
         self._sentinels = self._take_sentinels()
         self._epoch = _registrations
         self.staging: torch.Tensor | None = None
-        if self.staged:
+        if self.staged or stage:
             pin = self.cross_device and group.device.type == "cpu" and torch.cuda.is_available()
             self.staging = torch.empty(
                 group.flat.numel(), dtype=group.dtype, device=group.device, pin_memory=pin
             )
-            numels = [s.numel() for s in group.shapes]
-            self.staging_views = [
-                v.view(s) for v, s in zip(self.staging.split(numels), group.shapes)
-            ]
+            self.staging_views = views(self.staging, group.shapes, group.strides)
+        self._gather: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        self._rest = (group.tensors, self.model)
+        if not self.staged and self.model_flat is None:
+            self._plan_gather()
 
-    def _take_sentinels(self) -> list[tuple[Slot, torch.Tensor, int]]:
+    def _plan_gather(self) -> None:
+        """Chunks of the leading small tensors for ``cat``, and the lists left to foreach."""
+        g = self.group
+        k = 0
+        while k < len(self.model) and gatherable(self.model[k]) and g.tensors[k].is_contiguous():
+            k += 1
+        if k < 2:
+            return
+        numel = sum(t.numel() for t in self.model[:k])
+        self._scratch = torch.empty(numel, dtype=g.dtype, device=g.device)
+        start = end = 0
+        chunk: list[torch.Tensor] = []
+        for t in self.model[:k]:
+            if chunk and end - start + t.numel() >= _CAT_CHUNK:
+                self._gather.append((chunk, self._scratch[start:end]))
+                chunk, start = [], end
+            chunk.append(t.view(-1))
+            end += t.numel()
+        self._gather.append((chunk, self._scratch[start:end]))
+        self._gathered = g.flat[:numel]
+        self._rest = (g.tensors[k:], self.model[k:])
+
+    def _take_sentinels(self) -> list[tuple[torch.Tensor, int]]:
         picks = {0, len(self.slots) - 1}
         picks.update(
             next((i for i, s in enumerate(self.slots) if s.is_param == p), 0) for p in (True, False)
         )
-        return [(self.slots[i], self.model[i], self.model[i].data_ptr()) for i in sorted(picks)]
+        return [(self.model[i], self.model[i].data_ptr()) for i in sorted(picks)]
 
     def is_current(self) -> bool:
         """False once the model's tensors were moved or replaced.
 
-        Moves (``model.to()``, ``.half()``) change every tensor, so a few sentinels per group
-        catch them; a registration anywhere (``module.buf = t``) makes the next call check
-        every slot. A ``.data`` assigned to one tensor in the middle goes unnoticed: call
-        :meth:`d2ema.EMA.rebind` after such surgery.
+        Moves (``model.to()``, ``.half()``, a memory format) change every tensor, so a few
+        sentinels per group catch them; a registration anywhere (``module.buf = t``) makes the
+        next call check every slot. A ``.data`` assigned to one tensor in the middle goes
+        unnoticed: call :meth:`d2ema.EMA.rebind` after such surgery.
         """
-        if not all(s.get() is t and t.data_ptr() == ptr for s, t, ptr in self._sentinels):
-            return False
+        for t, ptr in self._sentinels:
+            if t.data_ptr() != ptr:
+                return False
         if self._epoch != _registrations:
             if not all(s.get() is t for s, t in zip(self.slots, self.model)):
                 return False
@@ -120,12 +165,17 @@ class Binding:
         """``ema = (1 - alpha) * ema + alpha * w`` for every tensor of the group."""
         g = self.group
         if self.staged:
-            self._stage()
+            self.stage()
             g.flat.lerp_(self.staging, alpha)
         elif self.model_flat is not None:
             g.flat.lerp_(self.model_flat, alpha)
         else:
-            torch._foreach_lerp_(g.tensors, self.model, alpha)
+            if self._gather:
+                for chunk, out in self._gather:
+                    torch.cat(chunk, out=out)
+                self._gathered.lerp_(self._scratch, alpha)
+            if self._rest[0]:
+                torch._foreach_lerp_(*self._rest, alpha)
 
     @torch.no_grad()
     def copy(self) -> None:
@@ -137,14 +187,25 @@ class Binding:
         if self.cross_device:
             _synchronize(self.model_device)
 
-    def _stage(self) -> None:
+    def stage(self, non_blocking: bool | None = None, sync: bool = True) -> None:
+        """Copy the weights into the staging buffer (and wait for a cross-device copy)."""
         assert self.staging is not None
+        non_blocking = self.cross_device if non_blocking is None else non_blocking
         if self.model_flat is not None:
-            self.staging.copy_(self.model_flat, non_blocking=self.cross_device)
+            self.staging.copy_(self.model_flat, non_blocking=non_blocking)
         else:
-            torch._foreach_copy_(self.staging_views, self.model, non_blocking=self.cross_device)
-        if self.cross_device:
+            torch._foreach_copy_(self.staging_views, self.model, non_blocking=non_blocking)
+        if self.cross_device and sync:
             _synchronize(self.model_device)
+
+    def finish(self, alpha: float | None) -> None:
+        """The EMA side of a staged update: ``lerp_`` from the staging buffer, or a copy."""
+        assert self.staging is not None
+        with torch.no_grad():
+            if alpha is None:
+                self.group.flat.copy_(self.staging)
+            else:
+                self.group.flat.lerp_(self.staging, alpha)
 
     @torch.no_grad()
     def all_finite(self) -> torch.Tensor:

@@ -24,7 +24,13 @@ ATTRIBUTE = "ema_state"
 
 
 def build_model_ema(cfg, model: nn.Module) -> EMA | None:
-    """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA`."""
+    """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA`.
+
+    Call it before building the optimizer and wrapping the model in DDP, as
+    :class:`~d2ema.d2.EMATrainer` and ``d2ema train`` do: with ``FLAT`` unset (None) the EMA
+    uses flat mode, which re-points the model's tensors into one buffer per dtype
+    (:mod:`d2ema.flat`) so that an update is one ``lerp_``.
+    """
     settings = ema_settings(cfg)
     if not settings.enabled:
         return None
@@ -34,7 +40,7 @@ def build_model_ema(cfg, model: nn.Module) -> EMA | None:
             f"the model already has an attribute {ATTRIBUTE!r}: it is reserved for the EMA. "
             "Build the EMA once per model."
         )
-    ema = EMA(target, **settings.ema_kwargs())
+    ema = EMA(target, **{**settings.ema_kwargs(), "flat": settings.flat is not False})
     setattr(target, ATTRIBUTE, ema)
     return ema
 

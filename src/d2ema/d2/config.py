@@ -62,7 +62,12 @@ KEYS: dict[str, tuple[Any, str]] = {
     "MASTER_DTYPE": ("float32", "dtype of the EMA of bf16/fp16 weights; 'none' keeps theirs"),
     "SKIP_NONFINITE": (False, "skip (and count) updates whose weights hold NaN/Inf"),
     "EXCLUDE": ([], "regular expressions of tensor names not to track"),
-    "FLAT": (False, "re-point model tensors into one buffer per group (single-op update)"),
+    "FLAT": (
+        None,
+        "re-point model tensors into one buffer per group (single-op update); None: on where "
+        "the EMA is built before the optimizer and DDP (build_model_ema: EMATrainer, d2ema "
+        "train), off elsewhere (the seed/D2Go API)",
+    ),
     "EVAL_BOTH": (True, "evaluate the raw and the EMA weights at each evaluation"),
 }
 
@@ -105,7 +110,7 @@ class EMASettings:
     master_dtype: torch.dtype | None
     skip_nonfinite: bool
     exclude: tuple[str, ...]
-    flat: bool
+    flat: bool | None
     eval_both: bool
 
     def ema_kwargs(self) -> dict[str, Any]:
@@ -121,7 +126,7 @@ class EMASettings:
             "device": self.device or None,
             "master_dtype": self.master_dtype,
             "skip_nonfinite": self.skip_nonfinite,
-            "flat": self.flat,
+            "flat": bool(self.flat),
         }
 
 
@@ -173,6 +178,12 @@ def _check_device(key: str, value: str) -> None:
                 f"{key} = {value!r} does not exist on this machine ({count} CUDA devices); "
                 "use '' for the model's device, or 'cpu'"
             )
+
+
+def _optional_bool(key: str, value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key} = {value!r} must be True, False or None (automatic)")
 
 
 def ema_settings(cfg) -> EMASettings:
@@ -236,6 +247,6 @@ def ema_settings(cfg) -> EMASettings:
         master_dtype=_MASTER_DTYPES[master],
         skip_nonfinite=bool(v["SKIP_NONFINITE"]),
         exclude=tuple(exclude),
-        flat=bool(v["FLAT"]),
+        flat=_optional_bool(key("FLAT"), v["FLAT"]),
         eval_both=bool(v["EVAL_BOTH"]),
     )

@@ -2,7 +2,8 @@
 
 What the mixin changes, each in the method that owns it:
 
-* ``build_model`` attaches the EMA (``model.ema_state``) when ``MODEL_EMA.ENABLED``;
+* ``build_model`` attaches the EMA (``model.ema_state``) when ``MODEL_EMA.ENABLED``, before
+  the optimizer and DDP exist, so it uses flat mode unless ``MODEL_EMA.FLAT`` is False;
 * ``build_hooks`` makes the checkpointer an :class:`EMACheckpointer` (EMA saved with every
   checkpoint, checked before anything loads) and adds :class:`EMAHook` right after the timer,
   so checkpoints and evaluations of an iteration see that iteration's EMA;
