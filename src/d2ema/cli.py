@@ -7,7 +7,7 @@ Subcommands::
     d2ema train  --config-file CFG [--resume] [--eval-only] [--num-gpus N] [--num-machines M]
                  [--machine-rank R] [--dist-url URL] [KEY VALUE ... | key=value ...]
     d2ema export CHECKPOINT -o OUT.pth
-    d2ema bench  [arguments of benchmarks/update_speed.py]
+    d2ema bench  [arguments of the update-speed benchmark]
 
 ``train`` is detectron2's ``tools/train_net.py`` (YAML configs) and
 ``tools/lazyconfig_train_net.py`` (``.py`` LazyConfigs) with EMA: ``MODEL_EMA.*`` or
@@ -120,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser(
-        "bench", add_help=False, help="time EMA updates (runs benchmarks/update_speed.py)",
-        description="Run benchmarks/update_speed.py of the source checkout; every argument is "
-        "passed on ('d2ema bench --help' shows them).",
+        "bench", add_help=False, help="time EMA updates against the floor and the peers",
+        description="Run the update-speed benchmark (d2ema.app.speed.update_speed); every "
+        "argument is passed on ('d2ema bench --help' shows them).",
     )
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -103,12 +103,17 @@ class Binding:
         self._sentinels = self._take_sentinels()
         self._epoch = _registrations
         self.staging: torch.Tensor | None = None
+        self._convert: torch.Tensor | None = None
         if self.staged or stage:
+            # Across devices the copy keeps the model's dtype and the EMA's device converts:
+            # converting on the GPU would need a temporary of the EMA's dtype there.
             pin = self.cross_device and group.device.type == "cpu" and torch.cuda.is_available()
-            self.staging = torch.empty(
-                group.flat.numel(), dtype=group.dtype, device=group.device, pin_memory=pin
-            )
+            dtype = src.dtype if self.cross_device else group.dtype
+            numel = group.flat.numel()
+            self.staging = torch.empty(numel, dtype=dtype, device=group.device, pin_memory=pin)
             self.staging_views = views(self.staging, group.shapes, group.strides)
+            if dtype != group.dtype:
+                self._convert = torch.empty(numel, dtype=group.dtype, device=group.device)
         self._gather: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         self._rest = (group.tensors, self.model)
         if not self.staged and self.model_flat is None:
@@ -166,7 +171,7 @@ class Binding:
         g = self.group
         if self.staged:
             self.stage()
-            g.flat.lerp_(self.staging, alpha)
+            self.finish(alpha)
         elif self.model_flat is not None:
             g.flat.lerp_(self.model_flat, alpha)
         else:
@@ -180,32 +185,37 @@ class Binding:
     @torch.no_grad()
     def copy(self) -> None:
         """``ema = w`` (integer buffers; steps before averaging starts)."""
+        if self.staged:
+            self.stage()
+            self.finish(None)
+            return
         if self.model_flat is not None:
-            self.group.flat.copy_(self.model_flat, non_blocking=self.cross_device)
+            self.group.flat.copy_(self.model_flat)
         else:
-            torch._foreach_copy_(self.group.tensors, self.model, non_blocking=self.cross_device)
-        if self.cross_device:
-            _synchronize(self.model_device)
+            torch._foreach_copy_(self.group.tensors, self.model)
 
-    def stage(self, non_blocking: bool | None = None, sync: bool = True) -> None:
+    @torch.no_grad()
+    def stage(self) -> None:
         """Copy the weights into the staging buffer (and wait for a cross-device copy)."""
         assert self.staging is not None
-        non_blocking = self.cross_device if non_blocking is None else non_blocking
         if self.model_flat is not None:
-            self.staging.copy_(self.model_flat, non_blocking=non_blocking)
+            self.staging.copy_(self.model_flat, non_blocking=self.cross_device)
         else:
-            torch._foreach_copy_(self.staging_views, self.model, non_blocking=non_blocking)
-        if self.cross_device and sync:
+            torch._foreach_copy_(self.staging_views, self.model, non_blocking=self.cross_device)
+        if self.cross_device:
             _synchronize(self.model_device)
 
     def finish(self, alpha: float | None) -> None:
         """The EMA side of a staged update: ``lerp_`` from the staging buffer, or a copy."""
         assert self.staging is not None
         with torch.no_grad():
+            src = self.staging
+            if self._convert is not None:
+                src = self._convert.copy_(src)
             if alpha is None:
-                self.group.flat.copy_(self.staging)
+                self.group.flat.copy_(src)
             else:
-                self.group.flat.lerp_(self.staging, alpha)
+                self.group.flat.lerp_(src, alpha)
 
     @torch.no_grad()
     def all_finite(self) -> torch.Tensor:
