@@ -156,7 +156,8 @@ def test_flat_mode_on_cuda_keeps_channels_last():
     model = TrainNet().to(DEV, memory_format=torch.channels_last)
     ema = EMA(model, 0.9, flat=True)
     ref = Reference(model, lambda n: 0.9)
-    storages = {t.untyped_storage().data_ptr() for _, t in all_named(model) if t.is_floating_point()}
+    floats = [t for _, t in all_named(model) if t.is_floating_point()]
+    storages = {t.untyped_storage().data_ptr() for t in floats}
     assert len(storages) == 1
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     train(model, ema, ref, 15, seed=5)
