@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import time
 
 import pytest
 import torch
@@ -180,12 +181,12 @@ def test_flat_under_ddp(tmp_path):
         port = s.getsockname()[1]
     ctx = mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False,
                              start_method="fork")
-    deadline = 120.0  # a hang fails the test instead of blocking the suite
-    while not ctx.join(timeout=deadline):
-        for p in ctx.processes:
-            if p.is_alive():
+    deadline = time.monotonic() + 120  # a hang fails the test instead of blocking the suite
+    while not ctx.join(timeout=max(deadline - time.monotonic(), 0)):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
                 p.kill()
-        pytest.fail("DDP workers did not finish within 120 s")
+            pytest.fail("DDP workers did not finish within 120 s")
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got == {"same": True, "storages": 1}, rank
