@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .errors import EMAStateError
-from .flat import flatten_model_tensors
+from .flat import lay_out
 from .format import (
     FORMAT_VERSION,
     META_KEY,
@@ -52,11 +52,11 @@ from .format import (
     meta_problems,
     split_state,
 )
-from .offload import Offload, wants_overlap
+from .offload import Offload, split_offload
 from .schedules import Schedule, make_schedule
-from .state import Slot, group_slots, tracked_slots, unwrap_model
+from .state import Slot, group_slots, match_slots, tracked_slots, unwrap_model
 from .swap import swapped_bindings
-from .update import Binding, flat_view
+from .update import Binding
 
 __all__ = ["EMA", "FORMAT_VERSION", "EMAStateError"]
 
@@ -161,45 +161,17 @@ class EMA:
         if slots_by_group is None:
             slots_by_group = self._match_slots(model)
         opts = self._options
-        for group, slots in zip(self.groups, slots_by_group):
-            group.follow_layout([s.get() for s in slots])
-            if opts.flat and group.averaged and flat_view(
-                [s.get() for s in slots], group.strides
-            ) is None:
-                flatten_model_tensors(slots, group.strides)
+        lay_out(self.groups, slots_by_group, opts.flat)
         self._bindings = [
             Binding(g, s, stage=bool(opts.overlap)) for g, s in zip(self.groups, slots_by_group)
         ]
-        overlap = wants_overlap(self._bindings) if opts.overlap is None else opts.overlap
-        queued = [b for b in self._bindings if b.staging is not None] if overlap else []
-        self._offload = Offload(queued, model) if queued else None
-        self._direct = [b for b in self._bindings if b not in queued]
+        self._offload, self._direct = split_offload(self._bindings, opts.overlap, model)
         self._bound_to = model
         self._last_arg = None
         self._backups = {}
 
     def _match_slots(self, model: nn.Module) -> list:
-        slots = {s.name: s for s in self._options.slots(model)}
-        problems = compare(
-            {n: (s.get().shape, s.get().dtype) for n, s in slots.items()},
-            {n: (shape, g.dtype) for g in self.groups for n, shape in zip(g.names, g.shapes)},
-            "the model",
-        )
-        if problems:
-            raise EMAStateError(
-                "this EMA does not fit the model it was given:\n"
-                + "\n".join(problems)
-                + "\nPass the model the EMA was built for, or build a new EMA for this one."
-            )
-        regrouped = [[slots[n] for n in g.names] for g in self.groups]
-        for members in regrouped:
-            keys = {(s.get().device, s.get().dtype) for s in members}
-            if len(keys) > 1:
-                raise EMAStateError(
-                    f"tensors that shared a device and dtype when the EMA was built are now "
-                    f"spread over {sorted(map(str, keys))}; build a new EMA after moving the model"
-                )
-        return regrouped
+        return match_slots(self._options.slots(model), self.groups)
 
     def rebind(self, model: nn.Module) -> None:
         """Re-read the model's tensors. Needed only after assigning ``.data`` of single tensors;

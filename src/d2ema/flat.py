@@ -18,9 +18,20 @@ from __future__ import annotations
 
 import torch
 
-from .state import Slot, views
+from .state import Slot, TensorGroup, views
+from .update import flat_view
 
-__all__ = ["flatten_model_tensors"]
+__all__ = ["flatten_model_tensors", "lay_out"]
+
+
+def lay_out(groups: list[TensorGroup], slots_by_group: list[list[Slot]], flat: bool) -> None:
+    """Give each group's averages the layout of the model's tensors and, with ``flat``, move
+    the model's averaged tensors of a group into one buffer (unless they already are)."""
+    for group, slots in zip(groups, slots_by_group):
+        tensors = [s.get() for s in slots]
+        group.follow_layout(tensors)
+        if flat and group.averaged and flat_view(tensors, group.strides) is None:
+            flatten_model_tensors(slots, group.strides)
 
 
 @torch.no_grad()

@@ -48,7 +48,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .update import Binding
 
-__all__ = ["Offload", "wants_overlap"]
+__all__ = ["Offload", "split_offload", "wants_overlap"]
 
 _worker: concurrent.futures.ThreadPoolExecutor | None = None
 _worker_lock = threading.Lock()
@@ -63,6 +63,18 @@ def wants_overlap(bindings: Sequence[Binding]) -> bool:
         b.cross_device and b.model_device.type == "cuda" and b.group.device.type == "cpu"
         for b in bindings
     )
+
+
+def split_offload(
+    bindings: list[Binding], overlap: bool | None, model: nn.Module
+) -> tuple[Offload | None, list[Binding]]:
+    """The :class:`Offload` of the bindings updated in the background (None if none), and
+    the bindings updated directly. ``overlap=None``: see :func:`wants_overlap`."""
+    if overlap is None:
+        overlap = wants_overlap(bindings)
+    queued = [b for b in bindings if b.staging is not None] if overlap else []
+    direct = [b for b in bindings if b not in queued]
+    return (Offload(queued, model) if queued else None), direct
 
 
 def _executor() -> concurrent.futures.ThreadPoolExecutor:

@@ -18,6 +18,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from .errors import EMAStateError
+from .format import compare
+
 __all__ = [
     "Slot",
     "TensorGroup",
@@ -25,6 +28,7 @@ __all__ = [
     "dense_strides",
     "gatherable",
     "group_slots",
+    "match_slots",
     "same_layout",
     "tracked_slots",
     "unwrap_model",
@@ -246,3 +250,29 @@ def group_slots(
         groups.append(group)
         group_slots_.append(members)
     return groups, group_slots_
+
+
+def match_slots(slots: list[Slot], groups: list[TensorGroup]) -> list[list[Slot]]:
+    """``slots`` of a model in the storage order of ``groups``; raises :class:`EMAStateError`
+    (naming every difference) when the model does not fit the groups."""
+    by_name = {s.name: s for s in slots}
+    problems = compare(
+        {n: (s.get().shape, s.get().dtype) for n, s in by_name.items()},
+        {n: (shape, g.dtype) for g in groups for n, shape in zip(g.names, g.shapes)},
+        "the model",
+    )
+    if problems:
+        raise EMAStateError(
+            "this EMA does not fit the model it was given:\n"
+            + "\n".join(problems)
+            + "\nPass the model the EMA was built for, or build a new EMA for this one."
+        )
+    regrouped = [[by_name[n] for n in g.names] for g in groups]
+    for members in regrouped:
+        keys = {(s.get().device, s.get().dtype) for s in members}
+        if len(keys) > 1:
+            raise EMAStateError(
+                f"tensors that shared a device and dtype when the EMA was built are now "
+                f"spread over {sorted(map(str, keys))}; build a new EMA after moving the model"
+            )
+    return regrouped
