@@ -207,7 +207,6 @@ class EMA:
             raise ValueError(f"EMA schedule returned decay {d!r} at step {n}; it must be in [0, 1]")
         return d**self.every
 
-    @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
         """Fold the model's current weights into the average. Call once per optimizer step.
 
@@ -238,11 +237,17 @@ class EMA:
         alpha = 1.0 - d if d > 0.0 else None
         if self._offload is not None:
             self._offload.submit(alpha)
-        for b in self._direct:
-            if alpha is not None and b.group.averaged:
-                b.average(alpha)
-            else:
-                b.copy()
+        # torch.no_grad() costs ~3 us a call, a third of a 500-layer model's lerp_.
+        grad = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            for b in self._direct:
+                if alpha is not None and b.group.averaged:
+                    b.average(alpha)
+                else:
+                    b.copy()
+        finally:
+            torch._C._set_grad_enabled(grad)
 
     @staticmethod
     def _all_finite(bindings: list[Binding]) -> bool:

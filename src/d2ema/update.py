@@ -165,9 +165,9 @@ class Binding:
             self._epoch = _registrations
         return True
 
-    @torch.no_grad()
     def average(self, alpha: float) -> None:
-        """``ema = (1 - alpha) * ema + alpha * w`` for every tensor of the group."""
+        """``ema = (1 - alpha) * ema + alpha * w`` for every tensor of the group (call it with
+        grad mode off: the model's tensors require grad)."""
         g = self.group
         if self.staged:
             self.stage()
