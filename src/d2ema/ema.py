@@ -35,6 +35,7 @@ import copy
 import dataclasses
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -150,7 +151,8 @@ class EMA:
         self._direct: list[Binding] = []  # bindings updated in the calling thread
         self._offload: Offload | None = None
         self._bound_to: nn.Module | None = None
-        self._last_arg: nn.Module | None = None  # the last model passed, wrappers included
+        # The last model passed (wrappers included), weakly: the same one again skips unwrapping.
+        self._last_arg: Callable[[], nn.Module | None] = lambda: None
         self._backups: dict = {}
         self._swapped = False
         self._bind(unwrap_model(model), slots_by_group)
@@ -167,7 +169,7 @@ class EMA:
         ]
         self._offload, self._direct = split_offload(self._bindings, opts.overlap, model)
         self._bound_to = model
-        self._last_arg = None
+        self._last_arg = lambda: None
         self._backups = {}
 
     def _match_slots(self, model: nn.Module) -> list:
@@ -179,15 +181,15 @@ class EMA:
         self._bind(unwrap_model(model))
 
     def _binding_for(self, model: nn.Module) -> list[Binding]:
-        if model is not self._last_arg:  # the same model as last time skips the unwrapping
+        if model is not self._last_arg():
             target = unwrap_model(model)
             if target is not self._bound_to:
                 self._bind(target)
-            self._last_arg = model
+            self._last_arg = weakref.ref(model)
         for b in self._bindings:
             if not b.is_current():
                 self._bind(self._bound_to)
-                self._last_arg = model
+                self._last_arg = weakref.ref(model)
                 break
         return self._bindings
 
