@@ -240,8 +240,9 @@ class Setup:
     foreach_averages: list[torch.Tensor]
 
 
-def build_methods(model: nn.Module, decay: float) -> Setup:
-    """Every method for ``model``; peers that cannot be imported are listed as missing."""
+def build_methods(model: nn.Module, decay: float, peers: bool = True) -> Setup:
+    """Every method for ``model``; peers that cannot be imported are listed as missing
+    (``peers=False``: all of them, without importing any)."""
     floor = _floor(model, decay)
     default, ema = _d2ema(model, decay)
     flat, ema_flat, flat_model = _d2ema_flat(model, decay)
@@ -249,7 +250,7 @@ def build_methods(model: nn.Module, decay: float) -> Setup:
     mul_add = _foreach_mul_add(model, decay)
     methods = [floor, flat, default, _seed_loop(model, decay), mul_add, lerp]
     missing: list[tuple[str, str]] = []
-    peers: list[tuple[str, str, Callable[[], Method]]] = [
+    libraries: list[tuple[str, str, Callable[[], Method]]] = [
         ("timm ModelEmaV3", "timm", lambda: _timm(model, decay)),
         ("ema-pytorch EMA", "ema-pytorch", lambda: _ema_pytorch(model, decay, False)),
         ("ema-pytorch EMA (use_foreach=True)", "ema-pytorch",
@@ -257,7 +258,10 @@ def build_methods(model: nn.Module, decay: float) -> Setup:
         ("torch-ema ExponentialMovingAverage", "torch-ema", lambda: _torch_ema(model, decay)),
         ("torch AveragedModel (EMA multi_avg_fn)", "torch", lambda: _averaged_model(model, decay)),
     ]
-    for name, dist, build in peers:
+    for name, dist, build in libraries:
+        if not peers:
+            missing.append((name, "not timed (peers off)"))
+            continue
         try:
             methods.append(build())
         except ImportError:

@@ -216,12 +216,14 @@ def run(
     inner: int = INNER,
     seconds: float = SECONDS,
     quick: bool = False,
+    peers: bool = True,
     log: Callable[[str], None] = print,
 ) -> str:
     """Benchmark ``models`` and return the markdown report (``log`` gets progress lines).
 
     ``reps=None`` adapts the repetitions to the model (about ``seconds`` each, between
-    ``MIN_REPS`` and ``MAX_REPS``); ``quick`` runs 5 for a smoke test.
+    ``MIN_REPS`` and ``MAX_REPS``); ``quick`` runs 5 for a smoke test; ``peers=False`` leaves
+    the peer libraries out.
     """
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
@@ -253,7 +255,7 @@ def run(
         except ImportError as e:
             out += [f"## {MODEL_TITLES[name]} (`{name}`)", "", f"Skipped: {e}.", ""]
             continue
-        setup = build_methods(model, decay)
+        setup = build_methods(model, decay, peers)
         timing = time_round_robin(setup.methods, reps, device, warmup=warmup, inner=inner,
                                   seconds=seconds)
         log(f"[bench] {name}: {len(timing.times[0])} of {timing.rounds} repetitions kept")
@@ -293,12 +295,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                         help=f"back-to-back updates per sample, fastest kept ({INNER})")
     parser.add_argument("--decay", type=float, default=DECAY)
     parser.add_argument("--quick", action="store_true", help="5 repetitions: a smoke test")
+    parser.add_argument("--no-peers", action="store_true", help="leave the peer libraries out")
     parser.add_argument("--out", default=None,
                         help=f"markdown file to write (default {DEFAULT_OUT} for a full run, "
                              "nothing for --quick; '-' writes nothing)")
     args = parser.parse_args(argv)
     report = run(args.models, args.reps, args.threads, args.device, decay=args.decay,
                  inner=args.inner, seconds=args.seconds, quick=args.quick,
+                 peers=not args.no_peers,
                  log=lambda s: print(s, file=sys.stderr, flush=True))
     print(report)
     out = args.out if args.out is not None else (None if args.quick else str(DEFAULT_OUT))
