@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import re
 
-from d2ema.app.speed import train_step, update_speed
+from torch import nn
+
+from d2ema.app.speed import methods, train_step, update_speed
 from d2ema.app.speed.methods import DEFAULT, FLAT
 
 
-def test_update_speed_quick_report():
-    report = update_speed.run(["tiny500"], quick=True, threads=1, peers=False, log=lambda s: None)
+def test_update_speed_quick_report(monkeypatch):
+    tiny = lambda: nn.Sequential(*(nn.Linear(8, 8) for _ in range(50)))  # noqa: E731
+    for table, value in ((methods.MODELS, tiny), (methods.MODEL_TITLES, "50 × Linear(8, 8)")):
+        monkeypatch.setitem(table, "tiny50", value)
+    report = update_speed.run(["tiny50"], quick=True, threads=1, peers=False, log=lambda s: None)
     for row in ("floor: one lerp_", FLAT, DEFAULT, "seed loop", "foreach lerp_"):
         assert f"| {row}" in report, row
     assert "max |d2ema − foreach lerp_| after the run: 0.00e+00" in report
-    assert "1000/1000 float tensors inside the block point into EMA storage" in report
+    assert "100/100 float tensors inside the block point into EMA storage" in report
     assert re.search(r"EMATrainer default ≤ 2\.00× floor", report)
     assert "GB/s" in report and "memory bandwidth" in report
 

@@ -5,14 +5,15 @@ Per group and step, the work is a few fused ops chosen once, when the EMA binds 
 * model tensors in one buffer laid out like the EMA's (``flat=True``): a single ``lerp_``;
 * same device and dtype: one ``torch._foreach_lerp_`` over prebuilt lists. On the CPU the
   small tensors (laid out first in the group, see :data:`~d2ema.state.SMALL_NUMEL`) are
-  gathered with ``torch.cat`` into a scratch buffer and averaged with one ``lerp_``: per-tensor
-  dispatch costs more than their bytes. The gather is cut in chunks below ATen's grain size
-  (32768 elements), where ``cat`` takes its serial memcpy path; a larger ``cat`` with two or
-  more threads copies input by input and is slower than the foreach it replaces;
-* another dtype or device (fp32 master of a bf16 model, CPU EMA of a GPU model): one
-  ``_foreach_copy_`` into a reusable staging buffer of the EMA's dtype on the EMA's device
-  (pinned, non-blocking for GPU -> CPU), then one ``lerp_``. :mod:`d2ema.offload` runs the
-  copy on a side stream and the ``lerp_`` in a background thread.
+  gathered with ``torch.cat`` into a scratch buffer and averaged with ``lerp_``, in chunks
+  below ATen's grain size (32768 elements): per-tensor dispatch costs more than their bytes,
+  ``cat`` takes its serial memcpy path below the grain size (above it, with two or more
+  threads, it copies input by input and is slower than the foreach it replaces), and no op of
+  the chunk waits for a second thread that a busy machine has descheduled;
+* another dtype or device (fp32 master of a bf16 model, CPU EMA of a GPU model): one copy into
+  a reusable staging buffer on the EMA's device (pinned for GPU -> CPU, in the model's dtype
+  across devices), then one ``lerp_``. :mod:`d2ema.offload` runs the copy on a side stream and
+  the ``lerp_`` in a background thread.
 
 No step allocates or walks the model in Python. ``lerp_`` with weight ``1 - d`` computes
 ``d * ema + (1 - d) * w``; it is exact at ``d = 0`` and ``d = 1`` and leaves a constant weight
@@ -114,13 +115,15 @@ class Binding:
             self.staging_views = views(self.staging, group.shapes, group.strides)
             if dtype != group.dtype:
                 self._convert = torch.empty(numel, dtype=group.dtype, device=group.device)
-        self._gather: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        self._gather: list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]] = []
         self._rest = (group.tensors, self.model)
         if not self.staged and self.model_flat is None:
             self._plan_gather()
 
     def _plan_gather(self) -> None:
-        """Chunks of the leading small tensors for ``cat``, and the lists left to foreach."""
+        """Chunks of the leading small tensors: (weights, scratch, averages) for one ``cat``
+        and one ``lerp_`` each, both below the grain size, so neither waits for a second
+        thread; and the lists left to foreach."""
         g = self.group
         k = 0
         while k < len(self.model) and gatherable(self.model[k]) and g.tensors[k].is_contiguous():
@@ -128,17 +131,16 @@ class Binding:
         if k < 2:
             return
         numel = sum(t.numel() for t in self.model[:k])
-        self._scratch = torch.empty(numel, dtype=g.dtype, device=g.device)
+        scratch = torch.empty(numel, dtype=g.dtype, device=g.device)
         start = end = 0
         chunk: list[torch.Tensor] = []
-        for t in self.model[:k]:
-            if chunk and end - start + t.numel() >= _CAT_CHUNK:
-                self._gather.append((chunk, self._scratch[start:end]))
+        for t in [*self.model[:k], None]:
+            if chunk and (t is None or end - start + t.numel() >= _CAT_CHUNK):
+                self._gather.append((chunk, scratch[start:end], g.flat[start:end]))
                 chunk, start = [], end
-            chunk.append(t.view(-1))
-            end += t.numel()
-        self._gather.append((chunk, self._scratch[start:end]))
-        self._gathered = g.flat[:numel]
+            if t is not None:
+                chunk.append(t.view(-1))
+                end += t.numel()
         self._rest = (g.tensors[k:], self.model[k:])
 
     def _take_sentinels(self) -> list[tuple[torch.Tensor, int]]:
@@ -175,10 +177,8 @@ class Binding:
         elif self.model_flat is not None:
             g.flat.lerp_(self.model_flat, alpha)
         else:
-            if self._gather:
-                for chunk, out in self._gather:
-                    torch.cat(chunk, out=out)
-                self._gathered.lerp_(self._scratch, alpha)
+            for chunk, scratch, ema in self._gather:
+                ema.lerp_(torch.cat(chunk, out=scratch), alpha)
             if self._rest[0]:
                 torch._foreach_lerp_(*self._rest, alpha)
 
