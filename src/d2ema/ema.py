@@ -161,7 +161,7 @@ class EMA:
     def _bind(self, model: nn.Module, slots_by_group: list | None = None) -> None:
         self.synchronize()
         if slots_by_group is None:
-            slots_by_group = self._match_slots(model)
+            slots_by_group = match_slots(self._options.slots(model), self.groups)
         opts = self._options
         lay_out(self.groups, slots_by_group, opts.flat)
         self._bindings = [
@@ -171,9 +171,6 @@ class EMA:
         self._bound_to = model
         self._last_arg = lambda: None
         self._backups = {}
-
-    def _match_slots(self, model: nn.Module) -> list:
-        return match_slots(self._options.slots(model), self.groups)
 
     def rebind(self, model: nn.Module) -> None:
         """Re-read the model's tensors. Needed only after assigning ``.data`` of single tensors;
