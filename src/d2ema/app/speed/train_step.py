@@ -10,7 +10,9 @@ followed by the hooks' ``after_step`` (where :class:`~d2ema.d2.EMAHook` updates)
 * ``every4``: ``MODEL_EMA.UPDATE_EVERY = 4``;
 * ``other_device``: on a CUDA model ``MODEL_EMA.DEVICE = "cpu"``, the background path of
   :mod:`d2ema.offload`; on a CPU-only machine there is no other device, and the row runs the
-  same background path with ``overlap=True`` (snapshot on the CPU, ``lerp_`` in a thread).
+  same background path with ``overlap=True`` (snapshot on the CPU, ``lerp_`` in a thread);
+* ``other_device_sync`` (CUDA only): the same CPU-held EMA updated synchronously
+  (``overlap=False``): copy, wait, lerp, what the background path saves.
 
 Timing: in each round every variant runs ``iters`` iterations as one timed block, in a rotating
 order; on CUDA a block ends with ``torch.cuda.synchronize()``. A background EMA update left
@@ -41,9 +43,10 @@ import torch
 
 from .timing import RESULTS, environment, quantile, synchronizer
 
-__all__ = ["VARIANTS", "main", "run"]
+__all__ = ["CPU_VARIANTS", "VARIANTS", "main", "run"]
 
-VARIANTS = ("off", "default", "every4", "other_device")
+VARIANTS = ("off", "default", "every4", "other_device", "other_device_sync")
+CPU_VARIANTS = VARIANTS[:4]
 DEFAULT_OUT = RESULTS / "train_step.md"
 
 
@@ -132,6 +135,12 @@ def _build(name: str, cfg, init: dict, batches, device: torch.device) -> Variant
     elif name == "other_device" and device.type == "cuda":
         cfg.MODEL_EMA.DEVICE = "cpu"
         ema, note = build_model_ema(cfg, model), "DEVICE cpu: side-stream copy, host lerp"
+    elif name == "other_device_sync":
+        if device.type != "cuda":
+            raise ValueError("other_device_sync needs a CUDA model")
+        cfg.MODEL_EMA.DEVICE = "cpu"
+        kwargs = {**ema_settings(cfg).ema_kwargs(), "flat": True, "overlap": False}
+        ema, note = EMA(model, **kwargs), "DEVICE cpu, overlap=False: copy, wait, lerp"
     elif name == "other_device":
         kwargs = {**ema_settings(cfg).ema_kwargs(), "flat": True, "overlap": True}
         ema = EMA(model, **kwargs)
@@ -168,14 +177,15 @@ def run(
     rounds: int = 8,
     warmup: int = 1,
     threads: int = 2,
-    variants: Sequence[str] = VARIANTS,
+    variants: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> str:
-    """Time the variants and return the markdown report."""
+    """Time the variants (default: all that the device has) and return the markdown report."""
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
     device = torch.device(device)
+    variants = variants or (VARIANTS if device.type == "cuda" else CPU_VARIANTS)
     torch.set_num_threads(threads)
     arch = arch or ("r50" if device.type == "cuda" else "r18")
     size = size or (640 if arch == "r50" else 128)
@@ -259,10 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds (8)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (1)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (2)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                        help="default: all (CUDA), all but other_device_sync (CPU)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="markdown file; '-': none")
     args = parser.parse_args(argv)
-    if args.variants[0] != "off":
+    if args.variants and args.variants[0] != "off":
         parser.error("--variants must start with 'off' (the baseline of the ratios)")
     report = run(args.device, arch=args.arch, size=args.size, batch=args.batch,
                  iters=args.iters, rounds=args.rounds, warmup=args.warmup,
