@@ -3,7 +3,8 @@
 Three layers, imports pointing one way (app and cli -> d2 -> core):
 
 * the core (this package's modules) works on any ``nn.Module`` and training loop and imports no
-  detectron2: :class:`EMA`, schedules, the checkpoint format, export;
+  detectron2: :class:`EMA`, schedules, the checkpoint format, export, and for multi-process
+  jobs ``d2ema.distributed`` (DDP buffers, FSDP2 states) and :class:`ShardedEMA`;
 * ``d2ema.d2`` is the detectron2 layer (config keys, hook, checkpointer, trainer, evaluation,
   ``train_net``, and ``d2ema.d2.compat``, the seed article's / D2Go's API);
 * ``d2ema.app`` is the application behind the ``d2ema`` command (demo, embedded datasets).
@@ -16,6 +17,7 @@ from .ema import EMA
 from .errors import D2EMAError, EMAStateError
 from .format import FORMAT_VERSION
 from .schedules import SCHEDULES, Schedule, make_schedule
+from .sharded import ShardedEMA
 from .state import unwrap_model
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "D2EMAError",
     "EMAStateError",
     "Schedule",
+    "ShardedEMA",
     "make_schedule",
     "unwrap_model",
 ]

@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["atomic_save", "file_mode"]
+__all__ = ["atomic_save", "atomic_write_text", "file_mode"]
 
 
 def file_mode(path: Path) -> int:
@@ -39,13 +40,22 @@ def atomic_save(obj: Any, output: str | os.PathLike[str]) -> None:
     Raises ``OSError`` (the folder cannot be made, the disk is full, ...) with no file left
     behind and ``output`` unchanged.
     """
+    _write_atomically(output, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, output: str | os.PathLike[str]) -> None:
+    """Write ``text`` (UTF-8) to ``output`` the same way as :func:`atomic_save`."""
+    _write_atomically(output, lambda f: f.write(text.encode("utf-8")))
+
+
+def _write_atomically(output: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
     output = Path(output)
     folder = output.parent
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode(output))  # mkstemp makes 0600; give what open() would

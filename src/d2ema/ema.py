@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import reshard, to_dtensors, to_local_shards
 from .errors import EMAStateError
 from .flat import lay_out
 from .format import (
@@ -57,7 +58,7 @@ from .offload import Offload, split_offload
 from .schedules import Schedule, make_schedule
 from .state import Slot, group_slots, match_slots, tracked_slots, unwrap_model
 from .swap import swapped_bindings
-from .update import Binding
+from .update import Binding, update_all
 
 __all__ = ["EMA", "FORMAT_VERSION", "EMAStateError"]
 
@@ -99,8 +100,7 @@ class EMA:
         skip_nonfinite: skip (and count) an update whose weights hold NaN or Inf.
         flat: re-point the model's tensors into one buffer per group so that an update is a
             single op (see :mod:`d2ema.flat`; build the EMA before the optimizer and DDP).
-        overlap: run updates in the background (:mod:`d2ema.offload`); ``None``: where a CUDA
-            model's EMA is on the CPU. Reads of the average wait for the update in flight.
+        overlap: update in the background (:mod:`d2ema.offload`); None: a CUDA model's CPU EMA.
     """
 
     def __init__(
@@ -134,6 +134,9 @@ class EMA:
         self.skip_nonfinite = skip_nonfinite
         self.step = 0
         self.num_skipped = 0
+        # What the average holds: "built" (the model's weights when this EMA was made), "reset"
+        # (the model's weights at a later reset()), "updated" (training) or "loaded".
+        self.provenance = "built"
         self._options = _Options(
             include_frozen,
             include_buffers,
@@ -143,16 +146,15 @@ class EMA:
             flat,
             overlap,
         )
-        slots = self._options.slots(model)
-        if not slots:
+        all_slots = self._options.slots(model)
+        if not all_slots:
             raise ValueError("the model has no tensors to track (check include_*/exclude)")
+        slots = self._select(all_slots)
         self.groups, slots_by_group = group_slots(slots, self._options.device, master_dtype)
         self._bindings: list[Binding] = []
-        self._direct: list[Binding] = []  # bindings updated in the calling thread
         self._offload: Offload | None = None
         self._bound_to: nn.Module | None = None
-        # The last model passed (wrappers included), weakly: the same one again skips unwrapping.
-        self._last_arg: Callable[[], nn.Module | None] = lambda: None
+        self._last_arg: Callable[[], nn.Module | None] = lambda: None  # weakref of the last model
         self._backups: dict = {}
         self._swapped = False
         self._bind(unwrap_model(model), slots_by_group)
@@ -161,7 +163,7 @@ class EMA:
     def _bind(self, model: nn.Module, slots_by_group: list | None = None) -> None:
         self.synchronize()
         if slots_by_group is None:
-            slots_by_group = match_slots(self._options.slots(model), self.groups)
+            slots_by_group = match_slots(self._select(self._options.slots(model)), self.groups)
         opts = self._options
         lay_out(self.groups, slots_by_group, opts.flat)
         self._bindings = [
@@ -172,22 +174,27 @@ class EMA:
         self._last_arg = lambda: None
         self._backups = {}
 
+    def _select(self, slots: list[Slot]) -> list[Slot]:
+        """The tracked slots this EMA stores (all; a sharded EMA keeps its rank's share)."""
+        return slots
+
+    def _dtensors(self) -> dict[str, torch.Tensor]:
+        """The model's DTensors (FSDP2) whose local shards this EMA averages, by name."""
+        return {s.name: s.tensor() for b in self._bindings for s in b.slots if s.local}
+
     def rebind(self, model: nn.Module) -> None:
         """Re-read the model's tensors. Needed only after assigning ``.data`` of single tensors;
         moves, dtype changes and re-registered tensors are noticed by themselves."""
         self._bind(unwrap_model(model))
 
     def _binding_for(self, model: nn.Module) -> list[Binding]:
-        if model is not self._last_arg():
+        if model is not self._last_arg():  # the same model again skips the unwrapping
             target = unwrap_model(model)
             if target is not self._bound_to:
                 self._bind(target)
-            self._last_arg = weakref.ref(model)
-        for b in self._bindings:
-            if not b.is_current():
-                self._bind(self._bound_to)
-                self._last_arg = weakref.ref(model)
-                break
+        if not all(b.is_current() for b in self._bindings):
+            self._bind(self._bound_to)
+        self._last_arg = weakref.ref(model)
         return self._bindings
 
     def synchronize(self) -> None:
@@ -217,6 +224,7 @@ class EMA:
                 "EMA.update() called inside EMA.swapped(): the model holds the EMA weights"
             )
         step = self.step + 1 if step is None else int(step)
+        self.provenance = "updated"
         n = step - self.start
         if n > 0 and n % self.every:
             self.step = step
@@ -236,17 +244,7 @@ class EMA:
         alpha = 1.0 - d if d > 0.0 else None
         if self._offload is not None:
             self._offload.submit(alpha)
-        # torch.no_grad() costs ~3 us a call, a third of a 500-layer model's lerp_.
-        grad = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
-            for b in self._direct:
-                if alpha is not None and b.group.averaged:
-                    b.average(alpha)
-                else:
-                    b.copy()
-        finally:
-            torch._C._set_grad_enabled(grad)
+        update_all(self._direct, alpha)
 
     @staticmethod
     def _all_finite(bindings: list[Binding]) -> bool:
@@ -265,6 +263,7 @@ class EMA:
         if self._swapped:
             raise RuntimeError("EMA.swapped() is already active for this EMA")
         self.synchronize()
+        fsdp = reshard(model)  # FSDP2 keeps gathered weights after a forward: drop them
         bindings = self._binding_for(model)
         self._swapped = True
         try:
@@ -272,6 +271,8 @@ class EMA:
                 yield model
         finally:
             self._swapped = False
+            if fsdp:
+                reshard(model)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -288,6 +289,7 @@ class EMA:
         self.synchronize()
         for b in self._binding_for(model):
             b.copy()
+        self.provenance = "reset"
 
     def model_copy(self, model: nn.Module) -> nn.Module:
         """A deep copy of ``model`` (unwrapped) holding the EMA weights; ``model`` is untouched."""
@@ -303,8 +305,20 @@ class EMA:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The averages by name, in no particular order (live views: do not modify)."""
+        return self._views()
+
+    def _views(self) -> dict[str, torch.Tensor]:
         self.synchronize()
         return {n: t for g in self.groups for n, t in zip(g.names, g.tensors)}
+
+    def _expected_state(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """Name -> (shape, dtype) in a full state of this EMA (a DTensor's global shape)."""
+        dtensors = self._dtensors()
+        return {n: (dtensors.get(n, t).shape, t.dtype) for n, t in self._views().items()}
+
+    def _own_part(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What this EMA stores of a full state: all of it, or this rank's shards (FSDP2)."""
+        return to_local_shards(tensors, self._dtensors())
 
     @property
     def num_bytes(self) -> int:
@@ -337,9 +351,10 @@ class EMA:
         """``{"ema_state": {name: tensor}, "ema_meta": {...}}``.
 
         ``ema_state`` is the plain name->tensor dict that D2Go and the seed article write;
-        ``ema_meta`` holds the format version, step counter and schedule.
+        ``ema_meta`` holds the format version, step counter and schedule. Under FSDP2 the
+        averages of DTensor parameters are DTensors too (see :mod:`d2ema.distributed`).
         """
-        return {STATE_KEY: self.tensors(), META_KEY: self.meta()}
+        return {STATE_KEY: to_dtensors(self.tensors(), self._dtensors()), META_KEY: self.meta()}
 
     def check_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True
@@ -349,11 +364,11 @@ class EMA:
         Returns the tensors (names aligned to this EMA's) and the metadata, if any.
         """
         tensors, meta = split_state(state_dict)
-        mine = self.tensors()
-        tensors = align_names(tensors, mine)
+        expected = self._expected_state()
+        tensors = align_names(tensors, expected)
         problems = compare(
             {n: (t.shape, t.dtype) for n, t in tensors.items()},
-            {n: (t.shape, t.dtype) for n, t in mine.items()},
+            expected,
             "the checkpoint",
             allow_missing=not strict,
         )
@@ -363,7 +378,7 @@ class EMA:
             raise EMAStateError(
                 "cannot load this EMA state; the EMA is unchanged:\n  " + "\n  ".join(problems)
             )
-        return tensors, meta
+        return self._own_part(tensors), meta
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
         """Load our format, or a plain name->tensor dict (D2Go's and the seed's ``ema_state``).
@@ -373,7 +388,7 @@ class EMA:
         ``strict=False`` missing and unexpected names are allowed (and returned).
         """
         tensors, meta = self.check_state_dict(state_dict, strict)
-        mine = self.tensors()
+        mine = self._views()
         with torch.no_grad():
             for name, t in tensors.items():
                 if name in mine:
@@ -389,9 +404,11 @@ class EMA:
                     saved,
                     current,
                 )
+        self.provenance = "loaded"
+        expected = self._expected_state()
+        given = set(align_names(split_state(state_dict)[0], expected))
         return nn.modules.module._IncompatibleKeys(
-            missing_keys=sorted(set(mine) - set(tensors)),
-            unexpected_keys=sorted(set(tensors) - set(mine)),
+            sorted(set(expected) - given), sorted(given - set(expected))
         )
 
     def __repr__(self) -> str:

@@ -25,12 +25,17 @@ __all__ = ["flatten_model_tensors", "lay_out"]
 
 
 def lay_out(groups: list[TensorGroup], slots_by_group: list[list[Slot]], flat: bool) -> None:
-    """Give each group's averages the layout of the model's tensors and, with ``flat``, move
-    the model's averaged tensors of a group into one buffer (unless they already are)."""
+    """With ``flat``: give each averaged group the layout of the model's tensors (strides
+    included) and move the model's tensors of the group into one buffer, unless they already
+    are. Without, the averages stay contiguous and the model untouched."""
+    if not flat:
+        return
     for group, slots in zip(groups, slots_by_group):
+        if not group.averaged:
+            continue
         tensors = [s.get() for s in slots]
         group.follow_layout(tensors)
-        if flat and group.averaged and flat_view(tensors, group.strides) is None:
+        if flat_view(tensors, group.strides) is None:
             flatten_model_tensors(slots, group.strides)
 
 

@@ -28,7 +28,9 @@ __all__ = [
     "dense_strides",
     "gatherable",
     "group_slots",
+    "is_dtensor",
     "match_slots",
+    "plan_groups",
     "same_layout",
     "tracked_slots",
     "unwrap_model",
@@ -52,6 +54,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters are)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+
+
 def clean_name(name: str) -> str:
     for segment in _WRAPPER_SEGMENTS:
         name = name.replace(segment, "")
@@ -60,16 +67,26 @@ def clean_name(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """Where a tracked tensor lives: ``module._parameters[attr]`` or ``module._buffers[attr]``."""
+    """Where a tracked tensor lives: ``module._parameters[attr]`` or ``module._buffers[attr]``.
+
+    ``local``: the tensor there is a DTensor (FSDP2) and the EMA tracks this rank's shard of it.
+    """
 
     name: str
     module: nn.Module
     attr: str
     is_param: bool
+    local: bool = False
 
-    def get(self) -> torch.Tensor:
+    def tensor(self) -> torch.Tensor:
+        """The tensor as registered (the DTensor itself for a local slot)."""
         table = self.module._parameters if self.is_param else self.module._buffers
         return table[self.attr]
+
+    def get(self) -> torch.Tensor:
+        """The tensor the EMA averages: the registered one, or this rank's shard of it."""
+        t = self.tensor()
+        return t._local_tensor if self.local else t
 
 
 def tracked_slots(
@@ -100,7 +117,7 @@ def tracked_slots(
                 continue
             prefix, _, attr = raw_name.rpartition(".")
             module = model.get_submodule(prefix) if prefix else model
-            slots.append(Slot(name, module, attr, is_param))
+            slots.append(Slot(name, module, attr, is_param, is_dtensor(tensor)))
 
     add(model.named_parameters(), True)
     if include_buffers:
@@ -124,9 +141,9 @@ def dense_strides(t: torch.Tensor) -> tuple[int, ...]:
     """``t``'s strides if it covers its memory without gaps or overlaps (contiguous,
     channels_last, a transpose...), else the contiguous strides of its shape.
 
-    The averages copy this layout, so that a tensor and its average have their elements in the
-    same order in memory: the flat update pairs them by position, and a swap keeps the
-    model's memory format.
+    In flat mode the averages copy this layout, so that a tensor and its average have their
+    elements in the same order in memory: the flat update pairs them by position, and a swap
+    keeps the model's memory format.
     """
     dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1)
     expected = 1
@@ -164,7 +181,8 @@ def gatherable(t: torch.Tensor) -> bool:
 class TensorGroup:
     """The averages of tensors sharing (device, dtype): one flat buffer, one view per tensor.
 
-    Each view has the layout (strides) of the model tensor it averages, see :func:`dense_strides`.
+    Views are contiguous; in flat mode each has the layout (strides) of the model tensor it
+    averages (see :func:`dense_strides`).
     """
 
     device: torch.device
@@ -221,6 +239,21 @@ def views(flat: torch.Tensor, shapes: list[torch.Size], strides: list[tuple[int,
     return out
 
 
+def plan_groups(
+    slots: list[Slot], device: torch.device | None, master_dtype: torch.dtype | None
+) -> dict[tuple, list[Slot]]:
+    """The slots by group key (EMA device, EMA dtype, model device, model dtype), in storage
+    order: the tracking order, except that a CPU group puts its small contiguous tensors first
+    (a stable sort, so a subset of the slots keeps the same relative order)."""
+    keyed: dict[tuple, list[Slot]] = {}
+    for slot in slots:
+        t = slot.get()
+        ema_device = torch.device(device) if device is not None else t.device
+        key = (ema_device, ema_dtype_for(t.dtype, master_dtype), t.device, t.dtype)
+        keyed.setdefault(key, []).append(slot)
+    return {k: sorted(v, key=lambda s: not gatherable(s.get())) for k, v in keyed.items()}
+
+
 def group_slots(
     slots: list[Slot],
     device: torch.device | None,
@@ -228,22 +261,15 @@ def group_slots(
 ) -> tuple[list[TensorGroup], list[list[Slot]]]:
     """Allocate one :class:`TensorGroup` per (EMA device, EMA dtype, model device, model dtype).
 
-    Returns the groups and, for each, its slots in the group's storage order: the tracking
-    order, except that a CPU group puts its small contiguous tensors first.
+    Returns the groups and, for each, its slots in the group's storage order (see
+    :func:`plan_groups`). The averages are contiguous; flat mode gives them the model's layout
+    (:func:`d2ema.flat.lay_out`).
     """
-    keyed: dict[tuple, list[Slot]] = {}
-    for slot in slots:
-        t = slot.get()
-        ema_device = torch.device(device) if device is not None else t.device
-        key = (ema_device, ema_dtype_for(t.dtype, master_dtype), t.device, t.dtype)
-        keyed.setdefault(key, []).append(slot)
     groups, group_slots_ = [], []
-    for (ema_device, ema_dtype, _, _), members in keyed.items():
-        members = sorted(members, key=lambda s: not gatherable(s.get()))  # stable
+    for (ema_device, ema_dtype, _, _), members in plan_groups(slots, device, master_dtype).items():
         tensors = [s.get() for s in members]
         group = TensorGroup.allocate(
-            [s.name for s in members], [t.shape for t in tensors], ema_device, ema_dtype,
-            [dense_strides(t) for t in tensors],
+            [s.name for s in members], [t.shape for t in tensors], ema_device, ema_dtype
         )
         with torch.no_grad():
             torch._foreach_copy_(group.tensors, tensors)

@@ -27,7 +27,7 @@ from torch import nn
 
 from .state import Slot, TensorGroup, gatherable, same_layout, views
 
-__all__ = ["Binding", "flat_view"]
+__all__ = ["Binding", "flat_view", "update_all"]
 
 # ATen's at::internal::GRAIN_SIZE: a cat below it runs serially as plain memcpys.
 _CAT_CHUNK = 32768
@@ -98,6 +98,9 @@ class Binding:
         self.model_device = src.device
         self.cross_device = src.device != group.device
         self.staged = self.cross_device or src.dtype != group.dtype
+        # FSDP2 all-gathers from its own flat shard storage, not from the shard tensors' .data:
+        # swapping .data would go unseen there, so the EMA is copied in and out instead.
+        self.swap_by_copy = self.staged or any(s.local for s in slots)
         self.model_flat = flat_view(self.model, group.strides)
         # The inf-norm of an empty tensor is an error, not 0: leave those out of the check.
         self._nonempty = [t for t in self.model if t.numel()]
@@ -225,3 +228,18 @@ class Binding:
         if self.model_flat is not None:
             return torch.linalg.vector_norm(self.model_flat, float("inf")).isfinite()
         return torch.stack(torch._foreach_norm(self._nonempty, float("inf"))).isfinite().all()
+
+
+def update_all(bindings: list[Binding], alpha: float | None) -> None:
+    """One update of ``bindings`` in the calling thread: ``lerp_`` with weight ``alpha``, or a
+    copy (``alpha`` None, and integer groups)."""
+    grad = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)  # torch.no_grad() costs ~3 us: a 500-layer lerp_ is ~10
+    try:
+        for b in bindings:
+            if alpha is not None and b.group.averaged:
+                b.average(alpha)
+            else:
+                b.copy()
+    finally:
+        torch._C._set_grad_enabled(grad)

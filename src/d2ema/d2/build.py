@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..ema import EMA
+from ..sharded import ShardedEMA
 from ..state import unwrap_model
 from .config import ema_settings
 
@@ -24,10 +25,11 @@ ATTRIBUTE = "ema_state"
 
 
 def build_model_ema(cfg, model: nn.Module) -> EMA | None:
-    """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA`.
+    """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA`
+    (a :class:`~d2ema.sharded.ShardedEMA` with ``SHARDED``).
 
     Call it before building the optimizer and wrapping the model in DDP, as
-    :class:`~d2ema.d2.EMATrainer` and ``d2ema train`` do: with ``FLAT`` unset (None) the EMA
+    :class:`~d2ema.d2.EMATrainer` and ``d2ema train`` do: with ``FLAT`` unset (None) a plain EMA
     uses flat mode, which re-points the model's tensors into one buffer per dtype
     (:mod:`d2ema.flat`) so that an update is one ``lerp_``.
     """
@@ -40,7 +42,9 @@ def build_model_ema(cfg, model: nn.Module) -> EMA | None:
             f"the model already has an attribute {ATTRIBUTE!r}: it is reserved for the EMA. "
             "Build the EMA once per model."
         )
-    ema = EMA(target, **{**settings.ema_kwargs(), "flat": settings.flat is not False})
+    flat = settings.flat if settings.flat is not None else not settings.sharded
+    kwargs = {**settings.ema_kwargs(), "flat": flat}
+    ema = (ShardedEMA if settings.sharded else EMA)(target, **kwargs)
     setattr(target, ATTRIBUTE, ema)
     return ema
 

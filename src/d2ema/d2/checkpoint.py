@@ -3,6 +3,11 @@
 ``ema_state`` is exactly what D2Go and the seed article write, so their checkpoints load here
 and ours load there; ``ema_meta`` (format version, step counter, schedule) rides beside it.
 
+Loading is as lenient as detectron2's model loading where that is safe: an EMA made with a
+config that differs in harmless ways (``FREEZE_AT``: ``num_batches_tracked`` buffers differ)
+loads with a warning; a missing parameter or a shape mismatch is refused
+(:mod:`d2ema.d2.lenient`).
+
 :class:`EMACheckpointer` is a ``DetectionCheckpointer`` that checks the EMA part of a checkpoint
 *before* the model is loaded: a checkpoint whose EMA does not fit raises with every mismatch
 named, and leaves both model and EMA untouched.
@@ -22,7 +27,10 @@ from typing import Any, Protocol
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..ema import EMA
+from ..errors import D2EMAError
 from ..format import META_KEY, STATE_KEY
+from ..sharded import ShardedEMA
+from .lenient import plan_ema_load
 
 __all__ = ["EMACheckpointer", "ema_checkpointables"]
 
@@ -64,7 +72,18 @@ class _EMATensors:
         self._get_ema, self._shared = get_ema, shared
 
     def state_dict(self) -> dict[str, Any]:
-        return self._get_ema().tensors()
+        ema = self._get_ema()
+        if not isinstance(ema, ShardedEMA):
+            return ema.tensors()
+        tensors = ema.gathered()  # checkpointers run on the main process only: no collective
+        if tensors is None:
+            raise D2EMAError(
+                f"the sharded EMA (step {ema.step}) is not gathered on this process, so it "
+                "cannot be saved here: checkpoints of a sharded EMA are written where "
+                "EMAHook gathered it (at its checkpoint_period and the last iteration); call "
+                "ema.gather(dst=0) on every rank before saving at another iteration"
+            )
+        return tensors
 
     def load_state_dict(self, tensors: dict[str, Any]) -> None:
         state = {STATE_KEY: tensors}
@@ -104,10 +123,22 @@ class EMACheckpointer(DetectionCheckpointer):
         """Whether the last load found an EMA in the checkpoint."""
         return ema_was_loaded(self.checkpointables)
 
+    def load(self, path: str, checkpointables: list[str] | None = None) -> dict[str, Any]:
+        self._path = path
+        return super().load(path, checkpointables)
+
     def _load_model(self, checkpoint: dict[str, Any]):
+        plan = None
         if STATE_KEY in checkpoint:
-            state = {STATE_KEY: checkpoint[STATE_KEY]}
+            # Lenient where detectron2 is and it is safe (see d2ema.d2.lenient), strict else.
+            source = getattr(self, "_path", None) or "the checkpoint"
+            plan = plan_ema_load(self._ema, self.model, checkpoint[STATE_KEY], source)
+            state = {STATE_KEY: plan.to_check()}
             if META_KEY in checkpoint:
                 state[META_KEY] = checkpoint[META_KEY]
             self._ema.check_state_dict(state)
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        if plan is not None:
+            checkpoint[STATE_KEY] = plan.complete()  # missing buffers: the values just loaded
+            plan.report()
+        return incompatible

@@ -18,12 +18,14 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
 from ..schedules import SCHEDULES, Schedule, TFWarmup, make_schedule
+from .yacs_numbers import accept_integers_for_floats
 
 __all__ = [
     "KEYS",
@@ -70,7 +72,20 @@ KEYS: dict[str, tuple[Any, str]] = {
         "train), off elsewhere (the seed/D2Go API)",
     ),
     "EVAL_BOTH": (True, "evaluate the raw and the EMA weights at each evaluation"),
+    "DISCARD_ON_RESUME": (
+        False,
+        "with ENABLED False: resume from a checkpoint that has an EMA and drop that EMA "
+        "(refused otherwise, so that no checkpoint loses its EMA silently)",
+    ),
+    "SHARDED": (
+        False,
+        "multi-GPU (DDP): each of N ranks stores and updates 1/N of the EMA, gathered only to "
+        "evaluate and to save (see d2ema.sharded)",
+    ),
 }
+
+# Schedule parameters, and the schedule that uses each (set for another, they do nothing).
+_SCHEDULE_OF = {"TAU": "yolov5", "INV_GAMMA": "power", "POWER": "power", "MIN_DECAY": "power"}
 
 _MASTER_DTYPES = {"float32": torch.float32, "float64": torch.float64, "none": None, "": None}
 
@@ -79,6 +94,8 @@ def add_model_ema_configs(cfg) -> None:
     """Add ``cfg.MODEL_EMA`` with every key of :data:`KEYS` at its default (idempotent)."""
     from detectron2.config import CfgNode as CN
 
+    # MODEL_EMA.TAU 5 in a file or an override, as people write it
+    accept_integers_for_floats(f"MODEL_EMA.{k}" for k, (d, _) in KEYS.items() if type(d) is float)
     was_frozen = cfg.is_frozen()
     cfg.defrost()
     if "MODEL_EMA" not in cfg:
@@ -113,6 +130,8 @@ class EMASettings:
     exclude: tuple[str, ...]
     flat: bool | None
     eval_both: bool
+    discard_on_resume: bool = False
+    sharded: bool = False
 
     def ema_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`d2ema.EMA`."""
@@ -192,6 +211,48 @@ def _optional_bool(key: str, value: Any) -> bool | None:
     raise ConfigError(f"{key} = {value!r} must be True, False or None (automatic)")
 
 
+def _as_float(x: Any) -> Any:
+    return float(x) if type(x) is int else x
+
+
+def _check_consistency(v: dict[str, Any], key: Callable[[str], str], schedule: str) -> None:
+    """Refuse settings that contradict each other or would silently do nothing."""
+    on = f"{key('ENABLED')} True"
+    if not v["ENABLED"]:
+        if v["USE_EMA_WEIGHTS_FOR_EVAL_ONLY"]:
+            raise ConfigError(
+                f"{key('USE_EMA_WEIGHTS_FOR_EVAL_ONLY')} = True asks to evaluate EMA weights, but "
+                f"{key('ENABLED')} is False, so there is no EMA (the raw weights would be "
+                f"evaluated instead); set {on} to evaluate a checkpoint's EMA, or "
+                "USE_EMA_WEIGHTS_FOR_EVAL_ONLY False for the raw weights"
+            )
+        if not v["EVAL_BOTH"]:
+            raise ConfigError(
+                f"{key('EVAL_BOTH')} = False asks to evaluate the EMA weights only, but "
+                f"{key('ENABLED')} is False, so there is no EMA; set {on}, or EVAL_BOTH True"
+            )
+        return
+    if v["DISCARD_ON_RESUME"]:
+        raise ConfigError(
+            f"{key('DISCARD_ON_RESUME')} = True drops a checkpoint's EMA when resuming without "
+            f"one, but {key('ENABLED')} is True; set DISCARD_ON_RESUME False to keep the EMA"
+        )
+    if v["DECAY_WARM_UP_FACTOR"] >= 0 and schedule not in ("constant", "tf"):
+        raise ConfigError(
+            f"{key('DECAY_WARM_UP_FACTOR')} = {v['DECAY_WARM_UP_FACTOR']!r} selects the 'tf' "
+            f"warm-up, but {key('SCHEDULE')} is {schedule!r}; keep one: DECAY_WARM_UP_FACTOR -1, "
+            "or SCHEDULE 'tf'"
+        )
+    for name, used_by in _SCHEDULE_OF.items():
+        default = KEYS[name][0]
+        if schedule != used_by and v[name] != default:
+            raise ConfigError(
+                f"{key(name)} = {v[name]!r} has no effect with {key('SCHEDULE')} = "
+                f"{schedule!r} (it is a parameter of '{used_by}'); set SCHEDULE '{used_by}', or "
+                f"leave {name} at its default {default!r}"
+            )
+
+
 def ema_settings(cfg) -> EMASettings:
     """Read and validate the EMA settings of a yacs or LazyConfig config."""
     v, prefix, model_device = _read(cfg)
@@ -214,6 +275,7 @@ def ema_settings(cfg) -> EMASettings:
     warm_up = number("DECAY_WARM_UP_FACTOR", -1.0)
     if d2go_schedule(decay, warm_up, key("DECAY_WARM_UP_FACTOR")) and name == "constant":
         name = "tf"
+    v.update({k: _as_float(v[k]) for k in ("TAU", "INV_GAMMA", "POWER", "MIN_DECAY", "SIGMA_REL")})
     params = {
         "yolov5": {"tau": v["TAU"]},
         "tf": {"warmup_factor": warm_up if warm_up >= 1 else 10.0},
@@ -224,6 +286,7 @@ def ema_settings(cfg) -> EMASettings:
         raise ConfigError(
             f"{key('SCHEDULE')} = {name!r} is unknown; choose one of {sorted(SCHEDULES)}"
         )
+    _check_consistency(v, key, v["SCHEDULE"])
     try:
         schedule = make_schedule(name, decay, **params.get(name, {}))
     except ValueError as e:
@@ -258,4 +321,6 @@ def ema_settings(cfg) -> EMASettings:
         exclude=tuple(exclude),
         flat=_optional_bool(key("FLAT"), v["FLAT"]),
         eval_both=bool(v["EVAL_BOTH"]),
+        discard_on_resume=bool(v["DISCARD_ON_RESUME"]),
+        sharded=bool(v["SHARDED"]),
     )

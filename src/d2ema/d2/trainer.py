@@ -6,7 +6,8 @@ What the mixin changes, each in the method that owns it:
   the optimizer and DDP exist, so it uses flat mode unless ``MODEL_EMA.FLAT`` is False;
 * ``build_hooks`` makes the checkpointer an :class:`EMACheckpointer` (EMA saved with every
   checkpoint, checked before anything loads) and adds :class:`EMAHook` right after the timer,
-  so checkpoints and evaluations of an iteration see that iteration's EMA;
+  so checkpoints and evaluations of an iteration see that iteration's EMA; without EMA, the
+  checkpointer refuses to resume from a checkpoint that has one (``DISCARD_ON_RESUME``);
 * ``build_evaluator`` has a default (COCO for COCO-style datasets), which v0.6 lacks;
 * ``test`` evaluates the raw weights (``bbox``) and the EMA weights (``ema/bbox``); detectron2's
   ``EvalHook`` writes both to EventStorage, so TensorBoard draws the two curves. With
@@ -37,6 +38,7 @@ from .checkpoint import EMACheckpointer
 from .config import ema_settings
 from .evaluation import build_evaluator, evaluate_with_ema, precise_bn
 from .hooks import EMAHook
+from .safety import NoEMACheckpointer, check_trainer_bases
 
 __all__ = ["EMATrainer", "EMATrainerMixin"]
 
@@ -47,7 +49,13 @@ _SAVES_OPTIMIZER = "state_dict" in vars(DefaultTrainer)
 
 
 class EMATrainerMixin:
-    """Put before ``DefaultTrainer`` (or a subclass of it) in the bases to train with EMA."""
+    """Put before ``DefaultTrainer`` (or a subclass of it) in the bases to train with EMA:
+    ``class Trainer(EMATrainerMixin, DefaultTrainer)``; the other order is refused when the
+    class is defined (:class:`~d2ema.errors.TrainerError`), as it would train without EMA."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        check_trainer_bases(cls, EMATrainerMixin)
 
     @classmethod
     def build_model(cls, cfg):
@@ -57,15 +65,21 @@ class EMATrainerMixin:
 
     def build_hooks(self):
         ema = get_model_ema(self.model)
-        if ema is None:
-            return super().build_hooks()
         old = self.checkpointer
+        if ema is None:  # a resume must not drop a checkpoint's EMA unnoticed
+            self.checkpointer = NoEMACheckpointer(
+                old.model, old.save_dir, discard_ema=ema_settings(self.cfg).discard_on_resume,
+                save_to_disk=old.save_to_disk, **old.checkpointables,
+            )
+            return super().build_hooks()
         self.checkpointer = EMACheckpointer(
             old.model, old.save_dir, ema=ema, save_to_disk=old.save_to_disk, **old.checkpointables
         )
         ret = super().build_hooks()
         timer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.IterationTimer)), -1)
-        ret.insert(timer + 1, EMAHook(ema, self.model, checkpointer=self.checkpointer))
+        hook = EMAHook(ema, self.model, checkpointer=self.checkpointer,
+                       checkpoint_period=self.cfg.SOLVER.CHECKPOINT_PERIOD)
+        ret.insert(timer + 1, hook)
         return ret
 
     @classmethod
