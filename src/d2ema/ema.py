@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_ema_arguments, check_slots, check_step
 from .errors import EMAStateError
 from .flat import flatten_model_tensors
 from .format import (
@@ -50,11 +51,13 @@ from .format import (
     compare,
     meta_problems,
     split_state,
+    tensor_problems,
 )
+from .health import NonfiniteWatch
 from .schedules import Schedule, make_schedule
-from .state import Slot, group_slots, tracked_slots, unwrap_model
+from .state import Slot, group_slots, structure_change, tracked_slots, unwrap_model
 from .swap import swapped_bindings
-from .update import Binding, flat_view
+from .update import Binding, flat_view, registration_count
 
 __all__ = ["EMA", "FORMAT_VERSION", "EMAStateError"]
 
@@ -114,30 +117,25 @@ class EMA:
         skip_nonfinite: bool = False,
         flat: bool = False,
     ):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
-        if not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be an integer >= 0, got {start!r}")
-        if isinstance(exclude, str):
-            exclude = (exclude,)
+        exclude, device = check_ema_arguments(
+            model, decay=decay, schedule=schedule, schedule_params=schedule_params, every=every,
+            start=start, exclude=exclude, device=device, master_dtype=master_dtype,
+            include_frozen=include_frozen, include_buffers=include_buffers,
+            skip_nonfinite=skip_nonfinite, flat=flat,
+        )
         self.schedule = make_schedule(schedule, decay, **dict(schedule_params or {}))
         self.decay = getattr(self.schedule, "decay", decay)
-        self.every = every
-        self.start = start
+        self.every = int(every)
+        self.start = int(start)
         self.skip_nonfinite = skip_nonfinite
         self.step = 0
         self.num_skipped = 0
+        self._nonfinite = NonfiniteWatch()
         self._options = _Options(
-            include_frozen,
-            include_buffers,
-            tuple(exclude),
-            torch.device(device) if device is not None else None,
-            master_dtype,
-            flat,
+            include_frozen, include_buffers, exclude, device, master_dtype, flat
         )
         slots = self._options.slots(model)
-        if not slots:
-            raise ValueError("the model has no tensors to track (check include_*/exclude)")
+        check_slots(model, slots, exclude)
         self.groups, slots_by_group = group_slots(slots, self._options.device, master_dtype)
         self._bindings: list[Binding] = []
         self._bound_to: nn.Module | None = None
@@ -156,6 +154,7 @@ class EMA:
         self._bindings = [Binding(g, s) for g, s in zip(self.groups, slots_by_group)]
         self._bound_to = model
         self._backups = {}
+        self._registrations_seen = registration_count()
 
     def _match_slots(self, model: nn.Module) -> list:
         slots = {s.name: s for s in self._options.slots(model)}
@@ -187,6 +186,13 @@ class EMA:
 
     def _binding_for(self, model: nn.Module) -> list[Binding]:
         model = unwrap_model(model)
+        if model is self._bound_to and self._registrations_seen != registration_count():
+            change = structure_change(
+                [s for b in self._bindings for s in b.slots], self._options.slots(model)
+            )
+            if change:
+                raise EMAStateError(change)
+            self._registrations_seen = registration_count()
         if model is not self._bound_to or not all(b.is_current() for b in self._bindings):
             self._bind(model)
         return self._bindings
@@ -213,7 +219,7 @@ class EMA:
             raise RuntimeError(
                 "EMA.update() called inside EMA.swapped(): the model holds the EMA weights"
             )
-        step = self.step + 1 if step is None else int(step)
+        step = check_step(step, self.step)
         n = step - self.start
         if n > 0 and n % self.every:
             self.step = step
@@ -235,6 +241,13 @@ class EMA:
                 b.average(1.0 - d)
             else:
                 b.copy()
+        if not self.skip_nonfinite:  # with the guard on, nothing non-finite gets in
+            self._nonfinite.observe(self.groups, step)
+
+    @property
+    def nonfinite_step(self) -> int | None:
+        """The first step whose update left NaN/Inf in the EMA (None: it is finite)."""
+        return self._nonfinite.first_step
 
     @staticmethod
     def _all_finite(bindings: list[Binding]) -> bool:
@@ -305,6 +318,7 @@ class EMA:
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict[str, Any]:
         sched = self.schedule
+        bad = self.nonfinite_step  # only in the meta of a poisoned EMA
         return {
             "format_version": FORMAT_VERSION,
             "step": self.step,
@@ -313,6 +327,7 @@ class EMA:
             "every": self.every,
             "start": self.start,
             "master_dtype": str(self._options.master_dtype),
+            **({"nonfinite_step": bad} if bad is not None else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -339,6 +354,7 @@ class EMA:
             "the checkpoint",
             allow_missing=not strict,
         )
+        problems += tensor_problems(tensors)
         if meta is not None:
             problems += meta_problems(meta)
         if problems:
@@ -360,6 +376,7 @@ class EMA:
             for name, t in tensors.items():
                 if name in mine:
                     mine[name].copy_(t)
+        self._nonfinite.reset()  # the loaded tensors are finite (checked)
         if meta is not None:
             self.step = int(meta.get("step", self.step))
             self.num_skipped = int(meta.get("num_skipped", 0))

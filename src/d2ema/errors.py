@@ -15,7 +15,15 @@ Example::
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "D2EMAError", "EMAStateError", "ExportError", "UsageError", "one_line"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "D2EMAError",
+    "EMAStateError",
+    "ExportError",
+    "UsageError",
+    "one_line",
+]
 
 
 class D2EMAError(Exception):
@@ -32,6 +40,10 @@ class ConfigError(D2EMAError, ValueError):
 
 class ExportError(D2EMAError, ValueError):
     """A checkpoint that cannot be exported, or an output that cannot be written."""
+
+
+class CheckpointError(D2EMAError):
+    """A checkpoint file that cannot be read (truncated, not a PyTorch file) or resumed from."""
 
 
 class UsageError(D2EMAError):

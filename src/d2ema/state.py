@@ -18,7 +18,15 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Slot", "TensorGroup", "clean_name", "group_slots", "tracked_slots", "unwrap_model"]
+__all__ = [
+    "Slot",
+    "TensorGroup",
+    "clean_name",
+    "group_slots",
+    "structure_change",
+    "tracked_slots",
+    "unwrap_model",
+]
 
 # Name segments that wrappers insert between a module and its children.
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -91,6 +99,32 @@ def tracked_slots(
     if include_buffers:
         add(model.named_buffers(), False)
     return slots
+
+
+def structure_change(bound: Sequence[Slot], now: Sequence[Slot]) -> str | None:
+    """What changed in a model's structure since ``bound`` was taken (None: nothing).
+
+    Notices tensors added or removed, and submodules replaced by new objects (whose tensors
+    the old slots no longer reach): ``model.head = nn.Linear(...)``.
+    """
+    old, new = {s.name: s for s in bound}, {s.name: s for s in now}
+    added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    replaced = sorted({n.rpartition(".")[0] or "(the model)" for n in set(old) & set(new)
+                       if new[n].module is not old[n].module})
+    if not (added or removed or replaced):
+        return None
+    parts = [f"{what} ({len(names)}): {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+             for what, names in (("submodules replaced", replaced), ("tensors added", added),
+                                 ("tensors removed", removed)) if names]
+    if added or removed:
+        fix = ("build a new EMA for the changed model (EMA(model, ...)), or build the EMA "
+               "only once the model is final")
+    else:
+        fix = ("call ema.rebind(model) to average the new submodules from here on (and "
+               "ema.reset(model) to restart the average from their weights), or build the EMA "
+               "only once the model is final")
+    return (f"the model changed after the EMA was built: {'; '.join(parts)}. The EMA was not "
+            f"updated; {fix}")
 
 
 def _averaged(dtype: torch.dtype) -> bool:

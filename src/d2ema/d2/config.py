@@ -18,10 +18,13 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ..checks import compile_patterns
 from ..errors import ConfigError
 from ..schedules import SCHEDULES, Schedule, TFWarmup, make_schedule
 
@@ -67,6 +70,19 @@ KEYS: dict[str, tuple[Any, str]] = {
 }
 
 _MASTER_DTYPES = {"float32": torch.float32, "float64": torch.float64, "none": None, "": None}
+
+# (low, high, low excluded) of numeric keys; their type comes from the default in KEYS.
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    "DECAY": (0.0, 1.0, False),
+    "DECAY_WARM_UP_FACTOR": (-math.inf, math.inf, False),
+    "TAU": (0.0, math.inf, True),
+    "INV_GAMMA": (0.0, math.inf, True),
+    "POWER": (0.0, math.inf, True),
+    "MIN_DECAY": (0.0, 1.0, False),
+    "SIGMA_REL": (0.0, 12**-0.5, True),
+    "UPDATE_EVERY": (1, math.inf, False),
+    "START_ITER": (0, math.inf, False),
+}
 
 
 def add_model_ema_configs(cfg) -> None:
@@ -129,6 +145,11 @@ def _read(cfg) -> tuple[dict[str, Any], str, str]:
     """Raw values, the key prefix to name in errors, and the model's device."""
     if hasattr(cfg, "MODEL_EMA"):
         node = cfg.MODEL_EMA
+        unknown = sorted(set(node.keys()) - set(KEYS))
+        if unknown:
+            raise ConfigError(
+                f"MODEL_EMA has unknown keys {unknown}; valid keys are {sorted(KEYS)}"
+            )
         values = {k: node.get(k, d) for k, (d, _) in KEYS.items()}
         return values, "MODEL_EMA.", str(cfg.MODEL.DEVICE)
     train = cfg.train if hasattr(cfg, "train") else cfg["train"]
@@ -161,11 +182,39 @@ def d2go_schedule(
     return TFWarmup(decay=decay, warmup_factor=float(decay_warm_up_factor))
 
 
+def _check_types(v: dict[str, Any], key) -> None:
+    """Every key: the type of its default (numbers: finite, in range), before any is used."""
+    for name, (default, _) in KEYS.items():
+        x = v[name]
+        if isinstance(default, bool):
+            if not isinstance(x, bool):
+                raise ConfigError(f"{key(name)} = {x!r} must be True or False")
+        elif isinstance(default, (int, float)):
+            integer = isinstance(default, int)
+            ok = isinstance(x, int if integer else (int, float)) and not isinstance(x, bool)
+            lo, hi, open_lo = _RANGES[name]
+            if not ok or not math.isfinite(x) or not lo <= x <= hi or (open_lo and x == lo):
+                kind = "an integer" if integer else "a number"
+                bounds = f"{'(' if open_lo else '['}{lo}, {hi}{']' if hi < math.inf else ')'}"
+                raise ConfigError(f"{key(name)} = {x!r} must be {kind} in {bounds}")
+        elif isinstance(default, str) and not (isinstance(x, str) or
+                                               (name == "MASTER_DTYPE" and x is None)):
+            raise ConfigError(f"{key(name)} = {x!r} must be a string")
+        elif isinstance(default, list):
+            patterns = [x] if isinstance(x, str) else x
+            if not isinstance(patterns, Sequence):
+                raise ConfigError(f"{key(name)} = {x!r} must be a list of regular expressions")
+            compile_patterns(list(patterns), key(name))
+
+
 def _check_device(key: str, value: str) -> None:
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"{key} = {value!r} is not a device name ('cpu', 'cuda:0', ...)") from e
+    if device.type == "meta":
+        raise ConfigError(f"{key} = {value!r} keeps no data (the meta device); use '' for the "
+                          "model's device, 'cpu' or 'cuda'")
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if (device.index is not None and device.index >= count) or count == 0:
@@ -182,20 +231,17 @@ def ema_settings(cfg) -> EMASettings:
     def key(name: str) -> str:
         return prefix + (name if prefix.startswith("MODEL_EMA") else name.lower())
 
-    def number(name: str, lo: float, hi: float = float("inf"), integer: bool = False):
-        x = v[name]
-        ok = isinstance(x, int if integer else (int, float)) and not isinstance(x, bool)
-        if not ok or not lo <= x <= hi:
-            kind = "an integer" if integer else "a number"
-            raise ConfigError(f"{key(name)} = {x!r} must be {kind} in [{lo}, {hi}]")
-        return x
-
-    decay = number("DECAY", 0.0, 1.0)
-    every = number("UPDATE_EVERY", 1, integer=True)
-    start = number("START_ITER", 0, integer=True)
+    _check_types(v, key)
+    decay, every, start = v["DECAY"], v["UPDATE_EVERY"], v["START_ITER"]
     name = v["SCHEDULE"]
-    warm_up = number("DECAY_WARM_UP_FACTOR", -1.0)
-    if d2go_schedule(decay, warm_up, key("DECAY_WARM_UP_FACTOR")) and name == "constant":
+    warm_up = v["DECAY_WARM_UP_FACTOR"]
+    if d2go_schedule(decay, warm_up, key("DECAY_WARM_UP_FACTOR")):
+        if name not in ("constant", "tf"):
+            raise ConfigError(
+                f"{key('DECAY_WARM_UP_FACTOR')} = {warm_up!r} selects D2Go's 'tf' warm-up, "
+                f"which {key('SCHEDULE')} = {name!r} would ignore; set "
+                f"{key('DECAY_WARM_UP_FACTOR')} to -1, or {key('SCHEDULE')} to 'tf'"
+            )
         name = "tf"
     params = {
         "yolov5": {"tau": v["TAU"]},
@@ -217,8 +263,8 @@ def ema_settings(cfg) -> EMASettings:
             f"{key('MASTER_DTYPE')} = {v['MASTER_DTYPE']!r}; choose one of "
             f"{sorted(k for k in _MASTER_DTYPES if k)}"
         )
-    device = str(v["DEVICE"] or "")
-    if v["ENABLED"]:
+    device = v["DEVICE"]
+    if device or v["ENABLED"]:
         _check_device(key("DEVICE"), device or model_device)
     exclude = v["EXCLUDE"]
     if isinstance(exclude, str):

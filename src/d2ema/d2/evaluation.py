@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from ..ema import EMA
+from ..health import nonfinite_message
 
 __all__ = ["EMA_PREFIX", "build_evaluator", "evaluate_with_ema", "has_compiled_ops", "precise_bn"]
 
@@ -118,6 +119,8 @@ def evaluate_with_ema(
         results.update(test(model) or {})
     if ema is not None:
         logger.info("Evaluating the EMA weights")
+        if ema.nonfinite_step is not None:
+            logger.warning(nonfinite_message(ema.nonfinite_step, "evaluating it"))
         with ema.swapped(model):
             if before_ema_test is not None:
                 before_ema_test(model)

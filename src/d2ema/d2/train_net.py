@@ -34,7 +34,7 @@ from typing import Any
 
 from ..errors import UsageError, one_line
 from .build import build_model_ema
-from .checkpoint import EMACheckpointer
+from .checkpoint import AtomicCheckpointer, EMACheckpointer
 from .config import add_model_ema_configs, ema_settings
 from .evaluation import evaluate_with_ema
 from .hooks import EMAHook
@@ -157,15 +157,38 @@ def _check_datasets(cfg, known_datasets: Collection[str]) -> None:
             )
 
 
-def _check_launch(args) -> None:
-    world = args.num_gpus * args.num_machines
-    if world > 1:
-        import torch
+def _launch_needs_cuda() -> bool:
+    """detectron2 v0.6 starts every multi-process run with NCCL (CUDA only); main can use gloo."""
+    import inspect
 
-        if args.num_gpus > torch.cuda.device_count():
-            raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has "
-                             f"{torch.cuda.device_count()} CUDA devices; use --num-gpus "
-                             f"{max(torch.cuda.device_count(), 1)}")
+    from detectron2.engine import launch as launch_module
+
+    return "gloo" not in inspect.getsource(launch_module).lower()
+
+
+def _check_launch(args) -> None:
+    for flag, value in (("--num-gpus", args.num_gpus), ("--num-machines", args.num_machines)):
+        if value < 1:
+            raise UsageError(f"{flag} {value} must be >= 1 (--num-gpus: worker processes per "
+                             "machine, also on the CPU: --num-gpus 1 with MODEL.DEVICE cpu)")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise UsageError(f"--machine-rank {args.machine_rank} must be in [0, "
+                         f"{args.num_machines - 1}] for --num-machines {args.num_machines}")
+    world = args.num_gpus * args.num_machines
+    if world == 1:
+        return
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0 and _launch_needs_cuda():
+        raise UsageError(
+            f"--num-machines {args.num_machines} --num-gpus {args.num_gpus} starts {world} "
+            "processes, which this detectron2 connects over NCCL, and this machine has no CUDA "
+            "device; run with --num-machines 1 --num-gpus 1"
+        )
+    if count and args.num_gpus > count:
+        raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has {count} CUDA "
+                         f"devices; use --num-gpus {count} or fewer")
 
 
 def _check_lazy_keys(cfg, args) -> None:
@@ -244,7 +267,6 @@ def _warn_no_ema(path: str) -> None:
 
 # ----------------------------------------------------------------------------- yacs
 def _yacs_main(cfg, args, prepare: Prepare | None):
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.engine import default_setup
     from detectron2.evaluation import verify_results
     from detectron2.utils import comm
@@ -261,7 +283,7 @@ def _yacs_main(cfg, args, prepare: Prepare | None):
         if ema is not None:
             checkpointer = EMACheckpointer(model, cfg.OUTPUT_DIR, ema=ema)
         else:
-            checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+            checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         # load(), not resume_or_load(resume=False): the latter loads the model only, not the EMA
         path = cfg.MODEL.WEIGHTS
         if args.resume and checkpointer.has_checkpoint():
@@ -304,10 +326,8 @@ def _lazy_test(cfg, model) -> dict[str, Any]:
 
 
 def _lazy_checkpointer(model, ema, output_dir: str, **checkpointables):
-    from detectron2.checkpoint import DetectionCheckpointer
-
     if ema is None:
-        return DetectionCheckpointer(model, output_dir, **checkpointables)
+        return AtomicCheckpointer(model, output_dir, **checkpointables)
     return EMACheckpointer(model, output_dir, ema=ema, **checkpointables)
 
 

@@ -5,7 +5,9 @@ What the mixin changes, each in the method that owns it:
 * ``build_model`` attaches the EMA (``model.ema_state``) when ``MODEL_EMA.ENABLED``;
 * ``build_hooks`` makes the checkpointer an :class:`EMACheckpointer` (EMA saved with every
   checkpoint, checked before anything loads) and adds :class:`EMAHook` right after the timer,
-  so checkpoints and evaluations of an iteration see that iteration's EMA;
+  so checkpoints and evaluations of an iteration see that iteration's EMA; without EMA it is an
+  :class:`AtomicCheckpointer`. Either way checkpoints are written atomically and a resume falls
+  back to the newest complete checkpoint;
 * ``build_evaluator`` has a default (COCO for COCO-style datasets), which v0.6 lacks;
 * ``test`` evaluates the raw weights (``bbox``) and the EMA weights (``ema/bbox``); detectron2's
   ``EvalHook`` writes both to EventStorage, so TensorBoard draws the two curves. With
@@ -32,7 +34,7 @@ from detectron2.engine import DefaultTrainer, hooks
 
 from ..ema import EMA
 from .build import build_model_ema, get_model_ema
-from .checkpoint import EMACheckpointer
+from .checkpoint import AtomicCheckpointer, EMACheckpointer
 from .config import ema_settings
 from .evaluation import build_evaluator, evaluate_with_ema, precise_bn
 from .hooks import EMAHook
@@ -56,12 +58,12 @@ class EMATrainerMixin:
 
     def build_hooks(self):
         ema = get_model_ema(self.model)
-        if ema is None:
-            return super().build_hooks()
         old = self.checkpointer
-        self.checkpointer = EMACheckpointer(
-            old.model, old.save_dir, ema=ema, save_to_disk=old.save_to_disk, **old.checkpointables
-        )
+        kwargs = {"save_to_disk": old.save_to_disk, **old.checkpointables}
+        if ema is None:
+            self.checkpointer = AtomicCheckpointer(old.model, old.save_dir, **kwargs)
+            return super().build_hooks()
+        self.checkpointer = EMACheckpointer(old.model, old.save_dir, ema=ema, **kwargs)
         ret = super().build_hooks()
         timer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.IterationTimer)), -1)
         ret.insert(timer + 1, EMAHook(ema, self.model, checkpointer=self.checkpointer))
@@ -116,7 +118,7 @@ class EMATrainerMixin:
         if resuming:
             logger.warning(
                 "Checkpoint %s has no EMA (key 'ema_state'); the EMA restarts from its weights.",
-                checkpointer.get_checkpoint_file(),
+                getattr(checkpointer, "resumed_from", None) or checkpointer.get_checkpoint_file(),
             )
         elif self.cfg.MODEL.WEIGHTS:
             logger.info("The EMA starts from the weights loaded from %s.", self.cfg.MODEL.WEIGHTS)
