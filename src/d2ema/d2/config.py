@@ -79,9 +79,13 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "INV_GAMMA": (0.0, math.inf, True),
     "POWER": (0.0, math.inf, True),
     "MIN_DECAY": (0.0, 1.0, False),
-    "SIGMA_REL": (0.0, 12**-0.5, True),
+    "SIGMA_REL": (0.0, 12**-0.5 * (1 - 1e-12), True),
     "UPDATE_EVERY": (1, math.inf, False),
     "START_ITER": (0, math.inf, False),
+}
+_RANGE_TEXT = {
+    "DECAY_WARM_UP_FACTOR": "-1 (off) or a number >= 1 (D2Go's warm-up)",
+    "SIGMA_REL": f"a number in (0, {12**-0.5:.4f})",
 }
 
 
@@ -195,8 +199,10 @@ def _check_types(v: dict[str, Any], key) -> None:
             lo, hi, open_lo = _RANGES[name]
             if not ok or not math.isfinite(x) or not lo <= x <= hi or (open_lo and x == lo):
                 kind = "an integer" if integer else "a number"
-                bounds = f"{'(' if open_lo else '['}{lo}, {hi}{']' if hi < math.inf else ')'}"
-                raise ConfigError(f"{key(name)} = {x!r} must be {kind} in {bounds}")
+                allowed = _RANGE_TEXT.get(name) or (
+                    f"{kind} in {'(' if open_lo else '['}{lo}, {hi}{']' if hi < math.inf else ')'}"
+                )
+                raise ConfigError(f"{key(name)} = {x!r} must be {allowed}")
         elif isinstance(default, str) and not (isinstance(x, str) or
                                                (name == "MASTER_DTYPE" and x is None)):
             raise ConfigError(f"{key(name)} = {x!r} must be a string")
@@ -249,6 +255,9 @@ def ema_settings(cfg) -> EMASettings:
         "power": {"inv_gamma": v["INV_GAMMA"], "power": v["POWER"], "min_decay": v["MIN_DECAY"]},
         "sigma_rel": {"sigma_rel": v["SIGMA_REL"]},
     }
+    if name == "power" and v["MIN_DECAY"] > decay:
+        raise ConfigError(f"{key('MIN_DECAY')} = {v['MIN_DECAY']!r} must be at most "
+                          f"{key('DECAY')} = {decay!r} (the power schedule's floor)")
     if name not in SCHEDULES:
         raise ConfigError(
             f"{key('SCHEDULE')} = {name!r} is unknown; choose one of {sorted(SCHEDULES)}"
