@@ -46,6 +46,13 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
                         help="show detectron2's log on the console and tracebacks of errors")
 
 
+def _add_tail(parser: argparse.ArgumentParser, func, opts_help: str) -> None:
+    """--verbose, trailing config overrides, and the function that runs the command."""
+    _add_verbose(parser)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help=opts_help)
+    parser.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -80,10 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=None, metavar="N",
                       help="CPU threads (default: one per core, or 1 when other jobs already "
                       "keep every core busy, which is faster then)")
-    _add_verbose(demo)
-    demo.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                      help="detectron2 config overrides, e.g. SOLVER.BASE_LR 0.0005")
-    demo.set_defaults(func=cmd_demo)
+    _add_tail(demo, cmd_demo, "detectron2 config overrides, e.g. SOLVER.BASE_LR 0.0005")
 
     train = sub.add_parser(
         "train", help="detectron2's train_net.py with EMA (YAML or LazyConfig .py)",
@@ -107,10 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     port = 2**15 + 2**14 + hash(os.getuid() if sys.platform != "win32" else 1) % 2**14
     train.add_argument("--dist-url", default=f"tcp://127.0.0.1:{port}",
                        help="URL of the distributed process group ('auto': a free local port)")
-    _add_verbose(train)
-    train.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                       help="config overrides: 'KEY VALUE' pairs (YAML) or key=value (.py)")
-    train.set_defaults(func=cmd_train)
+    _add_tail(train, cmd_train, "config overrides: 'KEY VALUE' pairs (YAML) or key=value (.py)")
 
     export = sub.add_parser(
         "export", help="write a checkpoint whose weights are the EMA (for MODEL.WEIGHTS)",

@@ -33,6 +33,7 @@ __all__ = [
     "ConfigError",
     "EMASettings",
     "add_model_ema_configs",
+    "check_device",
     "d2go_schedule",
     "ema_settings",
     "lazy_model_ema_defaults",
@@ -213,7 +214,11 @@ def _check_types(v: dict[str, Any], key) -> None:
             compile_patterns(list(patterns), key(name))
 
 
-def _check_device(key: str, value: str) -> None:
+def check_device(key: str, value: str, sep: str = " ") -> None:
+    """Raise :class:`ConfigError` unless ``value`` names a device this machine has.
+
+    ``sep`` joins key and value in the suggested fix (``" "`` for yacs, ``"="`` for LazyConfig).
+    """
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError) as e:
@@ -223,11 +228,12 @@ def _check_device(key: str, value: str) -> None:
                           "model's device, 'cpu' or 'cuda'")
     if device.type == "cuda":
         count = torch.cuda.device_count()
-        if (device.index is not None and device.index >= count) or count == 0:
-            raise ConfigError(
-                f"{key} = {value!r} does not exist on this machine ({count} CUDA devices); "
-                "use '' for the model's device, or 'cpu'"
-            )
+        if count == 0:
+            raise ConfigError(f"{key} = {value!r} does not exist on this machine: it has no CUDA "
+                              f"device; train on the CPU with {key}{sep}cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{key} = {value!r} does not exist on this machine ({count} CUDA "
+                              f"devices); use {key}{sep}cuda:0 .. cuda:{count - 1}, or cpu")
 
 
 def ema_settings(cfg) -> EMASettings:
@@ -274,7 +280,10 @@ def ema_settings(cfg) -> EMASettings:
         )
     device = v["DEVICE"]
     if device or v["ENABLED"]:
-        _check_device(key("DEVICE"), device or model_device)
+        yacs = prefix.startswith("MODEL_EMA")
+        model_key = "MODEL.DEVICE" if yacs else "train.device"
+        check_device(key("DEVICE") if device else model_key, device or model_device,
+                     " " if yacs else "=")
     exclude = v["EXCLUDE"]
     if isinstance(exclude, str):
         exclude = [exclude]

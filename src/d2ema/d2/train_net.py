@@ -35,7 +35,7 @@ from typing import Any
 from ..errors import UsageError, one_line
 from .build import build_model_ema
 from .checkpoint import AtomicCheckpointer, EMACheckpointer
-from .config import add_model_ema_configs, ema_settings
+from .config import add_model_ema_configs, check_device, ema_settings
 from .evaluation import evaluate_with_ema
 from .hooks import EMAHook
 from .trainer import EMATrainer
@@ -75,15 +75,6 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _check_device(device: str, key: str, sep: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"{key} is {device!r} but this machine has no CUDA device; "
-                             f"train on the CPU with {key}{sep}cpu")
-
-
 def load_config(path_text: str, opts: Sequence[str] = ()):
     """The config of ``d2ema train``: yacs (``get_cfg`` + ``MODEL_EMA``) or a LazyConfig.
 
@@ -105,7 +96,7 @@ def load_config(path_text: str, opts: Sequence[str] = ()):
             raise UsageError(f"invalid override in {' '.join(opts)!r}: {_reason(e)}; "
                              "LazyConfig overrides are key=value, e.g. train.max_iter=100") from e
         if "train" in cfg:
-            _check_device(str(cfg.train.get("device", "cuda")), "train.device", "=")
+            check_device("train.device", str(cfg.train.get("device", "cuda")), "=")
             if "model_ema" in cfg.train:
                 ema_settings(cfg)
         return cfg
@@ -128,7 +119,7 @@ def load_config(path_text: str, opts: Sequence[str] = ()):
         cfg.merge_from_list(opts)
     except Exception as e:
         raise UsageError(f"invalid config override in {' '.join(opts)!r}: {_reason(e)}") from e
-    _check_device(cfg.MODEL.DEVICE, "MODEL.DEVICE", " ")
+    check_device("MODEL.DEVICE", cfg.MODEL.DEVICE, " ")
     ema_settings(cfg)  # ConfigError names the key, the value and what is allowed
     return cfg
 

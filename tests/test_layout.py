@@ -1,0 +1,158 @@
+"""The package's shape: the core imports no detectron2, imports point one way (cli/app -> d2 ->
+core) with no cycle, modules stay small, and every user-facing error has one base class."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import d2ema
+
+SRC = Path(d2ema.__file__).resolve().parent
+PACKAGE = "d2ema"
+# Top-level modules that belong to the layers above the core.
+NOT_CORE = {"d2ema.cli", "d2ema.compat"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+CORE = sorted(m for m, p in MODULES.items() if p.parent == SRC and m not in NOT_CORE)
+
+
+def layer(module: str) -> str:
+    if module in ("d2ema.cli",):
+        return "cli"
+    if module == "d2ema.compat" or module.startswith("d2ema.d2"):
+        return "d2"
+    if module.startswith("d2ema.app"):
+        return "app"
+    return "core"
+
+
+ALLOWED = {
+    "core": {"core"},
+    "d2": {"core", "d2"},
+    "app": {"core", "d2", "app"},
+    "cli": {"core", "d2", "app", "cli"},
+}
+
+
+def _resolve(module: str, node: ast.ImportFrom | ast.Import) -> list[str]:
+    """The d2ema modules an import statement loads (package __init__ included)."""
+    is_package = MODULES[module].name == "__init__.py"
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    else:
+        if node.level:
+            base = module.split(".")
+            base = base if is_package else base[:-1]
+            base = base[: len(base) - (node.level - 1)]
+            stem = ".".join(base + ([node.module] if node.module else []))
+        else:
+            stem = node.module or ""
+        names = [stem] + [f"{stem}.{a.name}" for a in node.names]
+    out = []
+    for name in names:
+        if name.split(".")[0] != PACKAGE:
+            continue
+        while name and name not in MODULES:  # from d2ema.x import SomeClass -> d2ema.x
+            name = name.rpartition(".")[0]
+        if name:
+            out.append(name)
+    return sorted(set(out))
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for module, path in MODULES.items():
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                # Python runs a module's parent packages before the module: not an edge.
+                edges.update(
+                    m for m in _resolve(module, node)
+                    if m != module and not module.startswith(m + ".")
+                )
+        graph[module] = edges
+    return graph
+
+
+def test_core_list_is_the_folder():
+    assert {"d2ema.ema", "d2ema.format", "d2ema.errors", "d2ema.state"} <= set(CORE)
+    assert not [m for m in CORE if layer(m) != "core"]
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_module_imports_no_detectron2(module):
+    code = (
+        f"import sys, {module}\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('detectron2', 'fvcore'))\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_imports_point_one_way():
+    upward = [
+        f"{m} ({layer(m)}) imports {t} ({layer(t)})"
+        for m, targets in import_graph().items()
+        for t in targets
+        if layer(t) not in ALLOWED[layer(m)]
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles_between_modules():
+    graph = import_graph()
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*path[path.index(nxt):], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_modules_stay_small():
+    sizes = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
+    assert sizes["d2ema.cli"] < 250, sizes["d2ema.cli"]
+    big = {m: n for m, n in sizes.items() if n > 420}
+    assert not big, big
+
+
+def test_every_user_facing_error_has_the_one_base_class():
+    from d2ema.app.data import UnknownDatasetError
+    from d2ema.app.demo import DemoError
+    from d2ema.errors import ConfigError, D2EMAError, EMAStateError, ExportError, UsageError
+
+    for cls in (ConfigError, EMAStateError, ExportError, UsageError, DemoError,
+                UnknownDatasetError):
+        assert issubclass(cls, D2EMAError), cls
+    # and nothing else in the package defines an exception outside that tree
+    loose = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                isinstance(b, ast.Name) and b.id in ("Exception", "ValueError", "RuntimeError")
+                for b in node.bases
+            ) and not any(isinstance(b, ast.Name) and b.id == "D2EMAError" for b in node.bases):
+                loose.append(f"{module}.{node.name}")
+    assert loose == ["d2ema.errors.D2EMAError"], loose
