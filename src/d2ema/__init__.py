@@ -3,7 +3,8 @@
 Three layers, imports pointing one way (app and cli -> d2 -> core):
 
 * the core (this package's modules) works on any ``nn.Module`` and training loop and imports no
-  detectron2: :class:`EMA`, schedules, the checkpoint format, export;
+  detectron2: :class:`EMA`, schedules, the checkpoint format, export, and for multi-process
+  jobs ``d2ema.distributed`` (DDP buffers, FSDP2 states) and :class:`ShardedEMA`;
 * ``d2ema.d2`` is the detectron2 layer (config keys, hook, checkpointer, trainer, evaluation,
   ``train_net``, and ``d2ema.d2.compat``, the seed article's / D2Go's API);
 * ``d2ema.app`` is the application behind the ``d2ema`` command (demo, embedded datasets).
@@ -21,12 +22,14 @@ if TYPE_CHECKING:
     from .ema import EMA
     from .format import FORMAT_VERSION
     from .schedules import SCHEDULES, Schedule, make_schedule
+    from .sharded import ShardedEMA
     from .state import unwrap_model
 
 # Imported on first use, so that ``d2ema.cli`` starts (and answers Ctrl-C with one line)
 # before torch is imported.
 _LAZY = {"EMA": ".ema", "FORMAT_VERSION": ".format", "SCHEDULES": ".schedules",
-         "Schedule": ".schedules", "make_schedule": ".schedules", "unwrap_model": ".state"}
+         "Schedule": ".schedules", "make_schedule": ".schedules", "ShardedEMA": ".sharded",
+         "unwrap_model": ".state"}
 
 
 def __getattr__(name: str) -> Any:
@@ -44,6 +47,7 @@ __all__ = [
     "D2EMAError",
     "EMAStateError",
     "Schedule",
+    "ShardedEMA",
     "make_schedule",
     "unwrap_model",
 ]

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .checks import check_ema_arguments, check_slots, check_step
+from .distributed import reshard, to_dtensors, to_local_shards
 from .errors import EMAStateError
 from .flat import flatten_model_tensors
 from .format import (
@@ -125,17 +126,16 @@ class EMA:
         )
         self.schedule = make_schedule(schedule, decay, **dict(schedule_params or {}))
         self.decay = getattr(self.schedule, "decay", decay)
-        self.every = int(every)
-        self.start = int(start)
+        self.every, self.start = int(every), int(start)
         self.skip_nonfinite = skip_nonfinite
         self.step = 0
         self.num_skipped = 0
         self._nonfinite = NonfiniteWatch()
-        self._options = _Options(
-            include_frozen, include_buffers, exclude, device, master_dtype, flat
-        )
-        slots = self._options.slots(model)
-        check_slots(model, slots, exclude)
+        self._options = _Options(include_frozen, include_buffers, exclude, device, master_dtype,
+                                 flat)
+        all_slots = self._options.slots(model)
+        check_slots(model, all_slots, exclude)
+        slots = self._select(all_slots)
         self.groups, slots_by_group = group_slots(slots, self._options.device, master_dtype)
         self._bindings: list[Binding] = []
         self._bound_to: nn.Module | None = None
@@ -156,8 +156,16 @@ class EMA:
         self._backups = {}
         self._registrations_seen = registration_count()
 
+    def _select(self, slots: list[Slot]) -> list[Slot]:
+        """The tracked slots this EMA stores (all; a sharded EMA keeps its rank's share)."""
+        return slots
+
+    def _dtensors(self) -> dict[str, torch.Tensor]:
+        """The model's DTensors (FSDP2) whose local shards this EMA averages, by name."""
+        return {s.name: s.tensor() for b in self._bindings for s in b.slots if s.local}
+
     def _match_slots(self, model: nn.Module) -> list:
-        slots = {s.name: s for s in self._options.slots(model)}
+        slots = {s.name: s for s in self._select(self._options.slots(model))}
         problems = compare(
             {n: (s.get().shape, s.get().dtype) for n, s in slots.items()},
             {n: (shape, g.dtype) for g in self.groups for n, shape in zip(g.names, g.shapes)},
@@ -187,10 +195,9 @@ class EMA:
     def _binding_for(self, model: nn.Module) -> list[Binding]:
         model = unwrap_model(model)
         if model is self._bound_to and self._registrations_seen != registration_count():
-            change = structure_change(
-                [s for b in self._bindings for s in b.slots], self._options.slots(model)
-            )
-            if change:
+            bound = [s for b in self._bindings for s in b.slots]
+            now, expected = self._options.slots(model), self._expected_state()
+            if change := structure_change(bound, now, expected):
                 raise EMAStateError(change)
             self._registrations_seen = registration_count()
         if model is not self._bound_to or not all(b.is_current() for b in self._bindings):
@@ -241,13 +248,12 @@ class EMA:
                 b.average(1.0 - d)
             else:
                 b.copy()
-        if not self.skip_nonfinite:  # with the guard on, nothing non-finite gets in
-            self._nonfinite.observe(self.groups, step)
+        self._nonfinite.observe(self.groups, step, guarded=self.skip_nonfinite)
 
     @property
     def nonfinite_step(self) -> int | None:
         """The first step whose update left NaN/Inf in the EMA (None: it is finite)."""
-        return self._nonfinite.first_step
+        return self._nonfinite.first_step(self.groups)
 
     @staticmethod
     def _all_finite(bindings: list[Binding]) -> bool:
@@ -265,6 +271,7 @@ class EMA:
         """
         if self._swapped:
             raise RuntimeError("EMA.swapped() is already active for this EMA")
+        fsdp = reshard(model)  # FSDP2 keeps gathered weights after a forward: drop them
         bindings = self._binding_for(model)
         self._swapped = True
         try:
@@ -272,6 +279,8 @@ class EMA:
                 yield model
         finally:
             self._swapped = False
+            if fsdp:
+                reshard(model)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -300,7 +309,19 @@ class EMA:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The averages by name, in no particular order (live views: do not modify)."""
+        return self._views()
+
+    def _views(self) -> dict[str, torch.Tensor]:
         return {n: t for g in self.groups for n, t in zip(g.names, g.tensors)}
+
+    def _expected_state(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """Name -> (shape, dtype) in a full state of this EMA (a DTensor's global shape)."""
+        dtensors = self._dtensors()
+        return {n: (dtensors.get(n, t).shape, t.dtype) for n, t in self._views().items()}
+
+    def _own_part(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What this EMA stores of a full state: all of it, or this rank's shards (FSDP2)."""
+        return to_local_shards(tensors, self._dtensors())
 
     @property
     def num_bytes(self) -> int:
@@ -318,7 +339,6 @@ class EMA:
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict[str, Any]:
         sched = self.schedule
-        bad = self.nonfinite_step  # only in the meta of a poisoned EMA
         return {
             "format_version": FORMAT_VERSION,
             "step": self.step,
@@ -327,16 +347,17 @@ class EMA:
             "every": self.every,
             "start": self.start,
             "master_dtype": str(self._options.master_dtype),
-            **({"nonfinite_step": bad} if bad is not None else {}),
+            **self._nonfinite.meta(self.groups),
         }
 
     def state_dict(self) -> dict[str, Any]:
         """``{"ema_state": {name: tensor}, "ema_meta": {...}}``.
 
         ``ema_state`` is the plain name->tensor dict that D2Go and the seed article write;
-        ``ema_meta`` holds the format version, step counter and schedule.
+        ``ema_meta`` holds the format version, step counter and schedule. Under FSDP2 the
+        averages of DTensor parameters are DTensors too (see :mod:`d2ema.distributed`).
         """
-        return {STATE_KEY: self.tensors(), META_KEY: self.meta()}
+        return {STATE_KEY: to_dtensors(self.tensors(), self._dtensors()), META_KEY: self.meta()}
 
     def check_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True
@@ -346,11 +367,11 @@ class EMA:
         Returns the tensors (names aligned to this EMA's) and the metadata, if any.
         """
         tensors, meta = split_state(state_dict)
-        mine = self.tensors()
-        tensors = align_names(tensors, mine)
+        expected = self._expected_state()
+        tensors = align_names(tensors, expected)
         problems = compare(
             {n: (t.shape, t.dtype) for n, t in tensors.items()},
-            {n: (t.shape, t.dtype) for n, t in mine.items()},
+            expected,
             "the checkpoint",
             allow_missing=not strict,
         )
@@ -361,7 +382,7 @@ class EMA:
             raise EMAStateError(
                 "cannot load this EMA state; the EMA is unchanged:\n  " + "\n  ".join(problems)
             )
-        return tensors, meta
+        return self._own_part(tensors), meta
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
         """Load our format, or a plain name->tensor dict (D2Go's and the seed's ``ema_state``).
@@ -371,7 +392,7 @@ class EMA:
         ``strict=False`` missing and unexpected names are allowed (and returned).
         """
         tensors, meta = self.check_state_dict(state_dict, strict)
-        mine = self.tensors()
+        mine = self._views()
         with torch.no_grad():
             for name, t in tensors.items():
                 if name in mine:
@@ -383,14 +404,12 @@ class EMA:
             saved = meta.get("schedule")
             current = self.meta()["schedule"]
             if saved is not None and saved != current:
-                logger.warning(
-                    "the loaded EMA was made with schedule %s; continuing with %s as configured",
-                    saved,
-                    current,
-                )
+                logger.warning("the loaded EMA was made with schedule %s; continuing with %s as "
+                               "configured", saved, current)
+        expected = self._expected_state()
+        given = set(align_names(split_state(state_dict)[0], expected))
         return nn.modules.module._IncompatibleKeys(
-            missing_keys=sorted(set(mine) - set(tensors)),
-            unexpected_keys=sorted(set(tensors) - set(mine)),
+            sorted(set(expected) - given), sorted(given - set(expected))
         )
 
     def __repr__(self) -> str:

@@ -2,16 +2,20 @@
 
 With ``skip_nonfinite=False`` (the default) one NaN weight poisons the average for good:
 ``lerp`` keeps a NaN forever. :class:`NonfiniteWatch` records the first step whose update left
-a NaN/Inf in the EMA. Each step adds one max-abs reduction per averaged group, and the result
-stays on the device (a ``masked_fill_`` of a 0-d tensor), so there is no host sync; the step is
-read only when someone asks (a checkpoint save, an evaluation, :func:`nonfinite_message`).
+a NaN/Inf in the EMA. Each step adds one ``sum`` per averaged group (NaN and Inf propagate
+through it, and it is the cheapest full reduction: ``vector_norm(inf)`` and
+``isfinite().all()`` measured 14x and 40x slower on the CPU); the result stays on the device (a
+``masked_fill_`` of a 0-d tensor), so there is no host sync. The step is read only when someone
+asks (a checkpoint save, an evaluation), and confirmed then with an exact ``aminmax`` (a sum of
+huge finite values could overflow).
 
 Example::
 
     watch = NonfiniteWatch()
     watch.observe(ema_groups, step)            # after each update
-    if watch.first_step is not None:
-        logger.warning(nonfinite_message(watch.first_step))
+    step = watch.first_step(ema_groups)
+    if step is not None:
+        logger.warning(nonfinite_message(step))
 """
 
 from __future__ import annotations
@@ -33,30 +37,46 @@ class NonfiniteWatch:
         self._first: dict[torch.device, torch.Tensor] = {}
 
     @torch.no_grad()
-    def observe(self, groups: Iterable[TensorGroup], step: int) -> None:
-        if self._known is not None:
+    def observe(self, groups: Iterable[TensorGroup], step: int, guarded: bool = False) -> None:
+        """After the update of ``step``; ``guarded``: updates with NaN/Inf weights are skipped,
+        so nothing non-finite gets in and there is nothing to watch."""
+        if guarded or self._known is not None:
             return
         for g in groups:
             if not g.averaged or not g.flat.numel():
                 continue
-            finite = torch.linalg.vector_norm(g.flat, float("inf")).isfinite()
+            bad = ~g.flat.sum().isfinite()
             first = self._first.get(g.device)
             if first is None:
                 first = self._first[g.device] = torch.full((), -1, device=g.device)
-            first.masked_fill_(~finite & (first < 0), step)
+            first.masked_fill_(bad & (first < 0), step)
 
-    @property
-    def first_step(self) -> int | None:
-        """The step (synchronises with the device, once a NaN was seen no more)."""
+    def first_step(self, groups: Iterable[TensorGroup]) -> int | None:
+        """The step (synchronises with the device; once a NaN was confirmed, no more)."""
         if self._known is None and self._first:
             found = [int(t) for t in self._first.values() if int(t) >= 0]
-            if found:
+            if found and _nonfinite(groups):
                 self._known = min(found)
+            if found:  # confirmed, or a sum of huge finite values overflowed: look again
                 self._first.clear()
         return self._known
 
+    def meta(self, groups: Iterable[TensorGroup]) -> dict[str, int]:
+        """``{"nonfinite_step": step}`` for a checkpoint's ``ema_meta`` of a poisoned EMA."""
+        step = self.first_step(groups)
+        return {} if step is None else {"nonfinite_step": step}
+
     def reset(self, first_step: int | None = None) -> None:
         self._known, self._first = first_step, {}
+
+
+def _nonfinite(groups: Iterable[TensorGroup]) -> bool:
+    for g in groups:
+        if g.averaged and g.flat.numel():
+            low, high = torch.aminmax(g.flat)
+            if not (low.isfinite() and high.isfinite()):
+                return True
+    return False
 
 
 def nonfinite_message(step: int, where: str = "") -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,8 @@ __all__ = [
     "TensorGroup",
     "clean_name",
     "group_slots",
+    "is_dtensor",
+    "plan_groups",
     "structure_change",
     "tracked_slots",
     "unwrap_model",
@@ -45,6 +47,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters are)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+
+
 def clean_name(name: str) -> str:
     for segment in _WRAPPER_SEGMENTS:
         name = name.replace(segment, "")
@@ -53,16 +60,26 @@ def clean_name(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """Where a tracked tensor lives: ``module._parameters[attr]`` or ``module._buffers[attr]``."""
+    """Where a tracked tensor lives: ``module._parameters[attr]`` or ``module._buffers[attr]``.
+
+    ``local``: the tensor there is a DTensor (FSDP2) and the EMA tracks this rank's shard of it.
+    """
 
     name: str
     module: nn.Module
     attr: str
     is_param: bool
+    local: bool = False
 
-    def get(self) -> torch.Tensor:
+    def tensor(self) -> torch.Tensor:
+        """The tensor as registered (the DTensor itself for a local slot)."""
         table = self.module._parameters if self.is_param else self.module._buffers
         return table[self.attr]
+
+    def get(self) -> torch.Tensor:
+        """The tensor the EMA averages: the registered one, or this rank's shard of it."""
+        t = self.tensor()
+        return t._local_tensor if self.local else t
 
 
 def tracked_slots(
@@ -93,7 +110,7 @@ def tracked_slots(
                 continue
             prefix, _, attr = raw_name.rpartition(".")
             module = model.get_submodule(prefix) if prefix else model
-            slots.append(Slot(name, module, attr, is_param))
+            slots.append(Slot(name, module, attr, is_param, is_dtensor(tensor)))
 
     add(model.named_parameters(), True)
     if include_buffers:
@@ -101,14 +118,18 @@ def tracked_slots(
     return slots
 
 
-def structure_change(bound: Sequence[Slot], now: Sequence[Slot]) -> str | None:
-    """What changed in a model's structure since ``bound`` was taken (None: nothing).
+def structure_change(
+    bound: Sequence[Slot], now: Sequence[Slot], expected: Collection[str]
+) -> str | None:
+    """What changed in a model since its slots ``bound`` were taken (None: nothing).
 
-    Notices tensors added or removed, and submodules replaced by new objects (whose tensors
-    the old slots no longer reach): ``model.head = nn.Linear(...)``.
+    ``now`` are the model's tracked slots today and ``expected`` the names the EMA holds (a
+    sharded EMA binds only its share of them). Notices tensors added or removed, and
+    submodules replaced by new objects, which the old slots no longer reach:
+    ``model.head = nn.Linear(...)``.
     """
     old, new = {s.name: s for s in bound}, {s.name: s for s in now}
-    added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    added, removed = sorted(set(new) - set(expected)), sorted(set(expected) - set(new))
     replaced = sorted({n.rpartition(".")[0] or "(the model)" for n in set(old) & set(new)
                        if new[n].module is not old[n].module})
     if not (added or removed or replaced):
@@ -171,6 +192,19 @@ class TensorGroup:
         return dataclasses.replace(self, device=flat.device, flat=flat, tensors=tensors)
 
 
+def plan_groups(
+    slots: list[Slot], device: torch.device | None, master_dtype: torch.dtype | None
+) -> dict[tuple, list[Slot]]:
+    """The slots by group key (EMA device, EMA dtype, model device, model dtype), in order."""
+    keyed: dict[tuple, list[Slot]] = {}
+    for slot in slots:
+        t = slot.get()
+        ema_device = torch.device(device) if device is not None else t.device
+        key = (ema_device, ema_dtype_for(t.dtype, master_dtype), t.device, t.dtype)
+        keyed.setdefault(key, []).append(slot)
+    return keyed
+
+
 def group_slots(
     slots: list[Slot],
     device: torch.device | None,
@@ -180,14 +214,8 @@ def group_slots(
 
     Returns the groups and, for each, its slots in the group's storage order.
     """
-    keyed: dict[tuple, list[Slot]] = {}
-    for slot in slots:
-        t = slot.get()
-        ema_device = torch.device(device) if device is not None else t.device
-        key = (ema_device, ema_dtype_for(t.dtype, master_dtype), t.device, t.dtype)
-        keyed.setdefault(key, []).append(slot)
     groups, group_slots_ = [], []
-    for (ema_device, ema_dtype, _, _), members in keyed.items():
+    for (ema_device, ema_dtype, _, _), members in plan_groups(slots, device, master_dtype).items():
         tensors = [s.get() for s in members]
         group = TensorGroup.allocate(
             [s.name for s in members], [t.shape for t in tensors], ema_device, ema_dtype

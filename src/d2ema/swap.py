@@ -45,7 +45,7 @@ def swapped_bindings(bindings: list[Binding], backups: dict[int, _Backup]) -> It
     try:
         with torch.no_grad():
             for i, b in enumerate(bindings):
-                if b.staged:
+                if b.swap_by_copy:
                     backup = backups.get(i)
                     if backup is None:
                         backup = backups[i] = _Backup(b)

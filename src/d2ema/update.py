@@ -83,6 +83,9 @@ class Binding:
         self.model_device = src.device
         self.cross_device = src.device != group.device
         self.staged = self.cross_device or src.dtype != group.dtype
+        # FSDP2 all-gathers from its own flat shard storage, not from the shard tensors' .data:
+        # swapping .data would go unseen there, so the EMA is copied in and out instead.
+        self.swap_by_copy = self.staged or any(s.local for s in slots)
         self.model_flat = flat_view(self.model)
         # The inf-norm of an empty tensor is an error, not 0: leave those out of the check.
         self._nonempty = [t for t in self.model if t.numel()]

@@ -162,6 +162,20 @@ def test_first_nonfinite_step_is_recorded():
     assert "nonfinite_step" not in guarded.meta()
 
 
+def test_an_overflowing_sum_is_no_false_alarm():
+    """The per-step check is a sum: huge finite weights overflow it, the exact check does not."""
+    model = nn.Linear(1000, 1000, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(3e35)  # the sum, 3e41, is above float32's 3.4e38
+    ema = EMA(model, decay=0.5)
+    ema.update(model)
+    assert ema.nonfinite_step is None
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    ema.update(model)
+    assert ema.nonfinite_step == 2
+
+
 def test_nonfinite_reported_at_save_and_evaluation(tmp_path, caplog):
     pytest.importorskip("detectron2")
     from d2ema.d2 import EMACheckpointer, evaluate_with_ema

@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..ema import EMA
+from ..sharded import ShardedEMA
 from ..state import unwrap_model
 from .config import ema_settings
 
@@ -24,7 +25,8 @@ ATTRIBUTE = "ema_state"
 
 
 def build_model_ema(cfg, model: nn.Module) -> EMA | None:
-    """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA`."""
+    """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA`
+    (a :class:`~d2ema.sharded.ShardedEMA` with ``SHARDED``)."""
     settings = ema_settings(cfg)
     if not settings.enabled:
         return None
@@ -34,7 +36,7 @@ def build_model_ema(cfg, model: nn.Module) -> EMA | None:
             f"the model already has an attribute {ATTRIBUTE!r}: it is reserved for the EMA. "
             "Build the EMA once per model."
         )
-    ema = EMA(target, **settings.ema_kwargs())
+    ema = (ShardedEMA if settings.sharded else EMA)(target, **settings.ema_kwargs())
     setattr(target, ATTRIBUTE, ema)
     return ema
 

@@ -33,10 +33,11 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from ..atomic import atomic_save, atomic_write_text
 from ..ema import EMA
-from ..errors import CheckpointError
+from ..errors import CheckpointError, D2EMAError
 from ..format import META_KEY, STATE_KEY
 from ..health import nonfinite_message
 from ..resume import TAG_FILE, checkpoint_candidates, find_resume_checkpoint, read_checkpoint
+from ..sharded import ShardedEMA
 
 __all__ = ["AtomicCheckpointer", "EMACheckpointer", "ema_checkpointables"]
 
@@ -78,7 +79,18 @@ class _EMATensors:
         self._get_ema, self._shared = get_ema, shared
 
     def state_dict(self) -> dict[str, Any]:
-        return self._get_ema().tensors()
+        ema = self._get_ema()
+        if not isinstance(ema, ShardedEMA):
+            return ema.tensors()
+        tensors = ema.gathered()  # checkpointers run on the main process only: no collective
+        if tensors is None:
+            raise D2EMAError(
+                f"the sharded EMA (step {ema.step}) is not gathered on this process, so it "
+                "cannot be saved here: checkpoints of a sharded EMA are written where "
+                "EMAHook gathered it (at its checkpoint_period and the last iteration); call "
+                "ema.gather(dst=0) on every rank before saving at another iteration"
+            )
+        return tensors
 
     def load_state_dict(self, tensors: dict[str, Any]) -> None:
         state = {STATE_KEY: tensors}

@@ -68,6 +68,11 @@ KEYS: dict[str, tuple[Any, str]] = {
     "EXCLUDE": ([], "regular expressions of tensor names not to track"),
     "FLAT": (False, "re-point model tensors into one buffer per group (single-op update)"),
     "EVAL_BOTH": (True, "evaluate the raw and the EMA weights at each evaluation"),
+    "SHARDED": (
+        False,
+        "multi-GPU (DDP): each of N ranks stores and updates 1/N of the EMA, gathered only to "
+        "evaluate and to save (see d2ema.sharded)",
+    ),
 }
 
 _MASTER_DTYPES = {"float32": torch.float32, "float64": torch.float64, "none": None, "": None}
@@ -128,6 +133,7 @@ class EMASettings:
     exclude: tuple[str, ...]
     flat: bool
     eval_both: bool
+    sharded: bool = False
 
     def ema_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`d2ema.EMA`."""
@@ -302,4 +308,5 @@ def ema_settings(cfg) -> EMASettings:
         exclude=tuple(exclude),
         flat=bool(v["FLAT"]),
         eval_both=bool(v["EVAL_BOTH"]),
+        sharded=bool(v["SHARDED"]),
     )

@@ -24,10 +24,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
+from ..distributed import all_reduce_mean_
 from ..ema import EMA
 from ..health import nonfinite_message
+from ..state import unwrap_model
 
 __all__ = ["EMA_PREFIX", "build_evaluator", "evaluate_with_ema", "has_compiled_ops", "precise_bn"]
 
@@ -84,17 +87,33 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None):
 
 
 def precise_bn(model: nn.Module, batches: Iterable[Any], num_iter: int) -> None:
-    """Recompute the BN statistics of the weights now in ``model`` from ``num_iter`` batches."""
+    """Recompute the BN statistics of the weights now in ``model`` from ``num_iter`` batches.
+
+    In a multi-process job every rank runs it on its own batches and the statistics are then
+    averaged over the ranks (a collective), so they come from every rank's batches and every
+    rank ends with the same ones: what one process would get from all the batches.
+    """
     from detectron2.utils.events import EventStorage
     from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
 
+    model = unwrap_model(model)  # no DDP buffer broadcast from rank 0 in between
     was_training = model.training
     model.train()  # get_bn_modules lists BN layers in training mode only
     try:
-        if not get_bn_modules(model):
+        bn_layers = get_bn_modules(model)
+        if not bn_layers:
             return
+        # fvcore assigns new tensors to running_mean/var; write into the registered ones, so
+        # that inside EMA.swapped() the statistics land in the EMA and the swap restores them
+        own = [(bn, bn.running_mean, bn.running_var) for bn in bn_layers]
         with EventStorage():  # the model logs losses; discard them
             update_bn_stats(model, itertools.islice(iter(batches), num_iter), num_iter)
+        with torch.no_grad():
+            for bn, mean, var in own:
+                mean.copy_(bn.running_mean)
+                var.copy_(bn.running_var)
+                bn.running_mean, bn.running_var = mean, var
+        all_reduce_mean_([t for _, mean, var in own for t in (mean, var)])
     finally:
         model.train(was_training)
 

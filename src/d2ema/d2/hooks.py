@@ -11,6 +11,12 @@ are then (pretrained or resumed weights included). Driven by hand, outside a tra
 (``hook.before_train()``, then ``hook.after_step()`` after each optimizer step), it counts its
 own steps.
 
+In a multi-process job (``launch``) every rank runs the hook: the EMA folds in each floating
+buffer's mean over the ranks (:func:`d2ema.distributed.averaged_buffers`), so every rank holds
+the same EMA after every step, BN statistics included. A :class:`~d2ema.sharded.ShardedEMA` is
+gathered on the main process at the iterations where its ``PeriodicCheckpointer`` saves
+(``checkpoint_period`` and the last iteration), since that hook runs there only.
+
 Example::
 
     trainer.register_hooks([EMAHook(ema, trainer.model, checkpointer=trainer.checkpointer)])
@@ -21,23 +27,38 @@ from __future__ import annotations
 from detectron2.engine import HookBase
 from torch import nn
 
+from ..distributed import averaged_buffers
 from ..ema import EMA
+from ..sharded import ShardedEMA
 
 __all__ = ["EMAHook"]
 
 
 class EMAHook(HookBase):
-    def __init__(self, ema: EMA, model: nn.Module, checkpointer=None):
+    def __init__(self, ema: EMA, model: nn.Module, checkpointer=None, checkpoint_period: int = 0):
         """``checkpointer``: an :class:`~d2ema.d2.checkpoint.EMACheckpointer`, if any, to tell
-        whether the EMA was loaded from a checkpoint (then it is kept as loaded)."""
+        whether the EMA was loaded from a checkpoint (then it is kept as loaded).
+        ``checkpoint_period``: the ``PeriodicCheckpointer``'s period (for a sharded EMA)."""
         self.ema = ema
         self.model = model
         self.checkpointer = checkpointer
+        self.checkpoint_period = checkpoint_period
 
     def before_train(self) -> None:
         if not getattr(self.checkpointer, "ema_loaded", False):
-            self.ema.reset(self.model)
+            with averaged_buffers(self.model):
+                self.ema.reset(self.model)
 
     def after_step(self) -> None:
         trainer = self.trainer
-        self.ema.update(self.model, step=None if trainer is None else trainer.iter + 1)
+        with averaged_buffers(self.model):
+            self.ema.update(self.model, step=None if trainer is None else trainer.iter + 1)
+        if isinstance(self.ema, ShardedEMA) and self._checkpoint_now():
+            self.ema.gather(dst=0)
+
+    def _checkpoint_now(self) -> bool:
+        trainer = self.trainer
+        if trainer is None:
+            return False
+        period, it = self.checkpoint_period, trainer.iter
+        return bool(period and (it + 1) % period == 0) or it >= trainer.max_iter - 1

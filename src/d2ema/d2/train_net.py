@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from ..errors import UsageError, one_line
 from .build import build_model_ema
@@ -148,38 +149,41 @@ def _check_datasets(cfg, known_datasets: Collection[str]) -> None:
             )
 
 
-def _launch_needs_cuda() -> bool:
-    """detectron2 v0.6 starts every multi-process run with NCCL (CUDA only); main can use gloo."""
-    import inspect
+def _check_launch(args, cfg=None) -> None:
+    """The process counts fit this machine (its GPUs; its cores in the CPU testing mode) and
+    the batch splits evenly over the processes."""
+    import os
 
-    from detectron2.engine import launch as launch_module
-
-    return "gloo" not in inspect.getsource(launch_module).lower()
-
-
-def _check_launch(args) -> None:
-    for flag, value in (("--num-gpus", args.num_gpus), ("--num-machines", args.num_machines)):
-        if value < 1:
-            raise UsageError(f"{flag} {value} must be >= 1 (--num-gpus: worker processes per "
-                             "machine, also on the CPU: --num-gpus 1 with MODEL.DEVICE cpu)")
-    if not 0 <= args.machine_rank < args.num_machines:
-        raise UsageError(f"--machine-rank {args.machine_rank} must be in [0, "
-                         f"{args.num_machines - 1}] for --num-machines {args.num_machines}")
-    world = args.num_gpus * args.num_machines
-    if world == 1:
-        return
     import torch
 
-    count = torch.cuda.device_count()
-    if count == 0 and _launch_needs_cuda():
-        raise UsageError(
-            f"--num-machines {args.num_machines} --num-gpus {args.num_gpus} starts {world} "
-            "processes, which this detectron2 connects over NCCL, and this machine has no CUDA "
-            "device; run with --num-machines 1 --num-gpus 1"
-        )
-    if count and args.num_gpus > count:
-        raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has {count} CUDA "
-                         f"devices; use --num-gpus {count} or fewer")
+    if args.num_gpus < 1 or args.num_machines < 1 or not 0 <= args.machine_rank < args.num_machines:
+        raise UsageError(f"--num-gpus {args.num_gpus} and --num-machines {args.num_machines} "
+                         f"must be at least 1, and --machine-rank {args.machine_rank} must be in "
+                         f"0..{args.num_machines - 1}")
+    world = args.num_gpus * args.num_machines
+    url = str(getattr(args, "dist_url", "auto"))
+    local = url == "auto" or urlparse(url).hostname in ("localhost", "127.0.0.1", "::1")
+    if args.num_machines > 1 and local:
+        raise UsageError(f"--num-machines {args.num_machines} needs --dist-url "
+                         "tcp://ADDRESS:PORT with the address of machine 0 as every machine "
+                         f"reaches it; {url} only works on one machine")
+    gpus, cores = torch.cuda.device_count(), os.cpu_count()
+    if world > 1 and gpus and args.num_gpus > gpus:
+        raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has {gpus} CUDA "
+                         f"devices; use --num-gpus {gpus} or fewer")
+    if world > 1 and not gpus and args.num_gpus > (cores or 1):
+        raise UsageError(f"--num-gpus {args.num_gpus}: with no CUDA device that many CPU "
+                         f"processes (gloo, a testing mode) would start, but this machine has "
+                         f"{cores} CPU cores; use --num-gpus {cores} or fewer")
+    lazy = cfg is not None and not hasattr(cfg, "SOLVER")
+    if world == 1 or cfg is None or args.eval_only:
+        return
+    batch = (cfg.dataloader.get("train", {}).get("total_batch_size", 0) if lazy
+             else cfg.SOLVER.IMS_PER_BATCH)
+    if batch % world:
+        key = "dataloader.train.total_batch_size" if lazy else "SOLVER.IMS_PER_BATCH"
+        raise UsageError(f"{key} = {batch} does not split over {world} processes; use a "
+                         f"multiple of {world}")
 
 
 def _check_lazy_keys(cfg, args) -> None:
@@ -208,8 +212,8 @@ def train_main(
     _check_weights(cfg, args)
     if hasattr(cfg, "DATASETS"):
         _check_datasets(cfg, known_datasets)
-    _check_launch(args)
-    from detectron2.engine import launch
+    _check_launch(args, cfg)
+    from .launch import launch
 
     launch(
         train_worker,
@@ -223,7 +227,8 @@ def train_main(
 
 
 def train_worker(args: argparse.Namespace, prepare: Prepare | None = None):
-    """One training process (``detectron2.engine.launch`` runs it on each GPU)."""
+    """One training process (:func:`d2ema.d2.launch.launch` runs it on each GPU, or on the CPU
+    with gloo where there is no GPU)."""
     cfg = load_config(args.config_file, args.opts)
     if is_lazy(args.config_file):
         return _lazy_main(cfg, args, prepare)
@@ -378,7 +383,8 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
     checkpoint_args = dict(train.get("checkpointer", {"period": 5000}))
     trainer.register_hooks([
         hooks.IterationTimer(),
-        EMAHook(ema, model, checkpointer=checkpointer) if ema is not None else None,
+        EMAHook(ema, model, checkpointer=checkpointer,
+                checkpoint_period=checkpoint_args.get("period", 0)) if ema is not None else None,
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **checkpoint_args)
         if comm.is_main_process() else None,

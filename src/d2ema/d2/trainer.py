@@ -66,7 +66,9 @@ class EMATrainerMixin:
         self.checkpointer = EMACheckpointer(old.model, old.save_dir, ema=ema, **kwargs)
         ret = super().build_hooks()
         timer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.IterationTimer)), -1)
-        ret.insert(timer + 1, EMAHook(ema, self.model, checkpointer=self.checkpointer))
+        hook = EMAHook(ema, self.model, checkpointer=self.checkpointer,
+                       checkpoint_period=self.cfg.SOLVER.CHECKPOINT_PERIOD)
+        ret.insert(timer + 1, hook)
         return ret
 
     @classmethod
