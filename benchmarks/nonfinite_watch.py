@@ -1,7 +1,7 @@
 """What the NaN watch costs: one EMA update with and without :class:`d2ema.health.NonfiniteWatch`.
 
-With ``skip_nonfinite=False`` (the default) every update ends with one max-abs reduction per
-averaged group, kept on the device, so that the step at which the EMA first held NaN/Inf can
+With ``skip_nonfinite=False`` (the default) every update ends with one ``sum`` per averaged
+group, kept on the device, so that the step at which the EMA first held NaN/Inf can
 be reported (issue 10). This script times ``EMA.update`` round robin (the timing loop of
 ``update_speed.py``) in three variants on the same model:
 
@@ -43,7 +43,7 @@ OUT = Path(__file__).resolve().parent / "results" / "nonfinite_watch.md"
 def _variants(model: torch.nn.Module) -> list[Method]:
     on = d2ema.EMA(model, decay=0.9998)
     off = d2ema.EMA(model, decay=0.9998)
-    off._nonfinite.observe = lambda groups, step: None
+    off._nonfinite.observe = lambda *args, **kwargs: None
     guard = d2ema.EMA(model, decay=0.9998, skip_nonfinite=True)
     return [Method("watch off (update alone)", lambda: off.update(model)),
             Method("watch on (default)", lambda: on.update(model)),

@@ -147,9 +147,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def has_checkpoint(self) -> bool:
         """A ``last_checkpoint`` or a checkpoint file (``*_NNNNNNN.pth``, ``*_final.pth``)."""
-        if super().has_checkpoint() or not self._local():
-            return super().has_checkpoint()
-        return bool(checkpoint_candidates(self.save_dir))
+        tagged = super().has_checkpoint()
+        return tagged or (self._local() and bool(checkpoint_candidates(self.save_dir)))
 
     def get_checkpoint_file(self) -> str:
         """The tagged checkpoint if complete, else the newest complete one (with a warning)."""
