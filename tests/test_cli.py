@@ -22,16 +22,7 @@ from d2ema.cli import main
 CONSOLE_SCRIPT = Path(sys.executable).parent / "d2ema"
 
 
-@pytest.fixture(autouse=True)
-def _restore_loggers():
-    """default_setup() adds console handlers bound to this test's captured stdout: drop them."""
-    saved = {n: list(logging.getLogger(n).handlers) for n in ("detectron2", "fvcore", "d2ema")}
-    yield
-    for name, handlers in saved.items():
-        logger = logging.getLogger(name)
-        for h in list(logger.handlers):
-            if h not in handlers:
-                logger.removeHandler(h)
+pytestmark = pytest.mark.usefixtures("restore_loggers")
 
 
 def _error_line(capsys) -> str:

@@ -109,8 +109,8 @@ def check_ema_arguments(
     return tuple(exclude), device
 
 
-def check_slots(model: nn.Module, slots: list[Slot], exclude: Sequence[str]) -> None:
-    """Refuse a model with nothing to track, or whose tensors have no data (meta device)."""
+def check_slots(model: nn.Module, slots: list[Slot], exclude: Sequence[str]) -> list[Slot]:
+    """``slots``; refuses a model with nothing to track, or whose tensors have no data."""
     if not slots:
         why = f" (exclude={list(exclude)!r} matches all of them)" if exclude else ""
         raise ConfigError(f"the model has no tensors to track{why}; check include_frozen, "
@@ -122,6 +122,7 @@ def check_slots(model: nn.Module, slots: list[Slot], exclude: Sequence[str]) -> 
             f"build the EMA after materialising {type(unwrap_model(model)).__name__} "
             "(model.to_empty(device=...) and load its weights)"
         )
+    return slots
 
 
 def check_step(step: Any, current: int) -> int:

@@ -4,14 +4,16 @@ Subcommands::
 
     d2ema demo   [--quick] [--dataset shapes|digits] [--iters N] [--output DIR] [--seed S]
                  [--decays 0.99,0.998] [--eval-period K] [--verbose] [KEY VALUE ...]
-    d2ema train  --config-file CFG [--resume] [--eval-only] [--num-gpus N] [--num-machines M]
-                 [--machine-rank R] [--dist-url URL] [KEY VALUE ... | key=value ...]
-    d2ema export CHECKPOINT -o OUT.pth [--allow-nonfinite]
+    d2ema train  --config-file CFG [--dataset NAME=ANNOTATIONS.json:IMAGE_DIR ...] [--resume]
+                 [--eval-only] [--num-gpus N] [--num-machines M] [--machine-rank R]
+                 [--dist-url URL] [KEY VALUE ... | key=value ...]
+    d2ema export CHECKPOINT -o OUT.pth [--config RUN_CONFIG.yaml] [--allow-nonfinite]
     d2ema bench  [arguments of benchmarks/update_speed.py]
 
 ``train`` is detectron2's ``tools/train_net.py`` (YAML configs) and
 ``tools/lazyconfig_train_net.py`` (``.py`` LazyConfigs) with EMA: ``MODEL_EMA.*`` or
-``train.model_ema.*``. The embedded datasets (``shapes_*``, ``digits_*``) are generated and
+``train.model_ema.*``. ``--dataset`` registers your COCO-format datasets (and records them in
+the run's config); the embedded datasets (``shapes_*``, ``digits_*``) are generated and
 registered when a config names them.
 
 A mistake in the input (unknown dataset, missing or unreadable config or checkpoint, a
@@ -96,12 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
         "YAML configs: MODEL_EMA.ENABLED True, MODEL_EMA.DECAY 0.9998, ...; LazyConfigs: "
         "train.model_ema.enabled=True, ...\n\nExamples:\n"
         "  d2ema train --config-file cfg.yaml MODEL_EMA.ENABLED True SOLVER.MAX_ITER 1000\n"
+        "  d2ema train --config-file cfg.yaml --dataset my_train=train.json:images/ "
+        "--dataset my_val=val.json:images/ DATASETS.TRAIN \"('my_train',)\" "
+        "DATASETS.TEST \"('my_val',)\"\n"
         "  d2ema train --config-file cfg.yaml --eval-only MODEL.WEIGHTS out/model_final.pth "
         "MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY True\n"
         "  d2ema train --config-file cfg.py train.model_ema.enabled=True",
     )
     train.add_argument("--config-file", required=True, metavar="FILE",
                        help="YAML config, or a LazyConfig .py")
+    train.add_argument("--dataset", action="append", default=[],
+                       metavar="NAME=ANNOTATIONS.json:IMAGE_DIR",
+                       help="register a COCO-format instances dataset under NAME (repeatable); "
+                       "recorded in the run's config.yaml (DATASETS.COCO_INSTANCES or "
+                       "train.coco_instances), so a resume needs no --dataset")
     train.add_argument("--resume", action="store_true",
                        help="resume from the last checkpoint of the output folder")
     train.add_argument("--eval-only", action="store_true", help="evaluate only")
@@ -117,10 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write a checkpoint whose weights are the EMA (for MODEL.WEIGHTS)",
         description="Write OUT: a detectron2 checkpoint whose 'model' holds the EMA weights of "
         "CHECKPOINT (its 'ema_state'), loadable by any detectron2 as MODEL.WEIGHTS. Written "
-        "atomically.",
+        "atomically. With the run's config.yaml (found beside CHECKPOINT, or --config), also "
+        "writes OUT with the suffix .yaml: that config without d2ema's keys, MODEL.WEIGHTS set "
+        "to OUT, for plain detectron2.",
     )
     export.add_argument("checkpoint", metavar="CHECKPOINT", help="training checkpoint (.pth)")
     export.add_argument("-o", "--output", required=True, metavar="OUT.pth", help="file to write")
+    export.add_argument("--config", default=None, metavar="RUN_CONFIG.yaml",
+                        help="the run's config (default: config.yaml beside CHECKPOINT)")
     export.add_argument("--allow-nonfinite", action="store_true",
                         help="write the EMA even if it holds NaN/Inf (refused by default)")
     _add_verbose(export)
@@ -192,15 +206,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .app.data import DATASETS, register_for_config
     from .d2.train_net import train_main
+    from .errors import UsageError
+
+    late = next((i for i, word in enumerate(args.opts or ()) if word.startswith("--")), None)
+    if late is not None:  # argparse leaves options after the first override in the overrides
+        raise UsageError(f"options go before the config overrides: {args.opts[late]!r} comes "
+                         f"after {' '.join(args.opts[:late])!r}; e.g. d2ema train --config-file "
+                         "CFG --dataset NAME=ANN.json:IMAGES --resume KEY VALUE ...")
 
     return train_main(args, prepare=register_for_config, known_datasets=tuple(DATASETS))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_ema
+    from .d2.plain_config import export_with_config
 
-    summary = export_ema(args.checkpoint, args.output, allow_nonfinite=args.allow_nonfinite)
-    print(summary.describe())
+    lines = export_with_config(args.checkpoint, args.output, args.config,
+                               allow_nonfinite=args.allow_nonfinite)
+    print("\n".join(lines))
     return 0
 
 

@@ -50,13 +50,12 @@ from .format import (
     STATE_KEY,
     align_names,
     compare,
-    meta_problems,
     split_state,
-    tensor_problems,
+    state_problems,
 )
 from .health import NonfiniteWatch
 from .schedules import Schedule, make_schedule
-from .state import Slot, group_slots, structure_change, tracked_slots, unwrap_model
+from .state import Slot, check_structure, group_slots, tracked_slots, unwrap_model
 from .swap import swapped_bindings
 from .update import Binding, flat_view, registration_count
 
@@ -120,10 +119,9 @@ class EMA:
     ):
         exclude, device = check_ema_arguments(
             model, decay=decay, schedule=schedule, schedule_params=schedule_params, every=every,
-            start=start, exclude=exclude, device=device, master_dtype=master_dtype,
+            start=start, exclude=exclude, device=device, master_dtype=master_dtype, flat=flat,
             include_frozen=include_frozen, include_buffers=include_buffers,
-            skip_nonfinite=skip_nonfinite, flat=flat,
-        )
+            skip_nonfinite=skip_nonfinite)
         self.schedule = make_schedule(schedule, decay, **dict(schedule_params or {}))
         self.decay = getattr(self.schedule, "decay", decay)
         self.every, self.start = int(every), int(start)
@@ -131,11 +129,12 @@ class EMA:
         self.step = 0
         self.num_skipped = 0
         self._nonfinite = NonfiniteWatch()
+        # What the average holds: "built" (the model's weights when this EMA was made), "reset"
+        # (the model's weights at a later reset()), "updated" (training) or "loaded".
+        self.provenance = "built"
         self._options = _Options(include_frozen, include_buffers, exclude, device, master_dtype,
                                  flat)
-        all_slots = self._options.slots(model)
-        check_slots(model, all_slots, exclude)
-        slots = self._select(all_slots)
+        slots = self._select(check_slots(model, self._options.slots(model), exclude))
         self.groups, slots_by_group = group_slots(slots, self._options.device, master_dtype)
         self._bindings: list[Binding] = []
         self._bound_to: nn.Module | None = None
@@ -195,10 +194,8 @@ class EMA:
     def _binding_for(self, model: nn.Module) -> list[Binding]:
         model = unwrap_model(model)
         if model is self._bound_to and self._registrations_seen != registration_count():
-            bound = [s for b in self._bindings for s in b.slots]
-            now, expected = self._options.slots(model), self._expected_state()
-            if change := structure_change(bound, now, expected):
-                raise EMAStateError(change)
+            check_structure([s for b in self._bindings for s in b.slots],
+                            self._options.slots(model), self._expected_state())
             self._registrations_seen = registration_count()
         if model is not self._bound_to or not all(b.is_current() for b in self._bindings):
             self._bind(model)
@@ -227,6 +224,7 @@ class EMA:
                 "EMA.update() called inside EMA.swapped(): the model holds the EMA weights"
             )
         step = check_step(step, self.step)
+        self.provenance = "updated"
         n = step - self.start
         if n > 0 and n % self.every:
             self.step = step
@@ -295,6 +293,7 @@ class EMA:
         """
         for b in self._binding_for(model):
             b.copy()
+        self.provenance = "reset"
 
     def model_copy(self, model: nn.Module) -> nn.Module:
         """A deep copy of ``model`` (unwrapped) holding the EMA weights; ``model`` is untouched."""
@@ -369,15 +368,7 @@ class EMA:
         tensors, meta = split_state(state_dict)
         expected = self._expected_state()
         tensors = align_names(tensors, expected)
-        problems = compare(
-            {n: (t.shape, t.dtype) for n, t in tensors.items()},
-            expected,
-            "the checkpoint",
-            allow_missing=not strict,
-        )
-        problems += tensor_problems(tensors)
-        if meta is not None:
-            problems += meta_problems(meta)
+        problems = state_problems(tensors, meta, expected, strict)
         if problems:
             raise EMAStateError(
                 "cannot load this EMA state; the EMA is unchanged:\n  " + "\n  ".join(problems)
@@ -406,6 +397,7 @@ class EMA:
             if saved is not None and saved != current:
                 logger.warning("the loaded EMA was made with schedule %s; continuing with %s as "
                                "configured", saved, current)
+        self.provenance = "loaded"
         expected = self._expected_state()
         given = set(align_names(split_state(state_dict)[0], expected))
         return nn.modules.module._IncompatibleKeys(

@@ -19,8 +19,11 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "D2EMAError",
+    "DatasetError",
+    "EMANotLoadedError",
     "EMAStateError",
     "ExportError",
+    "TrainerError",
     "UsageError",
     "one_line",
 ]
@@ -50,7 +53,23 @@ class UsageError(D2EMAError):
     """A command-line input that cannot work (missing file, bad override, unknown dataset)."""
 
 
+class DatasetError(D2EMAError, ValueError):
+    """A dataset that is not registered, or cannot be registered as given."""
+
+
+class EMANotLoadedError(D2EMAError, RuntimeError):
+    """Asked to evaluate an EMA that holds no average: it was neither loaded nor updated."""
+
+
+class TrainerError(D2EMAError, TypeError):
+    """A trainer class put together so that it would train without its EMA."""
+
+
 def one_line(message: object) -> str:
-    """``message`` with its lines joined by ``"; "``: how the command line prints errors."""
+    """``message`` with its lines joined by ``"; "`` (by a space after a line ending in ``:``):
+    how the command line prints errors."""
     lines = [part.strip() for part in str(message).splitlines() if part.strip()]
-    return "; ".join(lines) or "error"
+    out = ""
+    for line in lines:
+        out += (" " if out.endswith(":") else "; " if out else "") + line
+    return out or "error"

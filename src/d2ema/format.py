@@ -37,6 +37,7 @@ __all__ = [
     "nonfinite_names",
     "shorten",
     "split_state",
+    "state_problems",
     "tensor_problems",
 ]
 
@@ -192,6 +193,21 @@ def meta_problems(meta: Mapping[str, Any]) -> list[str]:
     if dtype is not None and not isinstance(dtype, str):
         problems.append(f"ema_meta master_dtype {_brief(dtype)} is not a string")
     return problems
+
+
+def state_problems(
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any] | None,
+    expected: Mapping[str, tuple[torch.Size, torch.dtype]],
+    strict: bool = True,
+) -> list[str]:
+    """Everything that keeps ``tensors`` and ``meta`` from loading into an EMA that holds
+    ``expected`` (name -> shape, dtype), one line each: names, shapes, dtype kinds (missing and
+    unexpected names allowed unless ``strict``), tensor kinds, NaN/Inf, metadata values."""
+    problems = compare({n: (t.shape, t.dtype) for n, t in tensors.items()}, expected,
+                       "the checkpoint", allow_missing=not strict)
+    problems += tensor_problems(tensors)
+    return problems + (meta_problems(meta) if meta is not None else [])
 
 
 def _brief(value: Any) -> str:

@@ -18,14 +18,16 @@ from collections.abc import Collection, Iterable, Sequence
 import torch
 from torch import nn
 
+from .errors import EMAStateError
+
 __all__ = [
     "Slot",
     "TensorGroup",
+    "check_structure",
     "clean_name",
     "group_slots",
     "is_dtensor",
     "plan_groups",
-    "structure_change",
     "tracked_slots",
     "unwrap_model",
 ]
@@ -118,10 +120,9 @@ def tracked_slots(
     return slots
 
 
-def structure_change(
-    bound: Sequence[Slot], now: Sequence[Slot], expected: Collection[str]
-) -> str | None:
-    """What changed in a model since its slots ``bound`` were taken (None: nothing).
+def check_structure(bound: Sequence[Slot], now: Sequence[Slot], expected: Collection[str]) -> None:
+    """Raise :class:`EMAStateError` saying what changed in a model since its slots ``bound``
+    were taken, if anything did.
 
     ``now`` are the model's tracked slots today and ``expected`` the names the EMA holds (a
     sharded EMA binds only its share of them). Notices tensors added or removed, and
@@ -133,7 +134,7 @@ def structure_change(
     replaced = sorted({n.rpartition(".")[0] or "(the model)" for n in set(old) & set(new)
                        if new[n].module is not old[n].module})
     if not (added or removed or replaced):
-        return None
+        return
     parts = [f"{what} ({len(names)}): {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
              for what, names in (("submodules replaced", replaced), ("tensors added", added),
                                  ("tensors removed", removed)) if names]
@@ -144,8 +145,8 @@ def structure_change(
         fix = ("call ema.rebind(model) to average the new submodules from here on (and "
                "ema.reset(model) to restart the average from their weights), or build the EMA "
                "only once the model is final")
-    return (f"the model changed after the EMA was built: {'; '.join(parts)}. The EMA was not "
-            f"updated; {fix}")
+    raise EMAStateError(f"the model changed after the EMA was built: {'; '.join(parts)}. The "
+                        f"EMA was not updated; {fix}")
 
 
 def _averaged(dtype: torch.dtype) -> bool:

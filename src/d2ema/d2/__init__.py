@@ -9,7 +9,7 @@ Example::
     trainer = EMATrainer(cfg); trainer.resume_or_load(resume=False); trainer.train()
 """
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DatasetError, EMANotLoadedError, TrainerError
 from .build import build_model_ema, get_model_ema
 from .checkpoint import EMACheckpointer, ema_checkpointables
 from .config import (
@@ -18,17 +18,21 @@ from .config import (
     ema_settings,
     lazy_model_ema_defaults,
 )
+from .datasets import register_coco_dataset
 from .evaluation import build_evaluator, evaluate_with_ema
 from .hooks import EMAHook
 from .trainer import EMATrainer, EMATrainerMixin
 
 __all__ = [
     "ConfigError",
+    "DatasetError",
     "EMACheckpointer",
     "EMAHook",
+    "EMANotLoadedError",
     "EMASettings",
     "EMATrainer",
     "EMATrainerMixin",
+    "TrainerError",
     "add_model_ema_configs",
     "build_evaluator",
     "build_model_ema",
@@ -37,4 +41,5 @@ __all__ = [
     "evaluate_with_ema",
     "get_model_ema",
     "lazy_model_ema_defaults",
+    "register_coco_dataset",
 ]

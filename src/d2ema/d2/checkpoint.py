@@ -4,6 +4,11 @@ and checkpoints that are complete or absent, never truncated.
 ``ema_state`` is exactly what D2Go and the seed article write, so their checkpoints load here
 and ours load there; ``ema_meta`` (format version, step counter, schedule) rides beside it.
 
+Loading is as lenient as detectron2's model loading where that is safe: an EMA made with a
+config that differs in harmless ways (``FREEZE_AT``: ``num_batches_tracked`` buffers differ)
+loads with a warning; a missing parameter or a shape mismatch is refused
+(:mod:`d2ema.d2.lenient`).
+
 :class:`EMACheckpointer` is a ``DetectionCheckpointer`` that checks the EMA part of a checkpoint
 *before* the model is loaded: a checkpoint whose EMA does not fit raises with every mismatch
 named, and leaves both model and EMA untouched.
@@ -38,6 +43,7 @@ from ..format import META_KEY, STATE_KEY
 from ..health import nonfinite_message
 from ..resume import TAG_FILE, checkpoint_candidates, find_resume_checkpoint, read_checkpoint
 from ..sharded import ShardedEMA
+from .lenient import plan_ema_load
 
 __all__ = ["AtomicCheckpointer", "EMACheckpointer", "ema_checkpointables"]
 
@@ -195,10 +201,22 @@ class EMACheckpointer(AtomicCheckpointer):
         """Whether the last load found an EMA in the checkpoint."""
         return ema_was_loaded(self.checkpointables)
 
+    def load(self, path: str, checkpointables: list[str] | None = None) -> dict[str, Any]:
+        self._path = path
+        return super().load(path, checkpointables)
+
     def _load_model(self, checkpoint: dict[str, Any]):
+        plan = None
         if STATE_KEY in checkpoint:
-            state = {STATE_KEY: checkpoint[STATE_KEY]}
+            # Lenient where detectron2 is and it is safe (see d2ema.d2.lenient), strict else.
+            source = getattr(self, "_path", None) or "the checkpoint"
+            plan = plan_ema_load(self._ema, self.model, checkpoint[STATE_KEY], source)
+            state = {STATE_KEY: plan.to_check()}
             if META_KEY in checkpoint:
                 state[META_KEY] = checkpoint[META_KEY]
             self._ema.check_state_dict(state)
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        if plan is not None:
+            checkpoint[STATE_KEY] = plan.complete()  # missing buffers: the values just loaded
+            plan.report()
+        return incompatible

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ import torch
 from ..checks import compile_patterns
 from ..errors import ConfigError
 from ..schedules import SCHEDULES, Schedule, TFWarmup, make_schedule
+from .yacs_numbers import accept_integers_for_floats
 
 __all__ = [
     "KEYS",
@@ -68,12 +69,20 @@ KEYS: dict[str, tuple[Any, str]] = {
     "EXCLUDE": ([], "regular expressions of tensor names not to track"),
     "FLAT": (False, "re-point model tensors into one buffer per group (single-op update)"),
     "EVAL_BOTH": (True, "evaluate the raw and the EMA weights at each evaluation"),
+    "DISCARD_ON_RESUME": (
+        False,
+        "with ENABLED False: resume from a checkpoint that has an EMA and drop that EMA "
+        "(refused otherwise, so that no checkpoint loses its EMA silently)",
+    ),
     "SHARDED": (
         False,
         "multi-GPU (DDP): each of N ranks stores and updates 1/N of the EMA, gathered only to "
         "evaluate and to save (see d2ema.sharded)",
     ),
 }
+
+# Schedule parameters, and the schedule that uses each (set for another, they do nothing).
+_SCHEDULE_OF = {"TAU": "yolov5", "INV_GAMMA": "power", "POWER": "power", "MIN_DECAY": "power"}
 
 _MASTER_DTYPES = {"float32": torch.float32, "float64": torch.float64, "none": None, "": None}
 
@@ -99,6 +108,8 @@ def add_model_ema_configs(cfg) -> None:
     """Add ``cfg.MODEL_EMA`` with every key of :data:`KEYS` at its default (idempotent)."""
     from detectron2.config import CfgNode as CN
 
+    # MODEL_EMA.TAU 5 in a file or an override, as people write it
+    accept_integers_for_floats(f"MODEL_EMA.{k}" for k, (d, _) in KEYS.items() if type(d) is float)
     was_frozen = cfg.is_frozen()
     cfg.defrost()
     if "MODEL_EMA" not in cfg:
@@ -133,6 +144,7 @@ class EMASettings:
     exclude: tuple[str, ...]
     flat: bool
     eval_both: bool
+    discard_on_resume: bool = False
     sharded: bool = False
 
     def ema_kwargs(self) -> dict[str, Any]:
@@ -203,7 +215,7 @@ def _check_types(v: dict[str, Any], key) -> None:
         elif isinstance(default, (int, float)):
             integer = isinstance(default, int)
             ok = isinstance(x, int if integer else (int, float)) and not isinstance(x, bool)
-            lo, hi, open_lo = _RANGES[name]
+            lo, hi, open_lo = _RANGES.get(name, (-math.inf, math.inf, False))
             if not ok or not math.isfinite(x) or not lo <= x <= hi or (open_lo and x == lo):
                 kind = "an integer" if integer else "a number"
                 allowed = _RANGE_TEXT.get(name) or (
@@ -242,6 +254,48 @@ def check_device(key: str, value: str, sep: str = " ") -> None:
                               f"devices); use {key}{sep}cuda:0 .. cuda:{count - 1}, or cpu")
 
 
+def _as_float(x: Any) -> Any:
+    return float(x) if type(x) is int else x
+
+
+def _check_consistency(v: dict[str, Any], key: Callable[[str], str], schedule: str) -> None:
+    """Refuse settings that contradict each other or would silently do nothing."""
+    on = f"{key('ENABLED')} True"
+    if not v["ENABLED"]:
+        if v["USE_EMA_WEIGHTS_FOR_EVAL_ONLY"]:
+            raise ConfigError(
+                f"{key('USE_EMA_WEIGHTS_FOR_EVAL_ONLY')} = True asks to evaluate EMA weights, but "
+                f"{key('ENABLED')} is False, so there is no EMA (the raw weights would be "
+                f"evaluated instead); set {on} to evaluate a checkpoint's EMA, or "
+                "USE_EMA_WEIGHTS_FOR_EVAL_ONLY False for the raw weights"
+            )
+        if not v["EVAL_BOTH"]:
+            raise ConfigError(
+                f"{key('EVAL_BOTH')} = False asks to evaluate the EMA weights only, but "
+                f"{key('ENABLED')} is False, so there is no EMA; set {on}, or EVAL_BOTH True"
+            )
+        return
+    if v["DISCARD_ON_RESUME"]:
+        raise ConfigError(
+            f"{key('DISCARD_ON_RESUME')} = True drops a checkpoint's EMA when resuming without "
+            f"one, but {key('ENABLED')} is True; set DISCARD_ON_RESUME False to keep the EMA"
+        )
+    if v["DECAY_WARM_UP_FACTOR"] >= 0 and schedule not in ("constant", "tf"):
+        raise ConfigError(
+            f"{key('DECAY_WARM_UP_FACTOR')} = {v['DECAY_WARM_UP_FACTOR']!r} selects the 'tf' "
+            f"warm-up, but {key('SCHEDULE')} is {schedule!r}; keep one: DECAY_WARM_UP_FACTOR -1, "
+            "or SCHEDULE 'tf'"
+        )
+    for name, used_by in _SCHEDULE_OF.items():
+        default = KEYS[name][0]
+        if schedule != used_by and v[name] != default:
+            raise ConfigError(
+                f"{key(name)} = {v[name]!r} has no effect with {key('SCHEDULE')} = "
+                f"{schedule!r} (it is a parameter of '{used_by}'); set SCHEDULE '{used_by}', or "
+                f"leave {name} at its default {default!r}"
+            )
+
+
 def ema_settings(cfg) -> EMASettings:
     """Read and validate the EMA settings of a yacs or LazyConfig config."""
     v, prefix, model_device = _read(cfg)
@@ -253,14 +307,9 @@ def ema_settings(cfg) -> EMASettings:
     decay, every, start = v["DECAY"], v["UPDATE_EVERY"], v["START_ITER"]
     name = v["SCHEDULE"]
     warm_up = v["DECAY_WARM_UP_FACTOR"]
-    if d2go_schedule(decay, warm_up, key("DECAY_WARM_UP_FACTOR")):
-        if name not in ("constant", "tf"):
-            raise ConfigError(
-                f"{key('DECAY_WARM_UP_FACTOR')} = {warm_up!r} selects D2Go's 'tf' warm-up, "
-                f"which {key('SCHEDULE')} = {name!r} would ignore; set "
-                f"{key('DECAY_WARM_UP_FACTOR')} to -1, or {key('SCHEDULE')} to 'tf'"
-            )
-        name = "tf"
+    if d2go_schedule(decay, warm_up, key("DECAY_WARM_UP_FACTOR")) and name == "constant":
+        name = "tf"  # another SCHEDULE with it is refused by _check_consistency
+    v.update({k: _as_float(v[k]) for k in ("TAU", "INV_GAMMA", "POWER", "MIN_DECAY", "SIGMA_REL")})
     params = {
         "yolov5": {"tau": v["TAU"]},
         "tf": {"warmup_factor": warm_up if warm_up >= 1 else 10.0},
@@ -274,6 +323,7 @@ def ema_settings(cfg) -> EMASettings:
         raise ConfigError(
             f"{key('SCHEDULE')} = {name!r} is unknown; choose one of {sorted(SCHEDULES)}"
         )
+    _check_consistency(v, key, v["SCHEDULE"])
     try:
         schedule = make_schedule(name, decay, **params.get(name, {}))
     except ValueError as e:
@@ -308,5 +358,6 @@ def ema_settings(cfg) -> EMASettings:
         exclude=tuple(exclude),
         flat=bool(v["FLAT"]),
         eval_both=bool(v["EVAL_BOTH"]),
+        discard_on_resume=bool(v["DISCARD_ON_RESUME"]),
         sharded=bool(v["SHARDED"]),
     )

@@ -31,6 +31,7 @@ from ..distributed import all_reduce_mean_
 from ..ema import EMA
 from ..health import nonfinite_message
 from ..state import unwrap_model
+from .safety import require_average
 
 __all__ = ["EMA_PREFIX", "build_evaluator", "evaluate_with_ema", "has_compiled_ops", "precise_bn"]
 
@@ -131,8 +132,11 @@ def evaluate_with_ema(
 
     The EMA's results come under ``prefix`` (``ema/bbox``). ``before_ema_test`` runs inside
     the swap first, e.g. :func:`precise_bn` for the EMA weights. The trained weights are back
-    in the model afterwards, also when a test raises.
+    in the model afterwards, also when a test raises. An EMA that was neither loaded nor
+    updated raises :class:`~d2ema.errors.EMANotLoadedError` (it holds build-time weights).
     """
+    if ema is not None:
+        require_average(ema)  # before any evaluation runs
     results = OrderedDict()
     if raw or ema is None:
         results.update(test(model) or {})

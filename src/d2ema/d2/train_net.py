@@ -8,8 +8,12 @@ after every optimizer step, and :func:`~d2ema.d2.evaluate_with_ema` scores the r
 weights. Settings come from ``MODEL_EMA.*`` or ``train.model_ema.*``.
 
 Every mistake in the input (a missing or unreadable config, a bad override, an unknown dataset,
-a missing checkpoint) raises :class:`~d2ema.errors.UsageError` *before* any worker starts, with a
-message that names the problem and the fix.
+a missing checkpoint) raises a :class:`~d2ema.errors.D2EMAError` *before* any worker starts, with
+a message that names the problem and the fix.
+
+``args.dataset`` (``--dataset NAME=ANNOTATIONS.json:IMAGE_DIR``) goes into the config, so its
+``config.yaml`` resumes the run (:mod:`d2ema.d2.datasets`). A config is loaded once per process,
+as in detectron2's tools (a LazyConfig may register its own data with plain detectron2).
 
 The caller may pass ``prepare(cfg)``, run in every worker before training (e.g. to register
 datasets), and ``known_datasets``, names it will provide; both must be picklable (module-level
@@ -29,7 +33,6 @@ import json
 import logging
 import math
 from collections.abc import Callable, Collection, Sequence
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -37,8 +40,16 @@ from ..errors import UsageError, one_line
 from .build import build_model_ema
 from .checkpoint import AtomicCheckpointer, EMACheckpointer
 from .config import add_model_ema_configs, check_device, ema_settings
+from .datasets import (
+    add_dataset_config,
+    add_datasets_to_config,
+    check_datasets_known,
+    register_config_datasets,
+)
 from .evaluation import evaluate_with_ema
 from .hooks import EMAHook
+from .safety import NoEMACheckpointer, check_resume_keeps_ema
+from .train_inputs import check_lazy_keys, check_readable, check_weights, is_lazy
 from .trainer import EMATrainer
 
 __all__ = ["is_lazy", "load_config", "train_main", "train_worker"]
@@ -49,40 +60,20 @@ Prepare = Callable[[Any], Any]
 
 
 # ----------------------------------------------------------------------------- configs
-def is_lazy(path: str) -> bool:
-    return str(path).endswith(".py")
-
-
-def _check_readable(path_text: str) -> Path:
-    path = Path(path_text)
-    if not path.exists():
-        raise UsageError(f"config file {path} does not exist; pass an existing --config-file "
-                         "(a YAML config or a LazyConfig .py)")
-    if not path.is_file():
-        raise UsageError(f"config file {path} is not a file; pass a YAML config or a .py")
-    if path.suffix not in (".yaml", ".yml", ".py"):
-        raise UsageError(f"config file {path} should end in .yaml, .yml (detectron2 config) or "
-                         ".py (LazyConfig)")
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from e
-    return path
-
-
 def _reason(e: BaseException) -> str:
     text = one_line(str(e)) if str(e).strip() else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def load_config(path_text: str, opts: Sequence[str] = ()):
-    """The config of ``d2ema train``: yacs (``get_cfg`` + ``MODEL_EMA``) or a LazyConfig.
+def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str] = ()):
+    """The config of ``d2ema train``: yacs (``get_cfg`` + ``MODEL_EMA``) or a LazyConfig, with
+    ``datasets`` (``NAME=ANNOTATIONS.json:IMAGE_DIR``) added to its list of COCO datasets.
 
-    Raises :class:`UsageError` for a missing, unreadable or invalid file or override, and
-    :class:`~d2ema.errors.ConfigError` for an invalid EMA setting.
+    Raises :class:`UsageError` for a missing, unreadable or invalid file or override,
+    :class:`~d2ema.errors.ConfigError` for an invalid EMA setting and
+    :class:`~d2ema.errors.DatasetError` for a malformed dataset or missing dataset files.
     """
-    path = _check_readable(path_text)
+    path = check_readable(path_text)
     opts = list(opts or ())
     if is_lazy(path_text):
         from detectron2.config import LazyConfig
@@ -100,6 +91,7 @@ def load_config(path_text: str, opts: Sequence[str] = ()):
             check_device("train.device", str(cfg.train.get("device", "cuda")), "=")
             if "model_ema" in cfg.train:
                 ema_settings(cfg)
+            add_datasets_to_config(cfg, datasets)
         return cfg
 
     import yaml
@@ -107,6 +99,7 @@ def load_config(path_text: str, opts: Sequence[str] = ()):
 
     cfg = get_cfg()
     add_model_ema_configs(cfg)
+    add_dataset_config(cfg)
     try:
         cfg.merge_from_file(str(path))
     except yaml.YAMLError as e:
@@ -122,31 +115,9 @@ def load_config(path_text: str, opts: Sequence[str] = ()):
         raise UsageError(f"invalid config override in {' '.join(opts)!r}: {_reason(e)}") from e
     check_device("MODEL.DEVICE", cfg.MODEL.DEVICE, " ")
     ema_settings(cfg)  # ConfigError names the key, the value and what is allowed
+    if not add_datasets_to_config(cfg, datasets):
+        del cfg.DATASETS["COCO_INSTANCES"]  # config.yaml stays as without d2ema's datasets
     return cfg
-
-
-def _check_weights(cfg, args) -> None:
-    lazy = not hasattr(cfg, "MODEL")
-    weights = cfg.train.get("init_checkpoint", "") if lazy else cfg.MODEL.WEIGHTS
-    if not weights or "://" in str(weights) or args.resume or Path(weights).is_file():
-        return
-    key = "train.init_checkpoint" if lazy else "MODEL.WEIGHTS"
-    example = f"{key}=output/model_final.pth" if lazy else f"{key} output/model_final.pth"
-    raise UsageError(f"checkpoint {weights} ({key}) does not exist; pass an existing file, "
-                     f"e.g. {example}")
-
-
-def _check_datasets(cfg, known_datasets: Collection[str]) -> None:
-    from detectron2.data import DatasetCatalog
-
-    known = set(DatasetCatalog.list()) | set(known_datasets)
-    for name in [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]:
-        if name not in known:
-            extra = f"one of d2ema's ({', '.join(known_datasets)}) or " if known_datasets else ""
-            raise UsageError(
-                f"unknown dataset {name!r} in DATASETS; use {extra}a detectron2 builtin (e.g. "
-                "coco_2017_train, with its files under $DETECTRON2_DATASETS)"
-            )
 
 
 def _check_launch(args, cfg=None) -> None:
@@ -186,19 +157,6 @@ def _check_launch(args, cfg=None) -> None:
                          f"multiple of {world}")
 
 
-def _check_lazy_keys(cfg, args) -> None:
-    needed = ["model", "dataloader", "train"]
-    if not args.eval_only:
-        needed += ["optimizer", "lr_multiplier"]
-    missing = [k for k in needed if k not in cfg]
-    if missing:
-        raise UsageError(
-            f"LazyConfig {args.config_file} defines no {', '.join(missing)}; a training config "
-            "needs model, dataloader (train, test, evaluator), optimizer, lr_multiplier and train "
-            "(as detectron2's configs/common/*.py)"
-        )
-
-
 # ----------------------------------------------------------------------------- entry points
 def train_main(
     args: argparse.Namespace,
@@ -206,30 +164,40 @@ def train_main(
     known_datasets: Collection[str] = (),
 ) -> int:
     """Check the inputs, then run :func:`train_worker` in ``launch``'s processes."""
-    cfg = load_config(args.config_file, args.opts)  # validate before spawning workers
+    # validate before spawning workers
+    cfg = load_config(args.config_file, args.opts, _datasets(args))
     if is_lazy(args.config_file):
-        _check_lazy_keys(cfg, args)
-    _check_weights(cfg, args)
-    if hasattr(cfg, "DATASETS"):
-        _check_datasets(cfg, known_datasets)
+        check_lazy_keys(cfg, args)
+    check_weights(cfg, args)
+    if args.resume and not args.eval_only:  # before config.yaml is rewritten
+        check_resume_keeps_ema(cfg)
+    check_datasets_known(cfg, known_datasets)
     _check_launch(args, cfg)
     from .launch import launch
 
+    in_process = args.num_gpus * args.num_machines == 1  # launch() then calls the worker here
     launch(
         train_worker,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
-        args=(args, prepare),
+        args=(args, prepare, cfg if in_process else None),
     )
     return 0
 
 
-def train_worker(args: argparse.Namespace, prepare: Prepare | None = None):
+def _datasets(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "dataset", None) or ())
+
+
+def train_worker(args: argparse.Namespace, prepare: Prepare | None = None, cfg: Any = None):
     """One training process (:func:`d2ema.d2.launch.launch` runs it on each GPU, or on the CPU
-    with gloo where there is no GPU)."""
-    cfg = load_config(args.config_file, args.opts)
+    with gloo where there is no GPU). ``cfg``: the config already loaded in this process, if
+    any (a LazyConfig file runs once per process)."""
+    if cfg is None:
+        cfg = load_config(args.config_file, args.opts, _datasets(args))
+    register_config_datasets(cfg)
     if is_lazy(args.config_file):
         return _lazy_main(cfg, args, prepare)
     return _yacs_main(cfg, args, prepare)
@@ -321,9 +289,10 @@ def _lazy_test(cfg, model) -> dict[str, Any]:
     return dict(ret or {})
 
 
-def _lazy_checkpointer(model, ema, output_dir: str, **checkpointables):
-    if ema is None:
-        return AtomicCheckpointer(model, output_dir, **checkpointables)
+def _lazy_checkpointer(model, ema, output_dir: str, settings, **checkpointables):
+    if ema is None:  # a resume must not drop a checkpoint's EMA unnoticed
+        return NoEMACheckpointer(model, output_dir, discard_ema=settings.discard_on_resume,
+                                 key="train.model_ema.", **checkpointables)
     return EMACheckpointer(model, output_dir, ema=ema, **checkpointables)
 
 
@@ -351,7 +320,7 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
 
     if args.eval_only:
         model = create_ddp_model(model)
-        checkpointer = _lazy_checkpointer(model, ema, train.output_dir)
+        checkpointer = _lazy_checkpointer(model, ema, train.output_dir, settings)
         checkpointer.load(train.init_checkpoint)
         use_ema = ema is not None and settings.use_ema_weights_for_eval_only
         if use_ema and not checkpointer.ema_loaded:
@@ -370,7 +339,7 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
     model = create_ddp_model(model, **train.get("ddp", {}))
     amp = train.get("amp", {}).get("enabled", False)
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, loader, optimizer)
-    checkpointer = _lazy_checkpointer(model, ema, train.output_dir, trainer=trainer)
+    checkpointer = _lazy_checkpointer(model, ema, train.output_dir, settings, trainer=trainer)
     last_results: dict[str, Any] = {}
 
     def evaluate():

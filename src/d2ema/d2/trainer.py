@@ -5,9 +5,10 @@ What the mixin changes, each in the method that owns it:
 * ``build_model`` attaches the EMA (``model.ema_state``) when ``MODEL_EMA.ENABLED``;
 * ``build_hooks`` makes the checkpointer an :class:`EMACheckpointer` (EMA saved with every
   checkpoint, checked before anything loads) and adds :class:`EMAHook` right after the timer,
-  so checkpoints and evaluations of an iteration see that iteration's EMA; without EMA it is an
-  :class:`AtomicCheckpointer`. Either way checkpoints are written atomically and a resume falls
-  back to the newest complete checkpoint;
+  so checkpoints and evaluations of an iteration see that iteration's EMA; without EMA, the
+  checkpointer refuses to resume from a checkpoint that has one (``DISCARD_ON_RESUME``). Either
+  way checkpoints are written atomically and a resume falls back to the newest complete
+  checkpoint (:class:`~d2ema.d2.checkpoint.AtomicCheckpointer`);
 * ``build_evaluator`` has a default (COCO for COCO-style datasets), which v0.6 lacks;
 * ``test`` evaluates the raw weights (``bbox``) and the EMA weights (``ema/bbox``); detectron2's
   ``EvalHook`` writes both to EventStorage, so TensorBoard draws the two curves. With
@@ -34,10 +35,11 @@ from detectron2.engine import DefaultTrainer, hooks
 
 from ..ema import EMA
 from .build import build_model_ema, get_model_ema
-from .checkpoint import AtomicCheckpointer, EMACheckpointer
+from .checkpoint import EMACheckpointer
 from .config import ema_settings
 from .evaluation import build_evaluator, evaluate_with_ema, precise_bn
 from .hooks import EMAHook
+from .safety import NoEMACheckpointer, check_trainer_bases
 
 __all__ = ["EMATrainer", "EMATrainerMixin"]
 
@@ -48,7 +50,13 @@ _SAVES_OPTIMIZER = "state_dict" in vars(DefaultTrainer)
 
 
 class EMATrainerMixin:
-    """Put before ``DefaultTrainer`` (or a subclass of it) in the bases to train with EMA."""
+    """Put before ``DefaultTrainer`` (or a subclass of it) in the bases to train with EMA:
+    ``class Trainer(EMATrainerMixin, DefaultTrainer)``; the other order is refused when the
+    class is defined (:class:`~d2ema.errors.TrainerError`), as it would train without EMA."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        check_trainer_bases(cls, EMATrainerMixin)
 
     @classmethod
     def build_model(cls, cfg):
@@ -59,11 +67,15 @@ class EMATrainerMixin:
     def build_hooks(self):
         ema = get_model_ema(self.model)
         old = self.checkpointer
-        kwargs = {"save_to_disk": old.save_to_disk, **old.checkpointables}
-        if ema is None:
-            self.checkpointer = AtomicCheckpointer(old.model, old.save_dir, **kwargs)
+        if ema is None:  # a resume must not drop a checkpoint's EMA unnoticed
+            self.checkpointer = NoEMACheckpointer(
+                old.model, old.save_dir, discard_ema=ema_settings(self.cfg).discard_on_resume,
+                save_to_disk=old.save_to_disk, **old.checkpointables,
+            )
             return super().build_hooks()
-        self.checkpointer = EMACheckpointer(old.model, old.save_dir, ema=ema, **kwargs)
+        self.checkpointer = EMACheckpointer(
+            old.model, old.save_dir, ema=ema, save_to_disk=old.save_to_disk, **old.checkpointables
+        )
         ret = super().build_hooks()
         timer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.IterationTimer)), -1)
         hook = EMAHook(ema, self.model, checkpointer=self.checkpointer,

@@ -1,0 +1,123 @@
+"""A config for plain detectron2 beside exported EMA weights.
+
+A d2ema run's ``OUTPUT_DIR/config.yaml`` holds ``MODEL_EMA`` (and ``DATASETS.COCO_INSTANCES``
+when ``--dataset`` was used), which plain detectron2 refuses ("Non-existent config key"); that
+file stays as it is, for d2ema to resume from. :func:`write_plain_config` writes a copy without
+d2ema's keys whose ``MODEL.WEIGHTS`` is the exported file, so that ``get_cfg()`` +
+``merge_from_file`` (or ``tools/train_net.py --eval-only``) runs the EMA weights with no d2ema
+installed. A LazyConfig's saved ``config.yaml`` loses ``train.model_ema`` /
+``train.coco_instances`` and gets ``train.init_checkpoint``.
+
+Example::
+
+    config = find_run_config("output/model_final.pth")     # output/config.yaml, if any
+    write_plain_config(config, "model_ema.yaml", weights="model_ema.pth")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..atomic import atomic_write_text
+from ..errors import ExportError
+from ..export import export_ema
+
+__all__ = ["export_with_config", "find_run_config", "plain_config_path", "write_plain_config"]
+
+RUN_CONFIG = "config.yaml"
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML plus ``!!python/tuple``, which ``LazyConfig.save`` writes for tuples."""
+
+
+_Loader.add_constructor(
+    "tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node)
+)
+
+
+def find_run_config(checkpoint: str | os.PathLike[str]) -> Path | None:
+    """The ``config.yaml`` detectron2 wrote beside a run's checkpoints, if there is one."""
+    path = Path(checkpoint).parent / RUN_CONFIG
+    return path if path.is_file() else None
+
+
+def plain_config_path(weights: str | os.PathLike[str]) -> Path:
+    """Where the config of exported ``weights`` goes: the same name, ending in ``.yaml``."""
+    weights = Path(weights)
+    path = weights.with_suffix(".yaml")
+    return path if path != weights else weights.with_name(weights.name + ".config.yaml")
+
+
+def _strip(data: dict[str, Any], weights: str) -> dict[str, Any]:
+    if "MODEL" in data or "MODEL_EMA" in data:  # yacs
+        data.pop("MODEL_EMA", None)
+        if isinstance(data.get("DATASETS"), dict):
+            data["DATASETS"].pop("COCO_INSTANCES", None)
+        data.setdefault("MODEL", {})["WEIGHTS"] = weights
+    elif isinstance(data.get("train"), dict):  # LazyConfig
+        for key in ("model_ema", "coco_instances"):
+            data["train"].pop(key, None)
+        data["train"]["init_checkpoint"] = weights
+    else:
+        raise ExportError("is neither a detectron2 yacs config (MODEL, ...) nor a LazyConfig "
+                          "(model, train, ...)")
+    return data
+
+
+def write_plain_config(
+    config: str | os.PathLike[str], output: str | os.PathLike[str], weights: str
+) -> Path:
+    """Write ``output``: ``config`` without d2ema's keys, its weights set to ``weights``.
+
+    Raises :class:`ExportError` for a config that cannot be read or written.
+    """
+    config, output = Path(config), Path(output)
+    try:
+        data = yaml.load(config.read_text(), Loader=_Loader)
+    except OSError as e:
+        raise ExportError(f"cannot read config {config}: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ExportError(f"cannot read config {config} as plain YAML ({type(e).__name__}); "
+                          "pass --config with the run's YAML config") from e
+    if not isinstance(data, dict):
+        raise ExportError(f"config {config} is not a YAML mapping; pass the run's config.yaml")
+    try:
+        data = _strip(data, weights)
+    except ExportError as e:
+        raise ExportError(f"config {config} {e}") from None
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    try:
+        atomic_write_text(text, output)
+    except OSError as e:
+        raise ExportError(f"cannot write {output}: {e.strerror or e}") from e
+    return output
+
+
+def export_with_config(
+    checkpoint: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    config: str | os.PathLike[str] | None = None,
+    *,
+    allow_nonfinite: bool = False,
+) -> list[str]:
+    """:func:`~d2ema.export.export_ema`, then the plain config (``config``, else the run's
+    ``config.yaml`` beside ``checkpoint``) beside ``output``; returns the lines to print."""
+    if config is not None and not Path(config).is_file():
+        raise ExportError(f"config {config} does not exist; pass the run's config.yaml "
+                          "(OUTPUT_DIR/config.yaml), or leave --config out")
+    lines = [export_ema(checkpoint, output, allow_nonfinite=allow_nonfinite).describe()]
+    config = Path(config) if config is not None else find_run_config(checkpoint)
+    if config is None:
+        lines.append(f"no {RUN_CONFIG} beside {checkpoint}: pass --config RUN_CONFIG.yaml to "
+                     "also write a config for plain detectron2")
+        return lines
+    weights = str(Path(output).resolve())
+    path = write_plain_config(config, plain_config_path(output), weights)
+    lines.append(f"wrote {path}: {config} without d2ema's keys, weights {weights}; plain "
+                 f"detectron2 reads it (e.g. tools/train_net.py --config-file {path} --eval-only)")
+    return lines

@@ -1,0 +1,84 @@
+"""What ``d2ema train`` is given, checked before any process starts: which config system a file
+is, whether it can be read, whether its checkpoint exists, whether a LazyConfig has what a
+training needs. Each mistake is a :class:`~d2ema.errors.UsageError` naming the fix.
+
+Example::
+
+    path = check_readable(args.config_file)
+    if is_lazy(path): check_lazy_keys(cfg, args)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..errors import UsageError
+
+__all__ = ["check_lazy_keys", "check_readable", "check_weights", "is_lazy"]
+
+_LAZY_ROOTS = ("train", "model", "dataloader")
+
+
+def is_lazy(path: str) -> bool:
+    """A LazyConfig: a ``.py``, or the ``config.yaml`` detectron2 saved for one (top-level
+    keys such as ``train:``, ``model:``, and no upper-case yacs keys)."""
+    if str(path).endswith(".py"):
+        return True
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return False
+    roots = re.findall(r"^([A-Za-z_]\w*)\s*:", text, flags=re.MULTILINE)
+    return any(r in _LAZY_ROOTS for r in roots) and not any(r.isupper() for r in roots)
+
+
+def check_readable(path_text: str) -> Path:
+    path = Path(path_text)
+    if not path.exists():
+        raise UsageError(f"config file {path} does not exist; pass an existing --config-file "
+                         "(a YAML config or a LazyConfig .py)")
+    if not path.is_file():
+        raise UsageError(f"config file {path} is not a file; pass a YAML config or a .py")
+    if path.suffix not in (".yaml", ".yml", ".py"):
+        raise UsageError(f"config file {path} should end in .yaml, .yml (detectron2 config) or "
+                         ".py (LazyConfig)")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from e
+    return path
+
+
+def check_weights(cfg, args) -> None:
+    lazy = not hasattr(cfg, "MODEL")
+    weights = cfg.train.get("init_checkpoint", "") if lazy else cfg.MODEL.WEIGHTS
+    if args.eval_only and not weights:
+        last = None if lazy else Path(cfg.OUTPUT_DIR, "last_checkpoint")
+        if last is None or not args.resume or not last.is_file():
+            key = "train.init_checkpoint=" if lazy else "MODEL.WEIGHTS "
+            alt = "" if lazy else " (or --resume, with checkpoints in OUTPUT_DIR)"
+            raise UsageError(f"--eval-only evaluates a checkpoint, but {key.strip(' =')} is "
+                             f"empty (that would evaluate random weights); pass "
+                             f"{key}output/model_final.pth{alt}")
+    if not weights or "://" in str(weights) or args.resume or Path(weights).is_file():
+        return
+    key = "train.init_checkpoint" if lazy else "MODEL.WEIGHTS"
+    example = f"{key}=output/model_final.pth" if lazy else f"{key} output/model_final.pth"
+    raise UsageError(f"checkpoint {weights} ({key}) does not exist; pass an existing file, "
+                     f"e.g. {example}")
+
+
+def check_lazy_keys(cfg, args) -> None:
+    needed = ["model", "dataloader", "train"]
+    if not args.eval_only:
+        needed += ["optimizer", "lr_multiplier"]
+    missing = [k for k in needed if k not in cfg]
+    if missing:
+        raise UsageError(
+            f"LazyConfig {args.config_file} defines no {', '.join(missing)}; a training config "
+            "needs model, dataloader (train, test, evaluator), optimizer, lr_multiplier and train "
+            "(as detectron2's configs/common/*.py)"
+        )
