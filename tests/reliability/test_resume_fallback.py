@@ -24,17 +24,8 @@ from d2ema.d2 import get_model_ema
 from d2ema.d2.checkpoint import AtomicCheckpointer
 from d2ema.errors import CheckpointError, one_line
 
-
-@pytest.fixture(autouse=True)
-def _restore_loggers():
-    """default_setup() adds console handlers bound to this test's captured output: drop them."""
-    names = ("detectron2", "fvcore", "d2ema", "d2")
-    saved = {n: list(logging.getLogger(n).handlers) for n in names}
-    yield
-    for name, handlers in saved.items():
-        logger = logging.getLogger(name)
-        for h in [h for h in logger.handlers if h not in handlers]:
-            logger.removeHandler(h)
+# default_setup() (d2ema train) adds console handlers bound to a test's output: drop them after
+pytestmark = pytest.mark.usefixtures("restore_loggers")
 
 
 def _truncate(path: Path, size: int = 300) -> None:
