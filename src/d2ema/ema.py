@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_ema_arguments, check_slots, check_step
 from .distributed import reshard, to_dtensors, to_local_shards
 from .errors import EMAStateError
 from .flat import lay_out
@@ -50,15 +51,15 @@ from .format import (
     META_KEY,
     STATE_KEY,
     align_names,
-    compare,
-    meta_problems,
     split_state,
+    state_problems,
 )
+from .health import NonfiniteWatch
 from .offload import Offload, split_offload
 from .schedules import Schedule, make_schedule
-from .state import Slot, group_slots, match_slots, tracked_slots, unwrap_model
+from .state import Slot, check_structure, group_slots, match_slots, tracked_slots, unwrap_model
 from .swap import swapped_bindings
-from .update import Binding, update_all
+from .update import Binding, registration_count, update_all
 
 __all__ = ["EMA", "FORMAT_VERSION", "EMAStateError"]
 
@@ -121,35 +122,24 @@ class EMA:
         flat: bool = False,
         overlap: bool | None = None,
     ):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
-        if not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be an integer >= 0, got {start!r}")
-        if isinstance(exclude, str):
-            exclude = (exclude,)
+        exclude, device = check_ema_arguments(
+            model, decay=decay, schedule=schedule, schedule_params=schedule_params, every=every,
+            start=start, exclude=exclude, device=device, master_dtype=master_dtype, flat=flat,
+            include_frozen=include_frozen, include_buffers=include_buffers,
+            skip_nonfinite=skip_nonfinite)
         self.schedule = make_schedule(schedule, decay, **dict(schedule_params or {}))
         self.decay = getattr(self.schedule, "decay", decay)
-        self.every = every
-        self.start = start
+        self.every, self.start = int(every), int(start)
         self.skip_nonfinite = skip_nonfinite
         self.step = 0
         self.num_skipped = 0
+        self._nonfinite = NonfiniteWatch()
         # What the average holds: "built" (the model's weights when this EMA was made), "reset"
         # (the model's weights at a later reset()), "updated" (training) or "loaded".
         self.provenance = "built"
-        self._options = _Options(
-            include_frozen,
-            include_buffers,
-            tuple(exclude),
-            torch.device(device) if device is not None else None,
-            master_dtype,
-            flat,
-            overlap,
-        )
-        all_slots = self._options.slots(model)
-        if not all_slots:
-            raise ValueError("the model has no tensors to track (check include_*/exclude)")
-        slots = self._select(all_slots)
+        self._options = _Options(include_frozen, include_buffers, exclude, device, master_dtype,
+                                 flat, overlap)
+        slots = self._select(check_slots(model, self._options.slots(model), exclude))
         self.groups, slots_by_group = group_slots(slots, self._options.device, master_dtype)
         self._bindings: list[Binding] = []
         self._offload: Offload | None = None
@@ -173,6 +163,7 @@ class EMA:
         self._bound_to = model
         self._last_arg = lambda: None
         self._backups = {}
+        self._registrations_seen = registration_count()
 
     def _select(self, slots: list[Slot]) -> list[Slot]:
         """The tracked slots this EMA stores (all; a sharded EMA keeps its rank's share)."""
@@ -192,6 +183,10 @@ class EMA:
             target = unwrap_model(model)
             if target is not self._bound_to:
                 self._bind(target)
+        if self._registrations_seen != registration_count():
+            check_structure([s for b in self._bindings for s in b.slots],
+                            self._options.slots(self._bound_to), self._expected_state())
+            self._registrations_seen = registration_count()
         if not all(b.is_current() for b in self._bindings):
             self._bind(self._bound_to)
         self._last_arg = weakref.ref(model)
@@ -223,7 +218,7 @@ class EMA:
             raise RuntimeError(
                 "EMA.update() called inside EMA.swapped(): the model holds the EMA weights"
             )
-        step = self.step + 1 if step is None else int(step)
+        step = check_step(step, self.step)
         self.provenance = "updated"
         n = step - self.start
         if n > 0 and n % self.every:
@@ -242,9 +237,18 @@ class EMA:
                 )
             return
         alpha = 1.0 - d if d > 0.0 else None
-        if self._offload is not None:
-            self._offload.submit(alpha)
         update_all(self._direct, alpha)
+        watch = lambda: self._nonfinite.observe(self.groups, step, self.skip_nonfinite)  # noqa: E731
+        if self._offload is not None:
+            self._offload.submit(alpha, then=watch)  # watched after the background lerp_
+        else:
+            watch()
+
+    @property
+    def nonfinite_step(self) -> int | None:
+        """The first step whose update left NaN/Inf in the EMA (None: it is finite)."""
+        self.synchronize()
+        return self._nonfinite.first_step(self.groups)
 
     @staticmethod
     def _all_finite(bindings: list[Binding]) -> bool:
@@ -336,6 +340,7 @@ class EMA:
 
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict[str, Any]:
+        self.synchronize()
         sched = self.schedule
         return {
             "format_version": FORMAT_VERSION,
@@ -345,6 +350,7 @@ class EMA:
             "every": self.every,
             "start": self.start,
             "master_dtype": str(self._options.master_dtype),
+            **self._nonfinite.meta(self.groups),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -366,14 +372,7 @@ class EMA:
         tensors, meta = split_state(state_dict)
         expected = self._expected_state()
         tensors = align_names(tensors, expected)
-        problems = compare(
-            {n: (t.shape, t.dtype) for n, t in tensors.items()},
-            expected,
-            "the checkpoint",
-            allow_missing=not strict,
-        )
-        if meta is not None:
-            problems += meta_problems(meta)
+        problems = state_problems(tensors, meta, expected, strict)
         if problems:
             raise EMAStateError(
                 "cannot load this EMA state; the EMA is unchanged:\n  " + "\n  ".join(problems)
@@ -393,17 +392,15 @@ class EMA:
             for name, t in tensors.items():
                 if name in mine:
                     mine[name].copy_(t)
+        self._nonfinite.reset()  # the loaded tensors are finite (checked)
         if meta is not None:
             self.step = int(meta.get("step", self.step))
             self.num_skipped = int(meta.get("num_skipped", 0))
             saved = meta.get("schedule")
             current = self.meta()["schedule"]
             if saved is not None and saved != current:
-                logger.warning(
-                    "the loaded EMA was made with schedule %s; continuing with %s as configured",
-                    saved,
-                    current,
-                )
+                logger.warning("the loaded EMA was made with schedule %s; continuing with %s as "
+                               "configured", saved, current)
         self.provenance = "loaded"
         expected = self._expected_state()
         given = set(align_names(split_state(state_dict)[0], expected))

@@ -39,7 +39,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -218,20 +218,23 @@ class Offload:
             handle = model.register_forward_pre_hook(_ForwardFence(weakref.ref(self)))
             weakref.finalize(self, handle.remove)
 
-    def submit(self, alpha: float | None) -> None:
-        """Start one update: ``lerp_`` weight ``alpha`` (integer groups and None: copy)."""
+    def submit(self, alpha: float | None, then: Callable[[], None] | None = None) -> None:
+        """Start one update: ``lerp_`` weight ``alpha`` (integer groups and None: copy); the
+        worker calls ``then`` after it."""
         alphas = [alpha if b.group.averaged else None for b in self.bindings]
         self.wait()
         self._trust_optimizer, self._stepped = self._stepped, False
         handle = self.copier.start(self)
         if self.copier.asynchronous:
             self._unfenced = handle
-        self._job = _executor().submit(self._finish, handle, list(alphas))
+        self._job = _executor().submit(self._finish, handle, list(alphas), then)
 
-    def _finish(self, handle: Any, alphas: list[float | None]) -> None:
+    def _finish(self, handle: Any, alphas: list[float | None], then) -> None:
         self.copier.wait(handle)
         for b, alpha in zip(self.bindings, alphas):
             b.finish(alpha)
+        if then is not None:
+            then()
 
     def fence(self) -> None:
         """Make the current stream wait for the copy in flight, if any (no host wait)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from .format import compare
 __all__ = [
     "Slot",
     "TensorGroup",
+    "check_structure",
     "clean_name",
     "dense_strides",
     "gatherable",
@@ -123,6 +124,35 @@ def tracked_slots(
     if include_buffers:
         add(model.named_buffers(), False)
     return slots
+
+
+def check_structure(bound: Sequence[Slot], now: Sequence[Slot], expected: Collection[str]) -> None:
+    """Raise :class:`EMAStateError` saying what changed in a model since its slots ``bound``
+    were taken, if anything did.
+
+    ``now`` are the model's tracked slots today and ``expected`` the names the EMA holds (a
+    sharded EMA binds only its share of them). Notices tensors added or removed, and
+    submodules replaced by new objects, which the old slots no longer reach:
+    ``model.head = nn.Linear(...)``.
+    """
+    old, new = {s.name: s for s in bound}, {s.name: s for s in now}
+    added, removed = sorted(set(new) - set(expected)), sorted(set(expected) - set(new))
+    replaced = sorted({n.rpartition(".")[0] or "(the model)" for n in set(old) & set(new)
+                       if new[n].module is not old[n].module})
+    if not (added or removed or replaced):
+        return
+    parts = [f"{what} ({len(names)}): {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+             for what, names in (("submodules replaced", replaced), ("tensors added", added),
+                                 ("tensors removed", removed)) if names]
+    if added or removed:
+        fix = ("build a new EMA for the changed model (EMA(model, ...)), or build the EMA "
+               "only once the model is final")
+    else:
+        fix = ("call ema.rebind(model) to average the new submodules from here on (and "
+               "ema.reset(model) to restart the average from their weights), or build the EMA "
+               "only once the model is final")
+    raise EMAStateError(f"the model changed after the EMA was built: {'; '.join(parts)}. The "
+                        f"EMA was not updated; {fix}")
 
 
 def _averaged(dtype: torch.dtype) -> bool:

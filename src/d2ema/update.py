@@ -27,14 +27,15 @@ from torch import nn
 
 from .state import Slot, TensorGroup, gatherable, same_layout, views
 
-__all__ = ["Binding", "flat_view", "update_all"]
+__all__ = ["Binding", "flat_view", "registration_count", "update_all"]
 
 # ATen's at::internal::GRAIN_SIZE: a cat below it runs serially as plain memcpys.
 _CAT_CHUNK = 32768
 
-# Counts parameter and buffer (re-)registrations in every module of the process
-# (``module.running_mean = torch.zeros(3)``, ``module.weight = nn.Parameter(...)``), so that a
-# binding re-checks all its tensors only after such an event, not on every step.
+# Counts parameter, buffer and submodule (re-)registrations in every module of the process
+# (``module.running_mean = torch.zeros(3)``, ``module.weight = nn.Parameter(...)``,
+# ``model.head = nn.Linear(...)``), so that tensors and names are re-checked only after such an
+# event, not on every step.
 _registrations = 0
 
 
@@ -45,6 +46,12 @@ def _count_registration(module, name, value) -> None:
 
 nn.modules.module.register_module_buffer_registration_hook(_count_registration)
 nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+def registration_count() -> int:
+    """How many registrations happened so far (compare two readings to detect one)."""
+    return _registrations
 
 
 def flat_view(

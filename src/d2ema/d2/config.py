@@ -18,11 +18,13 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from ..checks import compile_patterns
 from ..errors import ConfigError
 from ..schedules import SCHEDULES, Schedule, TFWarmup, make_schedule
 from .yacs_numbers import accept_integers_for_floats
@@ -89,6 +91,23 @@ _SCHEDULE_OF = {"TAU": "yolov5", "INV_GAMMA": "power", "POWER": "power", "MIN_DE
 
 _MASTER_DTYPES = {"float32": torch.float32, "float64": torch.float64, "none": None, "": None}
 
+# (low, high, low excluded) of numeric keys; their type comes from the default in KEYS.
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    "DECAY": (0.0, 1.0, False),
+    "DECAY_WARM_UP_FACTOR": (-math.inf, math.inf, False),
+    "TAU": (0.0, math.inf, True),
+    "INV_GAMMA": (0.0, math.inf, True),
+    "POWER": (0.0, math.inf, True),
+    "MIN_DECAY": (0.0, 1.0, False),
+    "SIGMA_REL": (0.0, 12**-0.5 * (1 - 1e-12), True),
+    "UPDATE_EVERY": (1, math.inf, False),
+    "START_ITER": (0, math.inf, False),
+}
+_RANGE_TEXT = {
+    "DECAY_WARM_UP_FACTOR": "-1 (off) or a number >= 1 (D2Go's warm-up)",
+    "SIGMA_REL": f"a number in (0, {12**-0.5:.4f})",
+}
+
 
 def add_model_ema_configs(cfg) -> None:
     """Add ``cfg.MODEL_EMA`` with every key of :data:`KEYS` at its default (idempotent)."""
@@ -154,6 +173,11 @@ def _read(cfg) -> tuple[dict[str, Any], str, str]:
     """Raw values, the key prefix to name in errors, and the model's device."""
     if hasattr(cfg, "MODEL_EMA"):
         node = cfg.MODEL_EMA
+        unknown = sorted(set(node.keys()) - set(KEYS))
+        if unknown:
+            raise ConfigError(
+                f"MODEL_EMA has unknown keys {unknown}; valid keys are {sorted(KEYS)}"
+            )
         values = {k: node.get(k, d) for k, (d, _) in KEYS.items()}
         return values, "MODEL_EMA.", str(cfg.MODEL.DEVICE)
     train = cfg.train if hasattr(cfg, "train") else cfg["train"]
@@ -186,6 +210,33 @@ def d2go_schedule(
     return TFWarmup(decay=decay, warmup_factor=float(decay_warm_up_factor))
 
 
+def _check_types(v: dict[str, Any], key) -> None:
+    """Every key: the type of its default (numbers: finite, in range), before any is used."""
+    for name, (default, _) in KEYS.items():
+        x = v[name]
+        if isinstance(default, bool):
+            if not isinstance(x, bool):
+                raise ConfigError(f"{key(name)} = {x!r} must be True or False")
+        elif isinstance(default, (int, float)):
+            integer = isinstance(default, int)
+            ok = isinstance(x, int if integer else (int, float)) and not isinstance(x, bool)
+            lo, hi, open_lo = _RANGES.get(name, (-math.inf, math.inf, False))
+            if not ok or not math.isfinite(x) or not lo <= x <= hi or (open_lo and x == lo):
+                kind = "an integer" if integer else "a number"
+                allowed = _RANGE_TEXT.get(name) or (
+                    f"{kind} in {'(' if open_lo else '['}{lo}, {hi}{']' if hi < math.inf else ')'}"
+                )
+                raise ConfigError(f"{key(name)} = {x!r} must be {allowed}")
+        elif isinstance(default, str) and not (isinstance(x, str) or
+                                               (name == "MASTER_DTYPE" and x is None)):
+            raise ConfigError(f"{key(name)} = {x!r} must be a string")
+        elif isinstance(default, list):
+            patterns = [x] if isinstance(x, str) else x
+            if not isinstance(patterns, Sequence):
+                raise ConfigError(f"{key(name)} = {x!r} must be a list of regular expressions")
+            compile_patterns(list(patterns), key(name))
+
+
 def check_device(key: str, value: str, sep: str = " ") -> None:
     """Raise :class:`ConfigError` unless ``value`` names a device this machine has.
 
@@ -195,6 +246,9 @@ def check_device(key: str, value: str, sep: str = " ") -> None:
         device = torch.device(value)
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"{key} = {value!r} is not a device name ('cpu', 'cuda:0', ...)") from e
+    if device.type == "meta":
+        raise ConfigError(f"{key} = {value!r} keeps no data (the meta device); use '' for the "
+                          "model's device, 'cpu' or 'cuda'")
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0:
@@ -260,21 +314,12 @@ def ema_settings(cfg) -> EMASettings:
     def key(name: str) -> str:
         return prefix + (name if prefix.startswith("MODEL_EMA") else name.lower())
 
-    def number(name: str, lo: float, hi: float = float("inf"), integer: bool = False):
-        x = v[name]
-        ok = isinstance(x, int if integer else (int, float)) and not isinstance(x, bool)
-        if not ok or not lo <= x <= hi:
-            kind = "an integer" if integer else "a number"
-            raise ConfigError(f"{key(name)} = {x!r} must be {kind} in [{lo}, {hi}]")
-        return x
-
-    decay = number("DECAY", 0.0, 1.0)
-    every = number("UPDATE_EVERY", 1, integer=True)
-    start = number("START_ITER", 0, integer=True)
+    _check_types(v, key)
+    decay, every, start = v["DECAY"], v["UPDATE_EVERY"], v["START_ITER"]
     name = v["SCHEDULE"]
-    warm_up = number("DECAY_WARM_UP_FACTOR", -1.0)
+    warm_up = v["DECAY_WARM_UP_FACTOR"]
     if d2go_schedule(decay, warm_up, key("DECAY_WARM_UP_FACTOR")) and name == "constant":
-        name = "tf"
+        name = "tf"  # another SCHEDULE with it is refused by _check_consistency
     v.update({k: _as_float(v[k]) for k in ("TAU", "INV_GAMMA", "POWER", "MIN_DECAY", "SIGMA_REL")})
     params = {
         "yolov5": {"tau": v["TAU"]},
@@ -282,6 +327,9 @@ def ema_settings(cfg) -> EMASettings:
         "power": {"inv_gamma": v["INV_GAMMA"], "power": v["POWER"], "min_decay": v["MIN_DECAY"]},
         "sigma_rel": {"sigma_rel": v["SIGMA_REL"]},
     }
+    if name == "power" and v["MIN_DECAY"] > decay:
+        raise ConfigError(f"{key('MIN_DECAY')} = {v['MIN_DECAY']!r} must be at most "
+                          f"{key('DECAY')} = {decay!r} (the power schedule's floor)")
     if name not in SCHEDULES:
         raise ConfigError(
             f"{key('SCHEDULE')} = {name!r} is unknown; choose one of {sorted(SCHEDULES)}"
@@ -297,8 +345,8 @@ def ema_settings(cfg) -> EMASettings:
             f"{key('MASTER_DTYPE')} = {v['MASTER_DTYPE']!r}; choose one of "
             f"{sorted(k for k in _MASTER_DTYPES if k)}"
         )
-    device = str(v["DEVICE"] or "")
-    if v["ENABLED"]:
+    device = v["DEVICE"]
+    if device or v["ENABLED"]:
         yacs = prefix.startswith("MODEL_EMA")
         model_key = "MODEL.DEVICE" if yacs else "train.device"
         check_device(key("DEVICE") if device else model_key, device or model_device,

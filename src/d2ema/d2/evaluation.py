@@ -29,6 +29,7 @@ from torch import nn
 
 from ..distributed import all_reduce_mean_
 from ..ema import EMA
+from ..health import nonfinite_message
 from ..state import unwrap_model
 from .safety import require_average
 
@@ -141,6 +142,8 @@ def evaluate_with_ema(
         results.update(test(model) or {})
     if ema is not None:
         logger.info("Evaluating the EMA weights")
+        if ema.nonfinite_step is not None:
+            logger.warning(nonfinite_message(ema.nonfinite_step, "evaluating it"))
         with ema.swapped(model):
             if before_ema_test is not None:
                 before_ema_test(model)
