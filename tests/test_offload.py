@@ -232,3 +232,12 @@ def test_model_copies_and_pickles_carry_an_inert_hook(lazy, tmp_path):
     torch.save(b, tmp_path / "model.pt")  # the hook pickles
     ema_b.synchronize()
     assert lazy.fences == ["idle"]
+
+
+def test_the_nan_watch_sees_a_background_update():
+    _, _, b, ema_b = twins()
+    ema_b.update(b)
+    with torch.no_grad():
+        b.head.weight[0, 0] = float("nan")
+    ema_b.update(b)  # step 2 poisons the average, in the worker thread
+    assert ema_b.nonfinite_step == 2
