@@ -234,7 +234,10 @@ def test_model_copies_and_pickles_carry_an_inert_hook(lazy, tmp_path):
     assert lazy.fences == ["idle"]
 
 
-def test_the_nan_watch_sees_a_background_update():
+def test_the_nan_watch_sees_a_background_update(monkeypatch):
+    from d2ema.health import NonfiniteWatch
+
+    monkeypatch.setattr(NonfiniteWatch, "every", 1)  # the exact step (default: every 32)
     _, _, b, ema_b = twins()
     ema_b.update(b)
     with torch.no_grad():

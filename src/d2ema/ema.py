@@ -246,9 +246,12 @@ class EMA:
 
     @property
     def nonfinite_step(self) -> int | None:
-        """The first step whose update left NaN/Inf in the EMA (None: it is finite)."""
+        """The first step seen with NaN/Inf in the EMA (None: finite); the poisoning happened
+        after step ``nonfinite_after`` (see :mod:`d2ema.health`)."""
         self.synchronize()
-        return self._nonfinite.first_step(self.groups)
+        return self._nonfinite.first_step(self.groups, self.step)
+
+    nonfinite_after = property(lambda self: self._nonfinite.last_finite_step)
 
     @staticmethod
     def _all_finite(bindings: list[Binding]) -> bool:
@@ -350,7 +353,7 @@ class EMA:
             "every": self.every,
             "start": self.start,
             "master_dtype": str(self._options.master_dtype),
-            **self._nonfinite.meta(self.groups),
+            **self._nonfinite.meta(self.groups, self.step),
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -21,6 +21,14 @@ import d2ema
 from d2ema import EMA
 from d2ema.cli import main
 from d2ema.export import export_ema
+from d2ema.health import NonfiniteWatch
+
+
+@pytest.fixture(autouse=True)
+def exact_nan_watch(monkeypatch):
+    """These tests check the exact step: the watch looks at every update (default: every 32)."""
+    monkeypatch.setattr(NonfiniteWatch, "every", 1)
+
 
 CONSOLE = [sys.executable, "-c", "import sys; from d2ema.cli import main; sys.exit(main())"]
 ENV = {**os.environ, "PYTHONPATH": str(Path(d2ema.__file__).parents[1]), "OMP_NUM_THREADS": "1"}

@@ -193,7 +193,8 @@ class EMACheckpointer(AtomicCheckpointer):
     def save(self, name: str, **kwargs: Any) -> None:
         step = self._ema.nonfinite_step
         if step is not None and self.save_dir and self.save_to_disk:
-            logger.warning(nonfinite_message(step, f"saving {name}.pth"))
+            after = self._ema.nonfinite_after
+            logger.warning(nonfinite_message(step, f"saving {name}.pth", after))
         super().save(name, **kwargs)
 
     @property

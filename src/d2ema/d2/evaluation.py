@@ -143,7 +143,9 @@ def evaluate_with_ema(
     if ema is not None:
         logger.info("Evaluating the EMA weights")
         if ema.nonfinite_step is not None:
-            logger.warning(nonfinite_message(ema.nonfinite_step, "evaluating it"))
+            logger.warning(
+                nonfinite_message(ema.nonfinite_step, "evaluating it", ema.nonfinite_after)
+            )
         with ema.swapped(model):
             if before_ema_test is not None:
                 before_ema_test(model)
