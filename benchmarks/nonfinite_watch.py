@@ -1,11 +1,12 @@
 """What the NaN watch costs: one EMA update with and without :class:`d2ema.health.NonfiniteWatch`.
 
-With ``skip_nonfinite=False`` (the default) every update ends with one ``sum`` per averaged
-group, kept on the device, so that the step at which the EMA first held NaN/Inf can
+With ``skip_nonfinite=False`` (the default) every 32nd update ends with one ``sum`` per
+averaged group, kept on the device, so that the step at which the EMA first held NaN/Inf can
 be reported (issue 10). This script times ``EMA.update`` round robin (the timing loop of
-``update_speed.py``) in three variants on the same model:
+``update_speed.py``) in four variants on the same model:
 
-* watch on: the default;
+* watch on: the default (a check every ``NonfiniteWatch.every`` = 32 updates);
+* watch on every update: ``every = 1``, the exact step at the cost of one more read per update;
 * watch off: the same EMA with the watch's ``observe`` replaced by a no-op (what the update
   cost before the watch existed);
 * guard on: ``skip_nonfinite=True``, which checks the *model* weights before each update and
@@ -25,35 +26,31 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from update_speed import (
-    MODEL_TITLES,
-    MODELS,
-    Method,
-    _environment,
-    _perturb,
-    _quantile,
-    d2ema,
-    time_round_robin,
-)
+import d2ema
+from d2ema.app.speed.methods import MODEL_TITLES, MODELS, _perturb
+from d2ema.app.speed.timing import Method, environment, quantile, time_round_robin
+from d2ema.health import NonfiniteWatch
 
 OUT = Path(__file__).resolve().parent / "results" / "nonfinite_watch.md"
 
 
 def _variants(model: torch.nn.Module) -> list[Method]:
     on = d2ema.EMA(model, decay=0.9998)
+    exact = d2ema.EMA(model, decay=0.9998)
+    exact._nonfinite.every = 1
     off = d2ema.EMA(model, decay=0.9998)
     off._nonfinite.observe = lambda *args, **kwargs: None
     guard = d2ema.EMA(model, decay=0.9998, skip_nonfinite=True)
     return [Method("watch off (update alone)", lambda: off.update(model)),
-            Method("watch on (default)", lambda: on.update(model)),
+            Method(f"watch on (default, every {NonfiniteWatch.every})", lambda: on.update(model)),
+            Method("watch on every update (every = 1)", lambda: exact.update(model)),
             Method("guard on (skip_nonfinite=True)", lambda: guard.update(model))]
 
 
 def run(models: Sequence[str], device: torch.device, seconds: float) -> str:
     lines = ["# Cost of the NaN watch per EMA update", "",
              "Command: `python benchmarks/nonfinite_watch.py " + " ".join(sys.argv[1:]) + "`",
-             "", *_environment(torch.get_num_threads(), device), ""]
+             "", *environment(torch.get_num_threads(), device), ""]
     for name in models:
         model = MODELS[name]().to(device)
         _perturb(model)
@@ -65,9 +62,9 @@ def run(models: Sequence[str], device: torch.device, seconds: float) -> str:
                   "|---|--:|--:|--:|"]
         for m, t in zip(methods, timing.times):
             ratio = [a / b for a, b in zip(t, base)]
-            lines.append(f"| {m.name} | **{_quantile(ratio, 0.5):.2f}** | "
-                         f"{_quantile(t, 0.5):.3f} | {_quantile(ratio, 0.25):.2f}–"
-                         f"{_quantile(ratio, 0.75):.2f} |")
+            lines.append(f"| {m.name} | **{quantile(ratio, 0.5):.2f}** | "
+                         f"{quantile(t, 0.5):.3f} | {quantile(ratio, 0.25):.2f}–"
+                         f"{quantile(ratio, 0.75):.2f} |")
         lines += ["", f"{len(base)} repetitions kept of {timing.rounds}; other processes used "
                   f"{timing.others_share:.0%} of the CPU meanwhile.", ""]
     return "\n".join(lines)

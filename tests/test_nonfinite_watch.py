@@ -63,3 +63,22 @@ def test_checks_run_every_32_updates_only(monkeypatch):
         ema.update(model)
     assert len(sums) == 2  # at updates 32 and 64, one averaged group each
 
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_guard_is_not_fooled_by_an_overflowing_sum(flat):
+    """skip_nonfinite's cheap check is a sum (a 2-norm without a flat view): huge finite
+    weights overflow it, and the exact check then lets the update through."""
+    model = nn.Linear(1000, 1000, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(3e35)  # sum 3e41 and squares overflow float32
+    ema = EMA(model, decay=0.5, skip_nonfinite=True, flat=flat)
+    with torch.no_grad():
+        model.weight.mul_(0.5)
+    ema.update(model)
+    assert ema.num_skipped == 0
+    torch.testing.assert_close(ema.tensors()["weight"], torch.full((1000, 1000), 2.25e35))
+    with torch.no_grad():
+        model.weight[3, 4] = float("inf")
+    ema.update(model)
+    assert ema.num_skipped == 1

@@ -246,8 +246,7 @@ class EMA:
 
     @property
     def nonfinite_step(self) -> int | None:
-        """The first step seen with NaN/Inf in the EMA (None: finite); the poisoning happened
-        after step ``nonfinite_after`` (see :mod:`d2ema.health`)."""
+        """First step seen with NaN/Inf in the EMA (None: finite); see d2ema.health."""
         self.synchronize()
         return self._nonfinite.first_step(self.groups, self.step)
 
@@ -255,8 +254,10 @@ class EMA:
 
     @staticmethod
     def _all_finite(bindings: list[Binding]) -> bool:
-        checks = [b.all_finite() for b in bindings if b.group.averaged]
-        return bool(torch.stack([c.cpu() for c in checks]).all()) if checks else True
+        averaged = [b for b in bindings if b.group.averaged]
+        if not averaged or bool(torch.stack([b.all_finite().cpu() for b in averaged]).all()):
+            return True
+        return all(b.all_finite_exact() for b in averaged)  # a sum may overflow: settle it
 
     # ------------------------------------------------------------------ using the average
     @contextlib.contextmanager

@@ -229,12 +229,19 @@ class Binding:
 
     @torch.no_grad()
     def all_finite(self) -> torch.Tensor:
-        """A 0-d bool tensor: no NaN or Inf in the model tensors (max-abs cannot overflow)."""
+        """A 0-d bool tensor, True when no model tensor holds NaN or Inf. A sum (a 2-norm
+        without a flat view) is the cheapest reduction NaN/Inf propagate through (max-abs
+        measured ~10x slower on the CPU), but a huge finite value can overflow it: a False is
+        only a suspicion, which :meth:`all_finite_exact` settles."""
         if not self._nonempty:
             return torch.ones((), dtype=torch.bool, device=self.model_device)
         if self.model_flat is not None:
-            return torch.linalg.vector_norm(self.model_flat, float("inf")).isfinite()
-        return torch.stack(torch._foreach_norm(self._nonempty, float("inf"))).isfinite().all()
+            return self.model_flat.sum(dtype=torch.float32).isfinite()
+        return torch.stack(torch._foreach_norm(self._nonempty, 2)).isfinite().all()
+
+    @torch.no_grad()
+    def all_finite_exact(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self._nonempty)
 
 
 def update_all(bindings: list[Binding], alpha: float | None) -> None:
