@@ -155,27 +155,26 @@ def test_console_script_error(tmp_path, tiny_yaml, command):
     assert proc.stderr.startswith(f"d2ema {command}: error:")
 
 
-def test_bench_is_found():
-    from d2ema.app.bench import benchmark_script
+def test_bench_passes_arguments_through(monkeypatch, capsys):
+    import d2ema.app.speed.update_speed as speed
 
-    path = benchmark_script()
-    assert path is not None and path.name == "update_speed.py"
+    def fake_main(argv=None, prog=None):
+        print("bench got", argv, prog)
+        return 0
 
-
-def test_bench_passes_arguments_through(monkeypatch, tmp_path, capsys):
-    import d2ema.app.bench as cli
-
-    script = tmp_path / "update_speed.py"
-    script.write_text("import sys\ndef main(argv=None):\n"
-                      "    print('bench got', argv, sys.argv[0])\n    return 0\n")
-    monkeypatch.setattr(cli, "benchmark_script", lambda: script)
+    monkeypatch.setattr(speed, "main", fake_main)
     assert main(["bench", "--quick", "--models", "tiny500", "--help"]) == 0
     assert "bench got ['--quick', '--models', 'tiny500', '--help'] d2ema bench" in (
         capsys.readouterr().out
     )
-    monkeypatch.setattr(cli, "benchmark_script", lambda: None)
-    assert main(["bench", "--quick"]) == 2
-    assert "benchmarks/update_speed.py not found" in _error_line(capsys)
+
+
+def test_bench_help_names_the_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: d2ema bench") and "--seconds" in out
 
 
 # ----------------------------------------------------------------------------- train

@@ -14,14 +14,35 @@ Three layers, imports pointing one way (app and cli -> d2 -> core):
 detectron2).
 """
 
-from .ema import EMA
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import D2EMAError, EMAStateError
-from .format import FORMAT_VERSION
-from .posthoc import PostHocError, Target
-from .posthoc_ema import PostHocEMA
-from .schedules import SCHEDULES, Schedule, make_schedule
-from .sharded import ShardedEMA
-from .state import unwrap_model
+
+if TYPE_CHECKING:
+    from .ema import EMA
+    from .format import FORMAT_VERSION
+    from .posthoc import PostHocError, Target
+    from .posthoc_ema import PostHocEMA
+    from .schedules import SCHEDULES, Schedule, make_schedule
+    from .sharded import ShardedEMA
+    from .state import unwrap_model
+
+# Imported on first use, so that ``d2ema.cli`` starts (and answers Ctrl-C with one line)
+# before torch is imported.
+_LAZY = {"EMA": ".ema", "FORMAT_VERSION": ".format", "SCHEDULES": ".schedules",
+         "Schedule": ".schedules", "make_schedule": ".schedules", "ShardedEMA": ".sharded",
+         "unwrap_model": ".state", "PostHocEMA": ".posthoc_ema", "PostHocError": ".posthoc",
+         "Target": ".posthoc"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'd2ema' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "EMA",

@@ -1,27 +1,49 @@
 """Write a file so that it is either complete or absent: never truncated under its final name.
 
-:func:`atomic_save` writes to a temporary file in the target's folder, flushes it to disk,
-gives it the mode the target would get, and renames it into place. A crash, a kill or a full
-disk at any point leaves the old file (if any) intact and at most a hidden temporary file,
-which is removed whenever Python still runs its cleanup.
+:func:`atomic_save` (``torch.save``) and :func:`atomic_write_text` write to a temporary file in
+the target's folder, flush it to disk (``fsync``), give it the mode the target would get, rename
+it into place and ``fsync`` the folder, so that the rename itself survives a power cut. A crash,
+a kill or a full disk at any point leaves the old file (if any) intact and at most a hidden
+temporary file ``.NAME.HOST.PID.XXXX.tmp``: removed at once when Python still runs (exceptions,
+and SIGTERM/SIGHUP under :func:`d2ema.interrupts.signals_as_interrupts`), and by the next write
+into the same folder once process PID is gone (SIGKILL, power loss).
+
+The target must be a regular file or absent: a folder, FIFO, device node or socket at that path
+is refused, never replaced; a symbolic link is followed (the file it points to is replaced).
 
 Example::
 
     atomic_save({"model": model.state_dict()}, Path("out/model_final.pth"))
+    atomic_write_text("model_final.pth", Path("out/last_checkpoint"))
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import socket
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "file_mode"]
+__all__ = [
+    "atomic_save",
+    "atomic_write_text",
+    "check_target",
+    "file_mode",
+    "remove_stale_temps",
+]
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32] or "host"
+_TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+_KINDS = {stat.S_ISDIR: "folder", stat.S_ISFIFO: "FIFO", stat.S_ISCHR: "character device",
+          stat.S_ISBLK: "block device", stat.S_ISSOCK: "socket"}
 
 
 def file_mode(path: Path) -> int:
@@ -34,33 +56,109 @@ def file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
+def check_target(output: str | os.PathLike[str]) -> Path:
+    """``output`` with symbolic links followed; ``OSError`` unless a regular file or absent."""
+    path = Path(output)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return path
+    for test, kind in _KINDS.items():
+        if test(mode):
+            code = errno.EISDIR if kind == "folder" else errno.EEXIST
+            raise OSError(code, f"it is a {kind}, not a regular file; it is never replaced. "
+                          "Write to a regular file instead", str(path))
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that killed writers of this host left in ``folder``."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            m = _TEMP.match(entry.name)
+            if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _alive(
+                int(m["pid"])
+            ):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+class _Recorder:
+    """A file wrapper that remembers the ``OSError`` of a failed write: ``torch.save`` turns
+    it into an opaque ``RuntimeError`` ("unexpected pos ..."), losing "No space left"."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_atomically(output: str | os.PathLike[str], write: Callable[[Any], None]) -> None:
+    path = check_target(output)
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=folder
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            recorder = _Recorder(f)
+            try:
+                write(recorder)
+            except Exception as e:
+                if recorder.error is not None:
+                    raise recorder.error from e
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode(path))  # mkstemp makes 0600; give what open() would
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable (not possible everywhere)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 def atomic_save(obj: Any, output: str | os.PathLike[str]) -> None:
     """``torch.save(obj)`` to a temporary file next to ``output``, then rename it into place.
 
-    Raises ``OSError`` (the folder cannot be made, the disk is full, ...) with no file left
-    behind and ``output`` unchanged.
+    Raises ``OSError`` (the folder cannot be made, the disk is full, the target is a special
+    file, ...) with no file left behind and ``output`` unchanged.
     """
     _write_atomically(output, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, output: str | os.PathLike[str]) -> None:
-    """Write ``text`` (UTF-8) to ``output`` the same way as :func:`atomic_save`."""
-    _write_atomically(output, lambda f: f.write(text.encode("utf-8")))
-
-
-def _write_atomically(output: str | os.PathLike[str], write: Callable[[BinaryIO], Any]) -> None:
-    output = Path(output)
-    folder = output.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode(output))  # mkstemp makes 0600; give what open() would
-        os.replace(tmp, output)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` (UTF-8) to ``output`` atomically, like :func:`atomic_save`."""
+    data = text.encode("utf-8")
+    _write_atomically(output, lambda f: f.write(data))

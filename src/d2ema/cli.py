@@ -7,9 +7,9 @@ Subcommands::
     d2ema train  --config-file CFG [--dataset NAME=ANNOTATIONS.json:IMAGE_DIR ...] [--resume]
                  [--eval-only] [--num-gpus N] [--num-machines M] [--machine-rank R]
                  [--dist-url URL] [KEY VALUE ... | key=value ...]
-    d2ema export CHECKPOINT -o OUT.pth [--config RUN_CONFIG.yaml]
+    d2ema export CHECKPOINT -o OUT.pth [--config RUN_CONFIG.yaml] [--allow-nonfinite]
     d2ema posthoc OUTPUT_DIR [--sigma-rel S,..] [--decay D,..] [--eval] [--export-best OUT]
-    d2ema bench  [arguments of benchmarks/update_speed.py]
+    d2ema bench  [arguments of the update-speed benchmark]
 
 ``train`` is detectron2's ``tools/train_net.py`` (YAML configs) and
 ``tools/lazyconfig_train_net.py`` (``.py`` LazyConfigs) with EMA: ``MODEL_EMA.*`` or
@@ -19,18 +19,22 @@ registered when a config names them.
 
 A mistake in the input (unknown dataset, missing or unreadable config or checkpoint, a
 checkpoint without EMA, an invalid ``MODEL_EMA`` value) prints one line on stderr saying what
-and how to fix it, and exits with status 2; ``--verbose`` adds the traceback.
+and how to fix it, and exits with status 2; ``--verbose`` adds the traceback. Ctrl-C, SIGTERM
+and SIGHUP print one line and exit with 128 + the signal number (130, 143, 129), removing
+temporary files.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
 from collections.abc import Sequence
 
 from .errors import D2EMAError, one_line
+from .interrupts import exit_status, signals_as_interrupts
 
 __all__ = ["build_parser", "main"]
 
@@ -132,30 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, metavar="OUT.pth", help="file to write")
     export.add_argument("--config", default=None, metavar="RUN_CONFIG.yaml",
                         help="the run's config (default: config.yaml beside CHECKPOINT)")
+    export.add_argument("--allow-nonfinite", action="store_true",
+                        help="write the EMA even if it holds NaN/Inf (refused by default)")
     _add_verbose(export)
     export.set_defaults(func=cmd_export)
 
-    posthoc = sub.add_parser("posthoc", help="choose the EMA length after training", description=
-                             "Rebuild EMAs of any length from a run's MODEL_EMA.POSTHOC snapshots; "
-                             "--eval scores them (results in OUTPUT_DIR/posthoc).")
-    posthoc.add_argument("output_dir", metavar="OUTPUT_DIR", help="the training run's folder")
-    for flag, metavar, text in (
-        ("--sigma-rel", "S,S,...", "power-EMA widths (default without --decay: 0.01..0.25)"),
-        ("--decay", "D,D,...", "classic constant decays, as they stand at the step"),
-        ("--export-best", "OUT.pth", "with --eval: write the best EMA as a MODEL.WEIGHTS file"),
-        ("--snapshots", "DIR", "snapshot folder (default: OUTPUT_DIR/ema_snapshots)"),
-        ("--config-file", "FILE", "the run's config (default: OUTPUT_DIR/config.yaml)"),
-    ):
-        posthoc.add_argument(flag, default=None, metavar=metavar, help=text)
-    posthoc.add_argument("--step", type=int, help="the step to rebuild at (default: the last)")
-    posthoc.add_argument("--eval", action="store_true", help="evaluate each EMA and raw weights")
-    _add_verbose(posthoc)
-    posthoc.set_defaults(func=cmd_posthoc)
+    from .app.posthoc_cli import add_posthoc_parser
+
+    add_posthoc_parser(sub, _add_verbose)
 
     bench = sub.add_parser(
-        "bench", add_help=False, help="time EMA updates (runs benchmarks/update_speed.py)",
-        description="Run benchmarks/update_speed.py of the source checkout; every argument is "
-        "passed on ('d2ema bench --help' shows them).",
+        "bench", add_help=False, help="time EMA updates against the floor and the peers",
+        description="Run the update-speed benchmark (d2ema.app.speed.update_speed); every "
+        "argument is passed on ('d2ema bench --help' shows them).",
     )
     bench.set_defaults(func=cmd_bench)
     return parser
@@ -165,24 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``d2ema`` command line; return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "bench":
-        args.bench_args = extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    verbose = bool(getattr(args, "verbose", False))
-    if not verbose:
-        _quiet_warnings()
+    prog, verbose = PROG, False
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
-        return 130
+        with signals_as_interrupts():
+            parser = build_parser()
+            args, extra = parser.parse_known_args(argv)
+            prog = f"{PROG} {args.command}"
+            if args.command == "bench":
+                args.bench_args = extra
+            elif extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            verbose = bool(getattr(args, "verbose", False))
+            if not verbose:
+                _quiet_warnings()
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:
+        print(f"{prog}: interrupted{f' by {e}' if str(e) else ''}", file=sys.stderr)
+        return exit_status(e)
     except D2EMAError as e:
         if verbose:
             traceback.print_exc()
-        print(f"{PROG} {args.command}: error: {one_line(e)}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -194,6 +190,8 @@ def _quiet_warnings() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for module in ("torch", "detectron2", "fvcore", "iopath", "pycocotools"):
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
+    # "No CUDA runtime is found, using CUDA_HOME=..." on every CPU-only start: not actionable.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -227,15 +225,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .d2.plain_config import export_with_config
 
-    print("\n".join(export_with_config(args.checkpoint, args.output, args.config)))
-    return 0
-
-
-def cmd_posthoc(args: argparse.Namespace) -> int:
-    from .app.posthoc import PostHocOptions, run_posthoc
-
-    run_posthoc(PostHocOptions(args.output_dir, args.sigma_rel, args.decay, args.step, args.eval,
-                               args.export_best, args.snapshots, args.config_file, args.verbose))
+    lines = export_with_config(args.checkpoint, args.output, args.config,
+                               allow_nonfinite=args.allow_nonfinite)
+    print("\n".join(lines))
     return 0
 
 

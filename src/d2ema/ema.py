@@ -22,7 +22,8 @@ What it does beyond the textbook loop:
   ulp and a bf16 EMA never moves); step counter and schedule in the checkpoint, so a resumed run
   continues bit for bit; optional guard that skips an update whose weights hold NaN/Inf;
 * fast: storage grouped by (device, dtype) and updated with fused multi-tensor ops, no Python
-  per-tensor work per step; ``flat=True`` makes a step one ``lerp_`` per group;
+  per-tensor work per step; ``flat=True`` makes a step one ``lerp_`` per group; a CPU-held
+  EMA of a CUDA model updates in the background (:mod:`d2ema.offload`);
 * safe: :meth:`swapped` always restores the trained weights; :meth:`load_state_dict` checks
   names, shapes and dtypes first and changes nothing when it refuses.
 """
@@ -33,29 +34,31 @@ import contextlib
 import copy
 import dataclasses
 import logging
-import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checks import check_ema_arguments, check_slots, check_step
 from .distributed import reshard, to_dtensors, to_local_shards
 from .errors import EMAStateError
-from .flat import flatten_model_tensors
+from .flat import lay_out
 from .format import (
     FORMAT_VERSION,
     META_KEY,
     STATE_KEY,
     align_names,
-    compare,
-    meta_problems,
     split_state,
+    state_problems,
 )
-from .schedules import Schedule, make_schedule
-from .state import Slot, group_slots, tracked_slots, unwrap_model
+from .health import NonfiniteWatch
+from .offload import Offload, split_offload
+from .schedules import Schedule, decay_over, make_schedule
+from .state import Slot, check_structure, group_slots, match_slots, tracked_slots, unwrap_model
 from .swap import swapped_bindings
-from .update import Binding, flat_view
+from .update import Binding, registration_count, update_all
 
 __all__ = ["EMA", "FORMAT_VERSION", "EMAStateError"]
 
@@ -69,6 +72,7 @@ class _Options:
     device: torch.device | None
     master_dtype: torch.dtype | None
     flat: bool
+    overlap: bool | None
 
     def slots(self, model: nn.Module) -> list[Slot]:
         return tracked_slots(model, self.include_frozen, self.include_buffers, self.exclude)
@@ -84,8 +88,7 @@ class EMA:
         schedule: ``"constant"``, ``"yolov5"``, ``"tf"``, ``"power"``, ``"sigma_rel"``, a
             :class:`~d2ema.schedules.Schedule`, or a callable ``n -> decay``.
         schedule_params: the schedule's parameters, e.g. ``{"tau": 2000}`` for ``yolov5``.
-        every: average every ``every`` steps with ``decay ** every`` (same horizon in steps;
-            ``sigma_rel``: ``(1 - every / n) ** (gamma + 1)``, the same power profile).
+        every: average every ``every`` steps (see :func:`~d2ema.schedules.decay_over`).
         start: for the first ``start`` steps the EMA is a copy of the weights; averaging step
             ``n = 1`` is step ``start + 1``.
         include_frozen: also average parameters with ``requires_grad=False``.
@@ -97,6 +100,7 @@ class EMA:
         skip_nonfinite: skip (and count) an update whose weights hold NaN or Inf.
         flat: re-point the model's tensors into one buffer per group so that an update is a
             single op (see :mod:`d2ema.flat`; build the EMA before the optimizer and DDP).
+        overlap: update in the background (:mod:`d2ema.offload`); None: a CUDA model's CPU EMA.
     """
 
     def __init__(
@@ -115,53 +119,50 @@ class EMA:
         master_dtype: torch.dtype | None = torch.float32,
         skip_nonfinite: bool = False,
         flat: bool = False,
+        overlap: bool | None = None,
     ):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
-        if not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be an integer >= 0, got {start!r}")
-        if isinstance(exclude, str):
-            exclude = (exclude,)
+        exclude, device = check_ema_arguments(
+            model, decay=decay, schedule=schedule, schedule_params=schedule_params, every=every,
+            start=start, exclude=exclude, device=device, master_dtype=master_dtype, flat=flat,
+            include_frozen=include_frozen, include_buffers=include_buffers,
+            skip_nonfinite=skip_nonfinite)
         self.schedule = make_schedule(schedule, decay, **dict(schedule_params or {}))
         self.decay = getattr(self.schedule, "decay", decay)
-        self.every = every
-        self.start = start
+        self.every, self.start = int(every), int(start)
         self.skip_nonfinite = skip_nonfinite
         self.step = 0
         self.num_skipped = 0
+        self._nonfinite = NonfiniteWatch()
         # What the average holds: "built" (the model's weights when this EMA was made), "reset"
         # (the model's weights at a later reset()), "updated" (training) or "loaded".
         self.provenance = "built"
-        self._options = _Options(
-            include_frozen,
-            include_buffers,
-            tuple(exclude),
-            torch.device(device) if device is not None else None,
-            master_dtype,
-            flat,
-        )
-        all_slots = self._options.slots(model)
-        if not all_slots:
-            raise ValueError("the model has no tensors to track (check include_*/exclude)")
-        slots = self._select(all_slots)
+        self._options = _Options(include_frozen, include_buffers, exclude, device, master_dtype,
+                                 flat, overlap)
+        slots = self._select(check_slots(model, self._options.slots(model), exclude))
         self.groups, slots_by_group = group_slots(slots, self._options.device, master_dtype)
         self._bindings: list[Binding] = []
+        self._offload: Offload | None = None
         self._bound_to: nn.Module | None = None
+        self._last_arg: Callable[[], nn.Module | None] = lambda: None  # weakref of the last model
         self._backups: dict = {}
         self._swapped = False
         self._bind(unwrap_model(model), slots_by_group)
 
     # ------------------------------------------------------------------ binding to a model
     def _bind(self, model: nn.Module, slots_by_group: list | None = None) -> None:
+        self.synchronize()
         if slots_by_group is None:
-            slots_by_group = self._match_slots(model)
-        if self._options.flat:
-            for group, slots in zip(self.groups, slots_by_group):
-                if group.averaged and flat_view([s.get() for s in slots]) is None:
-                    flatten_model_tensors(slots)
-        self._bindings = [Binding(g, s) for g, s in zip(self.groups, slots_by_group)]
+            slots_by_group = match_slots(self._select(self._options.slots(model)), self.groups)
+        opts = self._options
+        lay_out(self.groups, slots_by_group, opts.flat)
+        self._bindings = [
+            Binding(g, s, stage=bool(opts.overlap)) for g, s in zip(self.groups, slots_by_group)
+        ]
+        self._offload, self._direct = split_offload(self._bindings, opts.overlap, model)
         self._bound_to = model
+        self._last_arg = lambda: None
         self._backups = {}
+        self._registrations_seen = registration_count()
 
     def _select(self, slots: list[Slot]) -> list[Slot]:
         """The tracked slots this EMA stores (all; a sharded EMA keeps its rank's share)."""
@@ -171,39 +172,29 @@ class EMA:
         """The model's DTensors (FSDP2) whose local shards this EMA averages, by name."""
         return {s.name: s.tensor() for b in self._bindings for s in b.slots if s.local}
 
-    def _match_slots(self, model: nn.Module) -> list:
-        slots = {s.name: s for s in self._select(self._options.slots(model))}
-        problems = compare(
-            {n: (s.get().shape, s.get().dtype) for n, s in slots.items()},
-            {n: (shape, g.dtype) for g in self.groups for n, shape in zip(g.names, g.shapes)},
-            "the model",
-        )
-        if problems:
-            raise EMAStateError(
-                "this EMA does not fit the model it was given:\n"
-                + "\n".join(problems)
-                + "\nPass the model the EMA was built for, or build a new EMA for this one."
-            )
-        regrouped = [[slots[n] for n in g.names] for g in self.groups]
-        for members in regrouped:
-            keys = {(s.get().device, s.get().dtype) for s in members}
-            if len(keys) > 1:
-                raise EMAStateError(
-                    f"tensors that shared a device and dtype when the EMA was built are now "
-                    f"spread over {sorted(map(str, keys))}; build a new EMA after moving the model"
-                )
-        return regrouped
-
     def rebind(self, model: nn.Module) -> None:
         """Re-read the model's tensors. Needed only after assigning ``.data`` of single tensors;
         moves, dtype changes and re-registered tensors are noticed by themselves."""
         self._bind(unwrap_model(model))
 
     def _binding_for(self, model: nn.Module) -> list[Binding]:
-        model = unwrap_model(model)
-        if model is not self._bound_to or not all(b.is_current() for b in self._bindings):
-            self._bind(model)
+        if model is not self._last_arg():  # the same model again skips the unwrapping
+            target = unwrap_model(model)
+            if target is not self._bound_to:
+                self._bind(target)
+        if self._registrations_seen != registration_count():
+            check_structure([s for b in self._bindings for s in b.slots],
+                            self._options.slots(self._bound_to), self._expected_state())
+            self._registrations_seen = registration_count()
+        if not all(b.is_current() for b in self._bindings):
+            self._bind(self._bound_to)
+        self._last_arg = weakref.ref(model)
         return self._bindings
+
+    def synchronize(self) -> None:
+        """Complete the background update in flight, if any (every read of the average does)."""
+        if self._offload is not None:
+            self._offload.wait()
 
     # ------------------------------------------------------------------ update
     def decay_at(self, step: int) -> float:
@@ -211,14 +202,8 @@ class EMA:
         n = step - self.start
         if n <= 0:
             return 0.0
-        if isinstance(self.schedule, Schedule):  # the built-in ones are in [0, 1] by design
-            return float(self.schedule.decay_over(n, self.every))
-        d = float(self.schedule(n))
-        if not 0.0 <= d <= 1.0 or math.isnan(d):
-            raise ValueError(f"EMA schedule returned decay {d!r} at step {n}; it must be in [0, 1]")
-        return d**self.every
+        return decay_over(self.schedule, n, self.every)
 
-    @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
         """Fold the model's current weights into the average. Call once per optimizer step.
 
@@ -229,7 +214,7 @@ class EMA:
             raise RuntimeError(
                 "EMA.update() called inside EMA.swapped(): the model holds the EMA weights"
             )
-        step = self.step + 1 if step is None else int(step)
+        step = check_step(step, self.step)
         self.provenance = "updated"
         n = step - self.start
         if n > 0 and n % self.every:
@@ -247,16 +232,28 @@ class EMA:
                     step,
                 )
             return
-        for b in bindings:
-            if b.group.averaged and d > 0.0:
-                b.average(1.0 - d)
-            else:
-                b.copy()
+        alpha = 1.0 - d if d > 0.0 else None
+        update_all(self._direct, alpha)
+        watch = lambda: self._nonfinite.observe(self.groups, step, self.skip_nonfinite)  # noqa: E731
+        if self._offload is not None:
+            self._offload.submit(alpha, then=watch)  # watched after the background lerp_
+        else:
+            watch()
+
+    @property
+    def nonfinite_step(self) -> int | None:
+        """First step seen with NaN/Inf in the EMA (None: finite); see d2ema.health."""
+        self.synchronize()
+        return self._nonfinite.first_step(self.groups, self.step)
+
+    nonfinite_after = property(lambda self: self._nonfinite.last_finite_step)
 
     @staticmethod
     def _all_finite(bindings: list[Binding]) -> bool:
-        checks = [b.all_finite() for b in bindings if b.group.averaged]
-        return bool(torch.stack([c.cpu() for c in checks]).all()) if checks else True
+        averaged = [b for b in bindings if b.group.averaged]
+        if not averaged or bool(torch.stack([b.all_finite().cpu() for b in averaged]).all()):
+            return True
+        return all(b.all_finite_exact() for b in averaged)  # a sum may overflow: settle it
 
     # ------------------------------------------------------------------ using the average
     @contextlib.contextmanager
@@ -269,6 +266,7 @@ class EMA:
         """
         if self._swapped:
             raise RuntimeError("EMA.swapped() is already active for this EMA")
+        self.synchronize()
         fsdp = reshard(model)  # FSDP2 keeps gathered weights after a forward: drop them
         bindings = self._binding_for(model)
         self._swapped = True
@@ -283,6 +281,7 @@ class EMA:
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Copy the EMA into the model for good (e.g. before export)."""
+        self.synchronize()
         for b in self._binding_for(model):
             torch._foreach_copy_(b.model, b.group.tensors)
 
@@ -291,12 +290,14 @@ class EMA:
 
         For weights loaded from a checkpoint that has no EMA, e.g. pretrained backbones.
         """
+        self.synchronize()
         for b in self._binding_for(model):
             b.copy()
         self.provenance = "reset"
 
     def model_copy(self, model: nn.Module) -> nn.Module:
         """A deep copy of ``model`` (unwrapped) holding the EMA weights; ``model`` is untouched."""
+        self.synchronize()
         model = unwrap_model(model)
         # References to this EMA (e.g. ``model.ema_state``) become None in the copy.
         clone = copy.deepcopy(model, memo={id(self): None})
@@ -311,6 +312,7 @@ class EMA:
         return self._views()
 
     def _views(self) -> dict[str, torch.Tensor]:
+        self.synchronize()
         return {n: t for g in self.groups for n, t in zip(g.names, g.tensors)}
 
     def _expected_state(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -329,6 +331,7 @@ class EMA:
     def to(self, device: torch.device | str) -> EMA:
         """Move the EMA storage (e.g. after loading a checkpoint on the CPU)."""
         device = torch.device(device)
+        self.synchronize()
         self.groups = [g.to(device) for g in self.groups]
         self._options = dataclasses.replace(self._options, device=device)
         if self._bound_to is not None:
@@ -337,6 +340,7 @@ class EMA:
 
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict[str, Any]:
+        self.synchronize()
         sched = self.schedule
         return {
             "format_version": FORMAT_VERSION,
@@ -346,6 +350,7 @@ class EMA:
             "every": self.every,
             "start": self.start,
             "master_dtype": str(self._options.master_dtype),
+            **self._nonfinite.meta(self.groups, self.step),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -367,14 +372,7 @@ class EMA:
         tensors, meta = split_state(state_dict)
         expected = self._expected_state()
         tensors = align_names(tensors, expected)
-        problems = compare(
-            {n: (t.shape, t.dtype) for n, t in tensors.items()},
-            expected,
-            "the checkpoint",
-            allow_missing=not strict,
-        )
-        if meta is not None:
-            problems += meta_problems(meta)
+        problems = state_problems(tensors, meta, expected, strict)
         if problems:
             raise EMAStateError(
                 "cannot load this EMA state; the EMA is unchanged:\n  " + "\n  ".join(problems)
@@ -394,17 +392,15 @@ class EMA:
             for name, t in tensors.items():
                 if name in mine:
                     mine[name].copy_(t)
+        self._nonfinite.reset()  # the loaded tensors are finite (checked)
         if meta is not None:
             self.step = int(meta.get("step", self.step))
             self.num_skipped = int(meta.get("num_skipped", 0))
             saved = meta.get("schedule")
             current = self.meta()["schedule"]
             if saved is not None and saved != current:
-                logger.warning(
-                    "the loaded EMA was made with schedule %s; continuing with %s as configured",
-                    saved,
-                    current,
-                )
+                logger.warning("the loaded EMA was made with schedule %s; continuing with %s as "
+                               "configured", saved, current)
         self.provenance = "loaded"
         expected = self._expected_state()
         given = set(align_names(split_state(state_dict)[0], expected))

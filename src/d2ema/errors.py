@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "D2EMAError",
     "DatasetError",
@@ -42,6 +43,10 @@ class ConfigError(D2EMAError, ValueError):
 
 class ExportError(D2EMAError, ValueError):
     """A checkpoint that cannot be exported, or an output that cannot be written."""
+
+
+class CheckpointError(D2EMAError):
+    """A checkpoint file that cannot be read (truncated, not a PyTorch file) or resumed from."""
 
 
 class UsageError(D2EMAError):

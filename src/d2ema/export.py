@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_save
+from .atomic import atomic_save, check_target
 from .errors import ExportError
-from .format import META_KEY, STATE_KEY, align_names
+from .format import META_KEY, STATE_KEY, align_names, nonfinite_names, shorten
 
 __all__ = ["EXPORT_KEY", "ExportError", "ExportSummary", "ema_model_state", "export_ema"]
 
@@ -131,23 +131,46 @@ def _write(obj: Any, output: Path) -> None:
         raise ExportError(f"cannot write {output}: {e.strerror or e}") from e
 
 
+def _check_finite(checkpoint: Mapping[str, Any], source: Path) -> None:
+    bad = nonfinite_names(checkpoint[STATE_KEY])
+    if bad:
+        meta = checkpoint.get(META_KEY)
+        step = meta.get("nonfinite_step") if isinstance(meta, Mapping) else None
+        since = f" (since step {step})" if isinstance(step, int) else ""
+        raise ExportError(
+            f"the EMA in {source} holds NaN or Inf{since} in {len(bad)} of "
+            f"{len(checkpoint[STATE_KEY])} tensors ({shorten(bad, 3)}); export a checkpoint "
+            "from before that, or pass --allow-nonfinite (allow_nonfinite=True) to write it anyway"
+        )
+
+
 def export_ema(
-    checkpoint: str | os.PathLike[str], output: str | os.PathLike[str]
+    checkpoint: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    allow_nonfinite: bool = False,
 ) -> ExportSummary:
     """Write ``output``: a detectron2 checkpoint whose ``model`` holds the EMA of ``checkpoint``.
 
     Raises :class:`ExportError` for a missing/unreadable checkpoint, one without ``ema_state``,
-    an EMA that does not fit the model, or an output that cannot be written.
+    an EMA that does not fit the model or holds NaN/Inf (unless ``allow_nonfinite``), or an
+    output that cannot be written (a folder, FIFO or device node there is never replaced).
     """
     source, output = Path(checkpoint), Path(output)
     if output.exists() and output.is_dir():
         raise ExportError(f"output {output} is a folder; give a file name, e.g. {output}/ema.pth")
+    try:
+        check_target(output)
+    except OSError as e:
+        raise ExportError(f"cannot write {output}: {e.strerror or e}") from e
     with contextlib.suppress(OSError):
         if output.exists() and source.exists() and os.path.samefile(source, output):
             raise ExportError(f"output {output} is the input checkpoint; write another file "
                               "(the export holds the EMA only, no optimizer or raw weights)")
     data = _load(source)
     state, replaced, kept, ema_only = ema_model_state(data, f"checkpoint {source}")
+    if not allow_nonfinite:
+        _check_finite(data, source)
     step = _step(data)
     exported = {
         "model": state,

@@ -34,8 +34,11 @@ __all__ = [
     "dtype_kind",
     "has_ema",
     "meta_problems",
+    "nonfinite_names",
     "shorten",
     "split_state",
+    "state_problems",
+    "tensor_problems",
 ]
 
 FORMAT_VERSION = 1
@@ -121,20 +124,95 @@ def compare(
     return problems
 
 
+def nonfinite_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of floating/complex tensors holding NaN or Inf (one reduction each)."""
+    return sorted(
+        n for n, t in tensors.items()
+        if (t.is_floating_point() or t.is_complex()) and t.numel()
+        and not bool(torch.isfinite(t).all())
+    )
+
+
+def tensor_problems(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """What makes tensors unloadable into an EMA, one line per kind of problem: no data (the
+    meta device), not a dense tensor (sparse, quantized, nested), NaN or Inf values."""
+    no_data = sorted(n for n, t in tensors.items() if t.device.type == "meta")
+    not_dense = sorted(
+        f"{n} ({'quantized' if t.is_quantized else 'nested' if t.is_nested else t.layout})"
+        for n, t in tensors.items()
+        if n not in no_data and (t.layout != torch.strided or t.is_quantized or t.is_nested)
+    )
+    problems = []
+    if no_data:
+        problems.append(f"tensors on the meta device hold no data ({len(no_data)}): "
+                        f"{shorten(no_data)}")
+    if not_dense:
+        problems.append(f"tensors that are not dense ({len(not_dense)}): {shorten(not_dense)}; "
+                        "save the EMA's own state_dict()")
+    if not problems:
+        bad = nonfinite_names(tensors)
+        if bad:
+            problems.append(
+                f"tensors holding NaN or Inf ({len(bad)}): {shorten(bad)}; resume from an "
+                "earlier checkpoint, or drop 'ema_state' to restart the EMA from the weights"
+            )
+    return problems
+
+
+def _int_problem(meta: Mapping[str, Any], key: str, low: int) -> str | None:
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        return f"ema_meta {key} {value!r} is not an integer >= {low}"
+    return None
+
+
 def meta_problems(meta: Mapping[str, Any]) -> list[str]:
     """What is wrong with an ``ema_meta`` dict, one line each (empty: it can be applied)."""
     problems = []
     version = meta.get("format_version", 0)
-    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        problems.append(f"ema_meta format_version {version!r} is not an integer >= 0")
+    elif version > FORMAT_VERSION:
         problems.append(
             f"ema_meta format_version {version!r} is newer than this d2ema reads "
             f"({FORMAT_VERSION}); upgrade d2ema"
         )
-    for key in ("step", "num_skipped"):
-        value = meta.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            problems.append(f"ema_meta {key} {value!r} is not an integer >= 0")
+    lows = {"step": 0, "num_skipped": 0, "every": 1, "start": 0}
+    problems += [p for k, low in lows.items() if k in meta and (p := _int_problem(meta, k, low))]
+    if meta.get("nonfinite_step") is not None and (p := _int_problem(meta, "nonfinite_step", 0)):
+        problems.append(p)
+    schedule = meta.get("schedule")
+    if schedule is not None and not isinstance(schedule, str) and not (
+        isinstance(schedule, Mapping) and isinstance(schedule.get("name"), str)
+    ):
+        problems.append(
+            f"ema_meta schedule {_brief(schedule)} is neither a schedule dict "
+            "({'name': ..., ...}) nor a string"
+        )
+    dtype = meta.get("master_dtype")
+    if dtype is not None and not isinstance(dtype, str):
+        problems.append(f"ema_meta master_dtype {_brief(dtype)} is not a string")
     return problems
+
+
+def state_problems(
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any] | None,
+    expected: Mapping[str, tuple[torch.Size, torch.dtype]],
+    strict: bool = True,
+) -> list[str]:
+    """Everything that keeps ``tensors`` and ``meta`` from loading into an EMA that holds
+    ``expected`` (name -> shape, dtype), one line each: names, shapes, dtype kinds (missing and
+    unexpected names allowed unless ``strict``), tensor kinds, NaN/Inf, metadata values."""
+    problems = compare({n: (t.shape, t.dtype) for n, t in tensors.items()}, expected,
+                       "the checkpoint", allow_missing=not strict)
+    problems += tensor_problems(tensors)
+    return problems + (meta_problems(meta) if meta is not None else [])
+
+
+def _brief(value: Any) -> str:
+    text = repr(value) if not isinstance(value, torch.Tensor) else f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def shorten(names: list[str], limit: int = 8) -> str:

@@ -32,6 +32,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+from .errors import ConfigError
+
 __all__ = [
     "SCHEDULES",
     "Constant",
@@ -40,14 +42,25 @@ __all__ = [
     "SigmaRel",
     "TFWarmup",
     "YOLOv5Ramp",
+    "decay_over",
     "make_schedule",
     "sigma_rel_to_gamma",
 ]
 
 
+def _check_number(
+    what: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False
+) -> None:
+    """Refuse ``value`` unless it is a real number (not a bool) in the given range: a
+    :class:`~d2ema.errors.ConfigError` (a ``ValueError``) naming it, the value and the range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (open_low and value == low) or value > high:
+        bounds = f"{'(' if open_low else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
+        raise ConfigError(f"{what} must be a finite number in {bounds}, got {value!r}")
+
+
 def _check_decay(decay: float) -> None:
-    if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
-        raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
+    _check_number("decay", decay, 0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +105,7 @@ class YOLOv5Ramp(Schedule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.tau > 0:
-            raise ValueError(f"yolov5 schedule: tau must be > 0, got {self.tau!r}")
+        _check_number("yolov5 schedule: tau", self.tau, 0.0, open_low=True)
 
     def __call__(self, n: int) -> float:
         return self.decay * (1.0 - math.exp(-n / self.tau))
@@ -108,8 +120,7 @@ class TFWarmup(Schedule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.warmup_factor >= 1:
-            raise ValueError(f"tf schedule: warmup_factor must be >= 1, got {self.warmup_factor!r}")
+        _check_number("tf schedule: warmup_factor", self.warmup_factor, 1.0)
 
     def __call__(self, n: int) -> float:
         return min(self.decay, (1.0 + n) / (self.warmup_factor + n))
@@ -126,16 +137,10 @@ class Power(Schedule):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.inv_gamma > 0 or not self.power > 0:
-            raise ValueError(
-                f"power schedule: inv_gamma and power must be > 0, got {self.inv_gamma!r}, "
-                f"{self.power!r}"
-            )
-        if not 0.0 <= self.min_decay <= self.decay:
-            raise ValueError(
-                f"power schedule: min_decay must be in [0, decay={self.decay}], "
-                f"got {self.min_decay!r}"
-            )
+        _check_number("power schedule: inv_gamma", self.inv_gamma, 0.0, open_low=True)
+        _check_number("power schedule: power", self.power, 0.0, open_low=True)
+        _check_number("power schedule: min_decay (at most decay)", self.min_decay, 0.0,
+                      self.decay)
 
     def __call__(self, n: int) -> float:
         d = 1.0 - (1.0 + n / self.inv_gamma) ** -self.power
@@ -150,8 +155,9 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     ``t = sigma_rel**-2``. On gamma > 0, the range of valid widths ``(0, 12**-0.5)``, the width
     falls monotonically, so bisection is exact to float precision.
     """
-    if not 0.0 < sigma_rel < 12**-0.5:
-        raise ValueError(f"sigma_rel must be in (0, {12**-0.5:.4f}), got {sigma_rel!r}")
+    _check_number("sigma_rel", sigma_rel, 0.0, 12**-0.5, open_low=True)
+    if sigma_rel == 12**-0.5:
+        raise ConfigError(f"sigma_rel must be below {12**-0.5:.4f}, got {sigma_rel!r}")
     t = sigma_rel**-2
 
     def cubic(g: float) -> float:
@@ -202,6 +208,21 @@ SCHEDULES: dict[str, type[Schedule]] = {
 }
 
 
+def decay_over(schedule: Schedule | Callable[[int], float], n: int, every: int) -> float:
+    """The decay of one update that stands for ``every`` steps and ends at averaging step ``n``.
+
+    ``decay(n) ** every`` (the same horizon in steps) for every schedule but ``sigma_rel``, whose
+    ``(1 - every / n) ** (gamma + 1)`` keeps the exact power profile; a callable's value is
+    checked to be in [0, 1].
+    """
+    if isinstance(schedule, Schedule):
+        return float(schedule.decay_over(n, every))
+    d = float(schedule(n))
+    if not 0.0 <= d <= 1.0 or math.isnan(d):
+        raise ValueError(f"EMA schedule returned decay {d!r} at step {n}; it must be in [0, 1]")
+    return d**every
+
+
 def make_schedule(
     schedule: str | Schedule | Mapping[str, Any] | Callable[[int], float] = "constant",
     decay: float | None = None,
@@ -220,8 +241,8 @@ def make_schedule(
         schedule = params.pop("name", None)
     if callable(schedule):
         return schedule
-    if schedule not in SCHEDULES:
-        raise ValueError(
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise ConfigError(
             f"unknown EMA decay schedule {schedule!r}; choose one of {sorted(SCHEDULES)}"
         )
     cls = SCHEDULES[schedule]
@@ -230,5 +251,5 @@ def make_schedule(
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise ValueError(f"schedule {schedule!r} takes {sorted(allowed)}, not {unknown}")
+        raise ConfigError(f"schedule {schedule!r} takes {sorted(allowed)}, not {unknown}")
     return cls(**params)

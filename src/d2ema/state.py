@@ -13,20 +13,29 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from .errors import EMAStateError
+from .format import compare
+
 __all__ = [
     "Slot",
     "TensorGroup",
+    "check_structure",
     "clean_name",
+    "dense_strides",
+    "gatherable",
     "group_slots",
     "is_dtensor",
+    "match_slots",
     "plan_groups",
+    "same_layout",
     "tracked_slots",
     "unwrap_model",
+    "views",
 ]
 
 # Name segments that wrappers insert between a module and its children.
@@ -117,6 +126,35 @@ def tracked_slots(
     return slots
 
 
+def check_structure(bound: Sequence[Slot], now: Sequence[Slot], expected: Collection[str]) -> None:
+    """Raise :class:`EMAStateError` saying what changed in a model since its slots ``bound``
+    were taken, if anything did.
+
+    ``now`` are the model's tracked slots today and ``expected`` the names the EMA holds (a
+    sharded EMA binds only its share of them). Notices tensors added or removed, and
+    submodules replaced by new objects, which the old slots no longer reach:
+    ``model.head = nn.Linear(...)``.
+    """
+    old, new = {s.name: s for s in bound}, {s.name: s for s in now}
+    added, removed = sorted(set(new) - set(expected)), sorted(set(expected) - set(new))
+    replaced = sorted({n.rpartition(".")[0] or "(the model)" for n in set(old) & set(new)
+                       if new[n].module is not old[n].module})
+    if not (added or removed or replaced):
+        return
+    parts = [f"{what} ({len(names)}): {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+             for what, names in (("submodules replaced", replaced), ("tensors added", added),
+                                 ("tensors removed", removed)) if names]
+    if added or removed:
+        fix = ("build a new EMA for the changed model (EMA(model, ...)), or build the EMA "
+               "only once the model is final")
+    else:
+        fix = ("call ema.rebind(model) to average the new submodules from here on (and "
+               "ema.reset(model) to restart the average from their weights), or build the EMA "
+               "only once the model is final")
+    raise EMAStateError(f"the model changed after the EMA was built: {'; '.join(parts)}. The "
+                        f"EMA was not updated; {fix}")
+
+
 def _averaged(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
@@ -129,9 +167,53 @@ def ema_dtype_for(dtype: torch.dtype, master_dtype: torch.dtype | None) -> torch
     return dtype
 
 
+def dense_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s strides if it covers its memory without gaps or overlaps (contiguous,
+    channels_last, a transpose...), else the contiguous strides of its shape.
+
+    In flat mode the averages copy this layout, so that a tensor and its average have their
+    elements in the same order in memory: the flat update pairs them by position, and a swap
+    keeps the model's memory format.
+    """
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for st, n in dims:
+        if st != expected:
+            return _contiguous_strides(t.shape)
+        expected *= n
+    return tuple(t.stride())
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def same_layout(t: torch.Tensor, strides: tuple[int, ...]) -> bool:
+    """Whether ``t`` has ``strides`` (dimensions of size 1 have no meaningful stride)."""
+    return all(n == 1 or a == b for a, b, n in zip(t.stride(), strides, t.shape))
+
+
+# A CPU group lays out its averages of tensors up to this many elements first, so that one
+# torch.cat gathers those weights and one lerp_ averages them (see update.Binding).
+SMALL_NUMEL = 4096
+
+
+def gatherable(t: torch.Tensor) -> bool:
+    """A tensor whose update costs more in dispatch than in bytes, and that ``cat`` can gather."""
+    return t.device.type == "cpu" and t.numel() <= SMALL_NUMEL and t.is_contiguous()
+
+
 @dataclasses.dataclass
 class TensorGroup:
-    """The averages of tensors sharing (device, dtype): one flat buffer, one view per tensor."""
+    """The averages of tensors sharing (device, dtype): one flat buffer, one view per tensor.
+
+    Views are contiguous; in flat mode each has the layout (strides) of the model tensor it
+    averages (see :func:`dense_strides`).
+    """
 
     device: torch.device
     dtype: torch.dtype
@@ -139,6 +221,7 @@ class TensorGroup:
     shapes: list[torch.Size]
     flat: torch.Tensor
     tensors: list[torch.Tensor]
+    strides: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
 
     @property
     def averaged(self) -> bool:
@@ -147,31 +230,58 @@ class TensorGroup:
 
     @classmethod
     def allocate(
-        cls, names: list[str], shapes: list[torch.Size], device: torch.device, dtype: torch.dtype
+        cls,
+        names: list[str],
+        shapes: list[torch.Size],
+        device: torch.device,
+        dtype: torch.dtype,
+        strides: list[tuple[int, ...]] | None = None,
     ) -> TensorGroup:
-        numels = [s.numel() for s in shapes]
-        flat = torch.empty(sum(numels), device=device, dtype=dtype)
-        tensors = [v.view(s) for v, s in zip(flat.split(numels), shapes)]
-        return cls(device, dtype, list(names), list(shapes), flat, tensors)
+        flat = torch.empty(sum(s.numel() for s in shapes), device=device, dtype=dtype)
+        strides = list(strides) if strides is not None else [_contiguous_strides(s) for s in shapes]
+        return cls(device, dtype, list(names), list(shapes), flat, views(flat, shapes, strides),
+                   strides)
 
     def to(self, device: torch.device) -> TensorGroup:
         flat = self.flat.to(device)
-        numels = [s.numel() for s in self.shapes]
-        tensors = [v.view(s) for v, s in zip(flat.split(numels), self.shapes)]
+        tensors = views(flat, self.shapes, self.strides)
         return dataclasses.replace(self, device=flat.device, flat=flat, tensors=tensors)
+
+    @torch.no_grad()
+    def follow_layout(self, tensors: list[torch.Tensor]) -> None:
+        """Re-lay the averages out like ``tensors`` (e.g. after ``model.to(channels_last)``),
+        values unchanged; a no-op when the layouts already agree."""
+        strides = [dense_strides(t) for t in tensors]
+        if all(same_layout(v, st) for v, st in zip(self.tensors, strides)):
+            return
+        values = [t.clone() for t in self.tensors]
+        self.strides = strides
+        self.tensors = views(self.flat, self.shapes, self.strides)
+        torch._foreach_copy_(self.tensors, values)
+
+
+def views(flat: torch.Tensor, shapes: list[torch.Size], strides: list[tuple[int, ...]]):
+    """One view of ``flat`` per shape, back to back, each with its dense ``strides``."""
+    out, offset = [], 0
+    for shape, stride in zip(shapes, strides):
+        out.append(flat.as_strided(shape, stride, offset))
+        offset += shape.numel()
+    return out
 
 
 def plan_groups(
     slots: list[Slot], device: torch.device | None, master_dtype: torch.dtype | None
 ) -> dict[tuple, list[Slot]]:
-    """The slots by group key (EMA device, EMA dtype, model device, model dtype), in order."""
+    """The slots by group key (EMA device, EMA dtype, model device, model dtype), in storage
+    order: the tracking order, except that a CPU group puts its small contiguous tensors first
+    (a stable sort, so a subset of the slots keeps the same relative order)."""
     keyed: dict[tuple, list[Slot]] = {}
     for slot in slots:
         t = slot.get()
         ema_device = torch.device(device) if device is not None else t.device
         key = (ema_device, ema_dtype_for(t.dtype, master_dtype), t.device, t.dtype)
         keyed.setdefault(key, []).append(slot)
-    return keyed
+    return {k: sorted(v, key=lambda s: not gatherable(s.get())) for k, v in keyed.items()}
 
 
 def group_slots(
@@ -181,7 +291,9 @@ def group_slots(
 ) -> tuple[list[TensorGroup], list[list[Slot]]]:
     """Allocate one :class:`TensorGroup` per (EMA device, EMA dtype, model device, model dtype).
 
-    Returns the groups and, for each, its slots in the group's storage order.
+    Returns the groups and, for each, its slots in the group's storage order (see
+    :func:`plan_groups`). The averages are contiguous; flat mode gives them the model's layout
+    (:func:`d2ema.flat.lay_out`).
     """
     groups, group_slots_ = [], []
     for (ema_device, ema_dtype, _, _), members in plan_groups(slots, device, master_dtype).items():
@@ -194,3 +306,29 @@ def group_slots(
         groups.append(group)
         group_slots_.append(members)
     return groups, group_slots_
+
+
+def match_slots(slots: list[Slot], groups: list[TensorGroup]) -> list[list[Slot]]:
+    """``slots`` of a model in the storage order of ``groups``; raises :class:`EMAStateError`
+    (naming every difference) when the model does not fit the groups."""
+    by_name = {s.name: s for s in slots}
+    problems = compare(
+        {n: (s.get().shape, s.get().dtype) for n, s in by_name.items()},
+        {n: (shape, g.dtype) for g in groups for n, shape in zip(g.names, g.shapes)},
+        "the model",
+    )
+    if problems:
+        raise EMAStateError(
+            "this EMA does not fit the model it was given:\n"
+            + "\n".join(problems)
+            + "\nPass the model the EMA was built for, or build a new EMA for this one."
+        )
+    regrouped = [[by_name[n] for n in g.names] for g in groups]
+    for members in regrouped:
+        keys = {(s.get().device, s.get().dtype) for s in members}
+        if len(keys) > 1:
+            raise EMAStateError(
+                f"tensors that shared a device and dtype when the EMA was built are now "
+                f"spread over {sorted(map(str, keys))}; build a new EMA after moving the model"
+            )
+    return regrouped

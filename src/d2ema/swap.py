@@ -3,7 +3,9 @@
 Where the EMA and the model tensor share device and dtype, the swap re-points the model
 tensor's ``.data`` at the EMA's storage and back: no copy, no extra memory, whatever the model
 size. Elsewhere (an fp32 master of a bf16 model, a CPU EMA of a GPU model) the trained weights
-are copied into a backup buffer kept for the next swap, and the EMA is copied in.
+are copied into the binding's staging buffer, which holds them exactly (the model's dtype, or a
+wider float) on the EMA's device, and the EMA is copied in: no memory is allocated on the
+model's device either.
 
 Writes made to the model inside the block (recomputing BN statistics for the EMA weights, say)
 land in the EMA: the storage is the EMA's on the first path, and on the second the tensors
@@ -23,15 +25,28 @@ from .update import Binding
 __all__ = ["swapped_bindings"]
 
 
+def _holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether every ``narrow`` value converts to ``wide`` and back exactly."""
+    if wide == narrow:
+        return True
+    floats = wide.is_floating_point and narrow.is_floating_point
+    return floats and wide.itemsize > narrow.itemsize
+
+
 class _Backup:
-    """Reusable buffers of the model's dtype and device for the copying swap."""
+    """Where the copying swap keeps the trained weights: the staging buffer where it holds them
+    exactly, else a buffer of the model's dtype (on the EMA's device across devices)."""
 
     def __init__(self, binding: Binding):
+        dtype = binding.model[0].dtype
+        if binding.staging is not None and _holds(binding.staging.dtype, dtype):
+            self.views = binding.staging_views
+            return
         numels = [t.numel() for t in binding.model]
-        self.flat = torch.empty(
-            sum(numels), dtype=binding.model[0].dtype, device=binding.model_device
-        )
-        self.views = [v.view(t.shape) for v, t in zip(self.flat.split(numels), binding.model)]
+        device = binding.group.device if binding.cross_device else binding.model_device
+        pin = binding.staging is not None and binding.staging.is_pinned()
+        flat = torch.empty(sum(numels), dtype=dtype, device=device, pin_memory=pin)
+        self.views = [v.view(t.shape) for v, t in zip(flat.split(numels), binding.model)]
 
 
 @contextlib.contextmanager

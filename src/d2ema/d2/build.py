@@ -28,7 +28,13 @@ ATTRIBUTE = "ema_state"
 def build_model_ema(cfg, model: nn.Module) -> EMA | None:
     """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA`
     (a :class:`~d2ema.sharded.ShardedEMA` with ``SHARDED``), and build the extra and post-hoc
-    EMAs the config asks for (:mod:`d2ema.d2.multi`)."""
+    EMAs the config asks for (:mod:`d2ema.d2.multi`).
+
+    Call it before building the optimizer and wrapping the model in DDP, as
+    :class:`~d2ema.d2.EMATrainer` and ``d2ema train`` do: with ``FLAT`` unset (None) a plain EMA
+    uses flat mode, which re-points the model's tensors into one buffer per dtype
+    (:mod:`d2ema.flat`) so that an update is one ``lerp_``.
+    """
     settings = ema_settings(cfg)
     if not settings.enabled:
         return None
@@ -38,9 +44,11 @@ def build_model_ema(cfg, model: nn.Module) -> EMA | None:
             f"the model already has an attribute {ATTRIBUTE!r}: it is reserved for the EMA. "
             "Build the EMA once per model."
         )
-    ema = (ShardedEMA if settings.sharded else EMA)(target, **settings.ema_kwargs())
+    flat = settings.flat if settings.flat is not None else not settings.sharded
+    kwargs = {**settings.ema_kwargs(), "flat": flat}
+    ema = (ShardedEMA if settings.sharded else EMA)(target, **kwargs)
     setattr(target, ATTRIBUTE, ema)
-    build_ema_family(cfg, target, settings)  # MODEL_EMA.EXTRA_* and POSTHOC, if any
+    build_ema_family(cfg, target, settings, kwargs)  # MODEL_EMA.EXTRA_* and POSTHOC, if any
     return ema
 
 

@@ -1,4 +1,5 @@
-"""The EMA in detectron2 checkpoints: key ``ema_state`` (plain name->tensor) and ``ema_meta``.
+"""The EMA in detectron2 checkpoints: key ``ema_state`` (plain name->tensor) and ``ema_meta``;
+and checkpoints that are complete or absent, never truncated.
 
 ``ema_state`` is exactly what D2Go and the seed article write, so their checkpoints load here
 and ours load there; ``ema_meta`` (format version, step counter, schedule) rides beside it.
@@ -12,6 +13,14 @@ loads with a warning; a missing parameter or a shape mismatch is refused
 *before* the model is loaded: a checkpoint whose EMA does not fit raises with every mismatch
 named, and leaves both model and EMA untouched.
 
+Both build on :class:`AtomicCheckpointer`, the ``DetectionCheckpointer`` of every d2ema trainer:
+it writes each checkpoint to a temporary file next to it, ``fsync`` s and renames it, and only
+then rewrites ``last_checkpoint`` (also atomically), so a kill at any instant leaves every
+checkpoint complete. A resume whose tagged checkpoint is missing, truncated or unreadable
+(written by something else, or a disk that lost it) falls back to the newest complete one, with
+a warning (:func:`d2ema.resume.find_resume_checkpoint`); a file that cannot be read raises one
+line, :class:`~d2ema.errors.CheckpointError`.
+
 Example::
 
     checkpointer = EMACheckpointer(model, cfg.OUTPUT_DIR, ema=get_model_ema(model))
@@ -21,19 +30,23 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..atomic import atomic_save, atomic_write_text
 from ..ema import EMA
-from ..errors import D2EMAError
+from ..errors import CheckpointError, D2EMAError
 from ..format import META_KEY, STATE_KEY
+from ..health import nonfinite_message
+from ..resume import TAG_FILE, checkpoint_candidates, find_resume_checkpoint, read_checkpoint
 from ..sharded import ShardedEMA
 from .lenient import plan_ema_load
 from .multi import EMAGroupState, get_ema_family
 
-__all__ = ["EMACheckpointer", "ema_checkpointables"]
+__all__ = ["AtomicCheckpointer", "EMACheckpointer", "ema_checkpointables"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +123,66 @@ def ema_was_loaded(checkpointables: dict[str, Any]) -> bool:
     return bool(isinstance(holder, _EMATensors) and holder._shared.loaded)
 
 
-class EMACheckpointer(DetectionCheckpointer):
+class AtomicCheckpointer(DetectionCheckpointer):
+    """A ``DetectionCheckpointer`` whose checkpoints are complete or absent, whose resume falls
+    back to the newest complete checkpoint, and whose read errors are one line."""
+
+    _verified: tuple[str, Any] | None = None  # a checkpoint read while choosing it
+    resumed_from: str | None = None  # what get_checkpoint_file() chose last
+
+    def _local(self) -> bool:
+        return bool(self.save_dir) and "://" not in str(self.save_dir)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk or not self._local():
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        assert os.path.basename(save_file) == basename, basename
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        atomic_save(data, save_file)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not self._local():
+            return super().tag_last_checkpoint(last_filename_basename)
+        atomic_write_text(last_filename_basename, os.path.join(self.save_dir, TAG_FILE))
+
+    def has_checkpoint(self) -> bool:
+        """A ``last_checkpoint`` or a checkpoint file (``*_NNNNNNN.pth``, ``*_final.pth``)."""
+        tagged = super().has_checkpoint()
+        return tagged or (self._local() and bool(checkpoint_candidates(self.save_dir)))
+
+    def get_checkpoint_file(self) -> str:
+        """The tagged checkpoint if complete, else the newest complete one (with a warning)."""
+        if not self._local():
+            return super().get_checkpoint_file()
+        found = find_resume_checkpoint(self.save_dir)
+        if found.warning:
+            self.logger.warning(found.warning)
+        self._verified = (str(found.path), found.checkpoint)
+        self.resumed_from = str(found.path)
+        return self.resumed_from
+
+    def _load_file(self, filename: str) -> dict[str, Any]:
+        verified, self._verified = self._verified, None
+        if verified is not None and verified[0] == filename and isinstance(verified[1], dict):
+            loaded = verified[1]
+            return loaded if "model" in loaded else {"model": loaded}
+        if filename.endswith((".pkl", ".pyth")):
+            return super()._load_file(filename)
+        loaded = read_checkpoint(filename)
+        if not isinstance(loaded, dict):
+            raise CheckpointError(f"checkpoint {filename} holds a {type(loaded).__name__}, "
+                                  "not a dict of weights")
+        return loaded if "model" in loaded else {"model": loaded}
+
+
+class EMACheckpointer(AtomicCheckpointer):
     """A ``DetectionCheckpointer`` that saves and loads the EMA, checking it before the model."""
 
     def __init__(self, model, save_dir: str = "", *, ema: EMA, **checkpointables: Any):
@@ -120,6 +192,13 @@ class EMACheckpointer(DetectionCheckpointer):
         super().__init__(
             model, save_dir, **ema_checkpointables(lambda: self._ema), **checkpointables
         )
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        step = self._ema.nonfinite_step
+        if step is not None and self.save_dir and self.save_to_disk:
+            after = self._ema.nonfinite_after
+            logger.warning(nonfinite_message(step, f"saving {name}.pth", after))
+        super().save(name, **kwargs)
 
     @property
     def ema_loaded(self) -> bool:

@@ -18,13 +18,16 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from ..checks import compile_patterns
 from ..errors import ConfigError
-from ..schedules import SCHEDULES, Schedule, SigmaRel, TFWarmup, make_schedule
+from ..schedules import SCHEDULES, Schedule, TFWarmup, make_schedule
+from .several import NUMBER_LISTS, PostHocSettings, several_emas
 from .yacs_numbers import accept_integers_for_floats
 
 __all__ = [
@@ -66,19 +69,19 @@ KEYS: dict[str, tuple[Any, str]] = {
     "MASTER_DTYPE": ("float32", "dtype of the EMA of bf16/fp16 weights; 'none' keeps theirs"),
     "SKIP_NONFINITE": (False, "skip (and count) updates whose weights hold NaN/Inf"),
     "EXCLUDE": ([], "regular expressions of tensor names not to track"),
-    "FLAT": (False, "re-point model tensors into one buffer per group (single-op update)"),
+    "FLAT": (
+        None,
+        "re-point model tensors into one buffer per group (single-op update); None: on where "
+        "the EMA is built before the optimizer and DDP (build_model_ema: EMATrainer, d2ema "
+        "train), off elsewhere (the seed/D2Go API)",
+    ),
     "EVAL_BOTH": (True, "evaluate the raw and the EMA weights at each evaluation"),
-    "EXTRA_DECAYS": ([], "more EMAs like this one (same SCHEDULE), one per decay; each is "
-                     "evaluated, logged (ema_<decay>/...) and checkpointed"),
-    "EXTRA_SIGMA_RELS": ([], "more power-function EMAs, one per sigma_rel; each is evaluated, "
-                         "logged (ema_sigma<sigma_rel>/...) and checkpointed"),
-    "POSTHOC.ENABLED": (False, "snapshot power EMAs to choose the EMA length after training "
-                        "(d2ema posthoc OUTPUT_DIR)"),
+    "EXTRA_DECAYS": ([], "more EMAs like the primary (its SCHEDULE), one per decay: ema_<d>/"),
+    "EXTRA_SIGMA_RELS": ([], "more power EMAs, one per sigma_rel: ema_sigma<s>/..."),
+    "POSTHOC.ENABLED": (False, "snapshot power EMAs for d2ema posthoc (length chosen after)"),
     "POSTHOC.SIGMA_RELS": ([0.05, 0.10], "widths of the power EMAs snapshotted"),
-    "POSTHOC.PERIOD": (0, "snapshot every N iterations (0: about MAX_ITER / 100); always at "
-                       "the last iteration"),
-    "POSTHOC.DTYPE": ("float32", "snapshot precision: float32, float16 (half the disk, ~2e-4 "
-                      "relative error) or bfloat16"),
+    "POSTHOC.PERIOD": (0, "snapshot every N iterations (0: MAX_ITER / 100) and at the last"),
+    "POSTHOC.DTYPE": ("float32", "snapshot precision: float32, float16 or bfloat16"),
     "POSTHOC.DIR": ("", "snapshot folder ('' = OUTPUT_DIR/ema_snapshots)"),
     "DISCARD_ON_RESUME": (
         False,
@@ -96,6 +99,23 @@ KEYS: dict[str, tuple[Any, str]] = {
 _SCHEDULE_OF = {"TAU": "yolov5", "INV_GAMMA": "power", "POWER": "power", "MIN_DECAY": "power"}
 
 _MASTER_DTYPES = {"float32": torch.float32, "float64": torch.float64, "none": None, "": None}
+
+# (low, high, low excluded) of numeric keys; their type comes from the default in KEYS.
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    "DECAY": (0.0, 1.0, False),
+    "DECAY_WARM_UP_FACTOR": (-math.inf, math.inf, False),
+    "TAU": (0.0, math.inf, True),
+    "INV_GAMMA": (0.0, math.inf, True),
+    "POWER": (0.0, math.inf, True),
+    "MIN_DECAY": (0.0, 1.0, False),
+    "SIGMA_REL": (0.0, 12**-0.5 * (1 - 1e-12), True),
+    "UPDATE_EVERY": (1, math.inf, False),
+    "START_ITER": (0, math.inf, False),
+}
+_RANGE_TEXT = {
+    "DECAY_WARM_UP_FACTOR": "-1 (off) or a number >= 1 (D2Go's warm-up)",
+    "SIGMA_REL": f"a number in (0, {12**-0.5:.4f})",
+}
 
 
 def add_model_ema_configs(cfg) -> None:
@@ -133,25 +153,22 @@ def lazy_model_ema_defaults() -> dict[str, Any]:
     return out
 
 
+def _unknown_keys(node, lower: bool) -> list[str]:
+    """Names in ``node`` (and its sub-nodes such as ``POSTHOC``) that :data:`KEYS` lacks."""
+    names = [k.lower() if lower else k for k in KEYS]
+    unknown = sorted(set(node.keys()) - {n.split(".")[0] for n in names})
+    for parent in {n.split(".")[0] for n in names if "." in n}:
+        inner = {n.split(".", 1)[1] for n in names if n.startswith(parent + ".")}
+        unknown += sorted(f"{parent}.{k}" for k in set(node.get(parent, None) or {}) - inner)
+    return unknown
+
+
 def _lookup(node, key: str, default: Any, lower: bool) -> Any:
     """``node[A][B]`` for the KEYS name ``A.B`` (lower-case names for LazyConfigs)."""
     *parents, leaf = key.lower().split(".") if lower else key.split(".")
     for part in parents:
         node = node.get(part, None) or {}
     return node.get(leaf, default)
-
-
-@dataclasses.dataclass(frozen=True)
-class PostHocSettings:
-    """``MODEL_EMA.POSTHOC.*``, validated."""
-
-    sigma_rels: tuple[float, ...]
-    period: int  # 0: about max_iter / 100
-    dtype: str
-    dir: str
-
-    def period_for(self, max_iter: int) -> int:
-        return self.period or max(1, round(max_iter / 100))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +187,7 @@ class EMASettings:
     master_dtype: torch.dtype | None
     skip_nonfinite: bool
     exclude: tuple[str, ...]
-    flat: bool
+    flat: bool | None
     eval_both: bool
     extra_decays: tuple[float, ...] = ()
     extra_sigma_rels: tuple[float, ...] = ()
@@ -191,7 +208,7 @@ class EMASettings:
             "device": self.device or None,
             "master_dtype": self.master_dtype,
             "skip_nonfinite": self.skip_nonfinite,
-            "flat": self.flat,
+            "flat": bool(self.flat),
         }
 
 
@@ -199,16 +216,17 @@ def _read(cfg) -> tuple[dict[str, Any], str, str]:
     """Raw values, the key prefix to name in errors, and the model's device."""
     if hasattr(cfg, "MODEL_EMA"):
         node = cfg.MODEL_EMA
+        unknown = _unknown_keys(node, lower=False)
+        if unknown:
+            raise ConfigError(f"MODEL_EMA has unknown keys {unknown}; valid keys are "
+                              f"{sorted({k.split('.')[0] for k in KEYS})}")
         values = {k: _lookup(node, k, d, lower=False) for k, (d, _) in KEYS.items()}
         return values, "MODEL_EMA.", str(cfg.MODEL.DEVICE)
     train = cfg.train if hasattr(cfg, "train") else cfg["train"]
     node = train.get("model_ema", None) or {}
     values = {k: _lookup(node, k, d, lower=True) for k, (d, _) in KEYS.items()}
     lowered = {k.lower().split(".")[0] for k in KEYS}
-    unknown = sorted(set(node.keys()) - lowered)
-    for parent in {k.lower().split(".")[0] for k in KEYS if "." in k}:
-        inner = {k.lower().split(".", 1)[1] for k in KEYS if k.lower().startswith(parent + ".")}
-        unknown += sorted(f"{parent}.{k}" for k in set(node.get(parent, None) or {}) - inner)
+    unknown = _unknown_keys(node, lower=True)
     if unknown:
         raise ConfigError(
             f"train.model_ema has unknown keys {unknown}; valid keys are {sorted(lowered)}"
@@ -234,6 +252,33 @@ def d2go_schedule(
     return TFWarmup(decay=decay, warmup_factor=float(decay_warm_up_factor))
 
 
+def _check_types(v: dict[str, Any], key) -> None:
+    """Every key: the type of its default (numbers: finite, in range), before any is used."""
+    for name, (default, _) in KEYS.items():
+        x = v[name]
+        if isinstance(default, bool):
+            if not isinstance(x, bool):
+                raise ConfigError(f"{key(name)} = {x!r} must be True or False")
+        elif isinstance(default, (int, float)):
+            integer = isinstance(default, int)
+            ok = isinstance(x, int if integer else (int, float)) and not isinstance(x, bool)
+            lo, hi, open_lo = _RANGES.get(name, (-math.inf, math.inf, False))
+            if not ok or not math.isfinite(x) or not lo <= x <= hi or (open_lo and x == lo):
+                kind = "an integer" if integer else "a number"
+                allowed = _RANGE_TEXT.get(name) or (
+                    f"{kind} in {'(' if open_lo else '['}{lo}, {hi}{']' if hi < math.inf else ')'}"
+                )
+                raise ConfigError(f"{key(name)} = {x!r} must be {allowed}")
+        elif isinstance(default, str) and not (isinstance(x, str) or
+                                               (name == "MASTER_DTYPE" and x is None)):
+            raise ConfigError(f"{key(name)} = {x!r} must be a string")
+        elif isinstance(default, list) and name not in NUMBER_LISTS:  # those: several_emas
+            patterns = [x] if isinstance(x, str) else x
+            if not isinstance(patterns, Sequence):
+                raise ConfigError(f"{key(name)} = {x!r} must be a list of regular expressions")
+            compile_patterns(list(patterns), key(name))
+
+
 def check_device(key: str, value: str, sep: str = " ") -> None:
     """Raise :class:`ConfigError` unless ``value`` names a device this machine has.
 
@@ -243,6 +288,9 @@ def check_device(key: str, value: str, sep: str = " ") -> None:
         device = torch.device(value)
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"{key} = {value!r} is not a device name ('cpu', 'cuda:0', ...)") from e
+    if device.type == "meta":
+        raise ConfigError(f"{key} = {value!r} keeps no data (the meta device); use '' for the "
+                          "model's device, 'cpu' or 'cuda'")
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0:
@@ -251,6 +299,12 @@ def check_device(key: str, value: str, sep: str = " ") -> None:
         if device.index is not None and device.index >= count:
             raise ConfigError(f"{key} = {value!r} does not exist on this machine ({count} CUDA "
                               f"devices); use {key}{sep}cuda:0 .. cuda:{count - 1}, or cpu")
+
+
+def _optional_bool(key: str, value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key} = {value!r} must be True, False or None (automatic)")
 
 
 def _as_float(x: Any) -> Any:
@@ -302,21 +356,12 @@ def ema_settings(cfg) -> EMASettings:
     def key(name: str) -> str:
         return prefix + (name if prefix.startswith("MODEL_EMA") else name.lower())
 
-    def number(name: str, lo: float, hi: float = float("inf"), integer: bool = False):
-        x = v[name]
-        ok = isinstance(x, int if integer else (int, float)) and not isinstance(x, bool)
-        if not ok or not lo <= x <= hi:
-            kind = "an integer" if integer else "a number"
-            raise ConfigError(f"{key(name)} = {x!r} must be {kind} in [{lo}, {hi}]")
-        return x
-
-    decay = number("DECAY", 0.0, 1.0)
-    every = number("UPDATE_EVERY", 1, integer=True)
-    start = number("START_ITER", 0, integer=True)
+    _check_types(v, key)
+    decay, every, start = v["DECAY"], v["UPDATE_EVERY"], v["START_ITER"]
     name = v["SCHEDULE"]
-    warm_up = number("DECAY_WARM_UP_FACTOR", -1.0)
+    warm_up = v["DECAY_WARM_UP_FACTOR"]
     if d2go_schedule(decay, warm_up, key("DECAY_WARM_UP_FACTOR")) and name == "constant":
-        name = "tf"
+        name = "tf"  # another SCHEDULE with it is refused by _check_consistency
     v.update({k: _as_float(v[k]) for k in ("TAU", "INV_GAMMA", "POWER", "MIN_DECAY", "SIGMA_REL")})
     params = {
         "yolov5": {"tau": v["TAU"]},
@@ -324,6 +369,9 @@ def ema_settings(cfg) -> EMASettings:
         "power": {"inv_gamma": v["INV_GAMMA"], "power": v["POWER"], "min_decay": v["MIN_DECAY"]},
         "sigma_rel": {"sigma_rel": v["SIGMA_REL"]},
     }
+    if name == "power" and v["MIN_DECAY"] > decay:
+        raise ConfigError(f"{key('MIN_DECAY')} = {v['MIN_DECAY']!r} must be at most "
+                          f"{key('DECAY')} = {decay!r} (the power schedule's floor)")
     if name not in SCHEDULES:
         raise ConfigError(
             f"{key('SCHEDULE')} = {name!r} is unknown; choose one of {sorted(SCHEDULES)}"
@@ -339,8 +387,8 @@ def ema_settings(cfg) -> EMASettings:
             f"{key('MASTER_DTYPE')} = {v['MASTER_DTYPE']!r}; choose one of "
             f"{sorted(k for k in _MASTER_DTYPES if k)}"
         )
-    device = str(v["DEVICE"] or "")
-    if v["ENABLED"]:
+    device = v["DEVICE"]
+    if device or v["ENABLED"]:
         yacs = prefix.startswith("MODEL_EMA")
         model_key = "MODEL.DEVICE" if yacs else "train.device"
         check_device(key("DEVICE") if device else model_key, device or model_device,
@@ -361,53 +409,9 @@ def ema_settings(cfg) -> EMASettings:
         master_dtype=_MASTER_DTYPES[master],
         skip_nonfinite=bool(v["SKIP_NONFINITE"]),
         exclude=tuple(exclude),
-        flat=bool(v["FLAT"]),
+        flat=_optional_bool(key("FLAT"), v["FLAT"]),
         eval_both=bool(v["EVAL_BOTH"]),
-        **_several_emas(v, key, schedule),
+        **several_emas(v, key, schedule),
         discard_on_resume=bool(v["DISCARD_ON_RESUME"]),
         sharded=bool(v["SHARDED"]),
     )
-
-
-def _several_emas(v: dict[str, Any], key: Callable[[str], str], schedule) -> dict[str, Any]:
-    """``EXTRA_DECAYS``, ``EXTRA_SIGMA_RELS`` and ``POSTHOC.*``, validated."""
-
-    def widths(name: str, lo: float, hi: float) -> tuple[float, ...]:
-        values = v[name]
-        values = [values] if isinstance(values, (int, float)) else values
-        ok = isinstance(values, Sequence) and not isinstance(values, str)  # ListConfig too
-        values = list(values) if ok else []
-        ok = ok and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and lo < x < hi
-            for x in values
-        )
-        if not ok or len(set(values)) != len(values):
-            raise ConfigError(f"{key(name)} = {v[name]!r} must be a list of distinct numbers in "
-                              f"({lo:g}, {hi:.4g}), e.g. [0.05, 0.1]")
-        return tuple(float(x) for x in values)
-
-    out: dict[str, Any] = {
-        "extra_decays": widths("EXTRA_DECAYS", 0.0, 1.0),
-        "extra_sigma_rels": widths("EXTRA_SIGMA_RELS", 0.0, 12**-0.5),
-    }
-    if out["extra_decays"] and isinstance(schedule, SigmaRel):
-        raise ConfigError(f"{key('EXTRA_DECAYS')} needs a decay schedule, but "
-                          f"{key('SCHEDULE')} is 'sigma_rel' (which has no decay); list the "
-                          f"widths in {key('EXTRA_SIGMA_RELS')} instead")
-    if v["POSTHOC.ENABLED"]:
-        sigmas = widths("POSTHOC.SIGMA_RELS", 0.0, 12**-0.5)
-        period = v["POSTHOC.PERIOD"]
-        if isinstance(period, bool) or not isinstance(period, int) or period < 0:
-            raise ConfigError(f"{key('POSTHOC.PERIOD')} = {period!r} must be an integer >= 0 "
-                              "(0: about MAX_ITER / 100)")
-        if not sigmas:
-            raise ConfigError(f"{key('POSTHOC.SIGMA_RELS')} is empty; use e.g. [0.05, 0.1]")
-        dtype = str(v["POSTHOC.DTYPE"]).lower()
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(f"{key('POSTHOC.DTYPE')} = {v['POSTHOC.DTYPE']!r} must be float32,"
-                              " float16 or bfloat16")
-        out["posthoc"] = PostHocSettings(sigmas, period, dtype, str(v["POSTHOC.DIR"] or ""))
-    if not v["ENABLED"] and (out["extra_decays"] or out["extra_sigma_rels"] or "posthoc" in out):
-        raise ConfigError(f"{key('EXTRA_DECAYS')}/{key('EXTRA_SIGMA_RELS')}/{key('POSTHOC')} "
-                          f"need {key('ENABLED')} True")
-    return out

@@ -29,10 +29,19 @@ from torch import nn
 
 from ..distributed import all_reduce_mean_
 from ..ema import EMA
+from ..health import nonfinite_message
 from ..state import unwrap_model
+from .multi import get_extra_emas
 from .safety import require_average
 
-__all__ = ["EMA_PREFIX", "build_evaluator", "evaluate_with_ema", "has_compiled_ops", "precise_bn"]
+__all__ = [
+    "EMA_PREFIX",
+    "build_evaluator",
+    "evaluate_extra_emas",
+    "evaluate_with_ema",
+    "has_compiled_ops",
+    "precise_bn",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +150,23 @@ def evaluate_with_ema(
         results.update(test(model) or {})
     if ema is not None:
         logger.info("Evaluating the EMA weights")
+        if ema.nonfinite_step is not None:
+            logger.warning(
+                nonfinite_message(ema.nonfinite_step, "evaluating it", ema.nonfinite_after)
+            )
         with ema.swapped(model):
             if before_ema_test is not None:
                 before_ema_test(model)
             ema_results = test(model) or {}
         results.update((f"{prefix}{k}", v) for k, v in ema_results.items())
+    return results
+
+
+def evaluate_extra_emas(test, model: nn.Module, before_ema_test=None) -> OrderedDict:
+    """``test(model)`` with each extra EMA (:mod:`d2ema.d2.multi`) swapped in, results under
+    its name (``ema_0.99/bbox``)."""
+    results = OrderedDict()
+    for name, ema in get_extra_emas(model).items():
+        results.update(evaluate_with_ema(test, model, ema, raw=False,
+                                         before_ema_test=before_ema_test, prefix=f"{name}/"))
     return results

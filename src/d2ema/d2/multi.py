@@ -29,7 +29,6 @@ import dataclasses
 import logging
 import os
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,14 +40,12 @@ from ..posthoc_ema import PostHocEMA
 from ..schedules import SigmaRel
 from ..state import unwrap_model
 from .config import EMASettings
-from .evaluation import evaluate_with_ema
 
 __all__ = [
     "EXTRAS_KEY",
     "POSTHOC_KEY",
     "EMAFamily",
     "build_ema_family",
-    "evaluate_extra_emas",
     "get_ema_family",
     "get_extra_emas",
 ]
@@ -148,13 +145,15 @@ def _run_facts(cfg) -> tuple[str, int]:
     return str(train.get("output_dir", "./output")), int(train.get("max_iter", 0))
 
 
-def build_ema_family(cfg, model: nn.Module, settings: EMASettings) -> EMAFamily | None:
-    """Build and attach the model's extra and post-hoc EMAs, if the config asks for any."""
+def build_ema_family(cfg, model: nn.Module, settings: EMASettings,
+                     ema_kwargs: dict[str, Any] | None = None) -> EMAFamily | None:
+    """Build and attach the model's extra and post-hoc EMAs, if the config asks for any;
+    ``ema_kwargs``: those of the primary EMA (default: the settings')."""
     if not (settings.extra_decays or settings.extra_sigma_rels or settings.posthoc):
         return None
     from detectron2.utils import comm
 
-    kwargs = settings.ema_kwargs()
+    kwargs = dict(ema_kwargs or settings.ema_kwargs())
     extras = {}
     for decay in settings.extra_decays:
         schedule = dataclasses.replace(settings.schedule, decay=decay)
@@ -184,12 +183,3 @@ def get_extra_emas(model: nn.Module) -> dict[str, EMA]:
     """The model's extra EMAs by name (``ema_0.99``, ``ema_sigma0.1``); empty if none."""
     family = get_ema_family(model)
     return dict(family.extras) if family is not None else {}
-
-
-def evaluate_extra_emas(test, model: nn.Module, before_ema_test=None) -> OrderedDict:
-    """``test(model)`` with each extra EMA swapped in, results under ``<name>/``."""
-    results = OrderedDict()
-    for name, ema in get_extra_emas(model).items():
-        results.update(evaluate_with_ema(test, model, ema, raw=False,
-                                         before_ema_test=before_ema_test, prefix=f"{name}/"))
-    return results

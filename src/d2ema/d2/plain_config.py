@@ -102,13 +102,15 @@ def export_with_config(
     checkpoint: str | os.PathLike[str],
     output: str | os.PathLike[str],
     config: str | os.PathLike[str] | None = None,
+    *,
+    allow_nonfinite: bool = False,
 ) -> list[str]:
     """:func:`~d2ema.export.export_ema`, then the plain config (``config``, else the run's
     ``config.yaml`` beside ``checkpoint``) beside ``output``; returns the lines to print."""
     if config is not None and not Path(config).is_file():
         raise ExportError(f"config {config} does not exist; pass the run's config.yaml "
                           "(OUTPUT_DIR/config.yaml), or leave --config out")
-    lines = [export_ema(checkpoint, output).describe()]
+    lines = [export_ema(checkpoint, output, allow_nonfinite=allow_nonfinite).describe()]
     config = Path(config) if config is not None else find_run_config(checkpoint)
     if config is None:
         lines.append(f"no {RUN_CONFIG} beside {checkpoint}: pass --config RUN_CONFIG.yaml to "

@@ -26,6 +26,7 @@ from torch import nn
 from ..ema import EMA
 from ..errors import ConfigError, EMANotLoadedError, TrainerError
 from ..format import has_ema
+from .checkpoint import AtomicCheckpointer
 from .config import ema_settings
 
 __all__ = [
@@ -99,7 +100,7 @@ def check_resume_keeps_ema(cfg) -> None:
         refuse_dropping_ema(path, "train.model_ema." if lazy else "MODEL_EMA.")
 
 
-class NoEMACheckpointer(DetectionCheckpointer):
+class NoEMACheckpointer(AtomicCheckpointer):
     """The checkpointer of a run without EMA: resuming from a checkpoint that has an EMA is
     refused before anything is loaded, unless ``discard_ema`` (``DISCARD_ON_RESUME``)."""
 
@@ -119,7 +120,7 @@ class NoEMACheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: dict[str, Any]):
         if self._resuming and has_ema(checkpoint):
-            path = self.get_checkpoint_file()
+            path = self.resumed_from or self.get_checkpoint_file()
             if not self.discard_ema:
                 refuse_dropping_ema(path, self._key)
             logger.warning("Dropping the EMA of %s (%s): the next checkpoints have none.",

@@ -34,10 +34,11 @@ import logging
 import math
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
+from urllib.parse import urlparse
 
 from ..errors import UsageError, one_line
 from .build import build_model_ema
-from .checkpoint import EMACheckpointer
+from .checkpoint import AtomicCheckpointer, EMACheckpointer
 from .config import add_model_ema_configs, check_device, ema_settings
 from .datasets import (
     add_dataset_config,
@@ -45,9 +46,8 @@ from .datasets import (
     check_datasets_known,
     register_config_datasets,
 )
-from .evaluation import evaluate_with_ema
+from .evaluation import evaluate_extra_emas, evaluate_with_ema
 from .hooks import EMAHook
-from .multi import evaluate_extra_emas
 from .safety import NoEMACheckpointer, check_resume_keeps_ema
 from .train_inputs import check_lazy_keys, check_readable, check_weights, is_lazy
 from .trainer import EMATrainer
@@ -132,6 +132,12 @@ def _check_launch(args, cfg=None) -> None:
                          f"must be at least 1, and --machine-rank {args.machine_rank} must be in "
                          f"0..{args.num_machines - 1}")
     world = args.num_gpus * args.num_machines
+    url = str(getattr(args, "dist_url", "auto"))
+    local = url == "auto" or urlparse(url).hostname in ("localhost", "127.0.0.1", "::1")
+    if args.num_machines > 1 and local:
+        raise UsageError(f"--num-machines {args.num_machines} needs --dist-url "
+                         "tcp://ADDRESS:PORT with the address of machine 0 as every machine "
+                         f"reaches it; {url} only works on one machine")
     gpus, cores = torch.cuda.device_count(), os.cpu_count()
     if world > 1 and gpus and args.num_gpus > gpus:
         raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has {gpus} CUDA "
@@ -225,7 +231,6 @@ def _warn_no_ema(path: str) -> None:
 
 # ----------------------------------------------------------------------------- yacs
 def _yacs_main(cfg, args, prepare: Prepare | None):
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.engine import default_setup
     from detectron2.evaluation import verify_results
     from detectron2.utils import comm
@@ -242,7 +247,7 @@ def _yacs_main(cfg, args, prepare: Prepare | None):
         if ema is not None:
             checkpointer = EMACheckpointer(model, cfg.OUTPUT_DIR, ema=ema)
         else:
-            checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+            checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         # load(), not resume_or_load(resume=False): the latter loads the model only, not the EMA
         path = cfg.MODEL.WEIGHTS
         if args.resume and checkpointer.has_checkpoint():

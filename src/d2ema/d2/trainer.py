@@ -2,11 +2,14 @@
 
 What the mixin changes, each in the method that owns it:
 
-* ``build_model`` attaches the EMA (``model.ema_state``) when ``MODEL_EMA.ENABLED``;
+* ``build_model`` attaches the EMA (``model.ema_state``) when ``MODEL_EMA.ENABLED``, before
+  the optimizer and DDP exist, so it uses flat mode unless ``MODEL_EMA.FLAT`` is False;
 * ``build_hooks`` makes the checkpointer an :class:`EMACheckpointer` (EMA saved with every
   checkpoint, checked before anything loads) and adds :class:`EMAHook` right after the timer,
   so checkpoints and evaluations of an iteration see that iteration's EMA; without EMA, the
-  checkpointer refuses to resume from a checkpoint that has one (``DISCARD_ON_RESUME``);
+  checkpointer refuses to resume from a checkpoint that has one (``DISCARD_ON_RESUME``). Either
+  way checkpoints are written atomically and a resume falls back to the newest complete
+  checkpoint (:class:`~d2ema.d2.checkpoint.AtomicCheckpointer`);
 * ``build_evaluator`` has a default (COCO for COCO-style datasets), which v0.6 lacks;
 * ``test`` evaluates the raw weights (``bbox``) and the EMA weights (``ema/bbox``); detectron2's
   ``EvalHook`` writes both to EventStorage, so TensorBoard draws the two curves. With
@@ -139,7 +142,7 @@ class EMATrainerMixin:
         if resuming:
             logger.warning(
                 "Checkpoint %s has no EMA (key 'ema_state'); the EMA restarts from its weights.",
-                checkpointer.get_checkpoint_file(),
+                getattr(checkpointer, "resumed_from", None) or checkpointer.get_checkpoint_file(),
             )
         elif self.cfg.MODEL.WEIGHTS:
             logger.info("The EMA starts from the weights loaded from %s.", self.cfg.MODEL.WEIGHTS)

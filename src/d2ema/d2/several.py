@@ -1,0 +1,78 @@
+"""``MODEL_EMA.EXTRA_DECAYS``, ``EXTRA_SIGMA_RELS`` and ``POSTHOC.*``: read and checked for
+:func:`~d2ema.d2.config.ema_settings` (the EMAs themselves are built in :mod:`d2ema.d2.multi`).
+
+Example::
+
+    extra = several_emas(values, key, schedule)   # {"extra_decays": (...), "posthoc": ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import ConfigError
+from ..schedules import SigmaRel
+
+__all__ = ["NUMBER_LISTS", "PostHocSettings", "several_emas"]
+
+NUMBER_LISTS = ("EXTRA_DECAYS", "EXTRA_SIGMA_RELS", "POSTHOC.SIGMA_RELS")  # checked here
+
+
+@dataclasses.dataclass(frozen=True)
+class PostHocSettings:
+    """``MODEL_EMA.POSTHOC.*``, validated."""
+
+    sigma_rels: tuple[float, ...]
+    period: int  # 0: about max_iter / 100
+    dtype: str
+    dir: str
+
+    def period_for(self, max_iter: int) -> int:
+        return self.period or max(1, round(max_iter / 100))
+
+
+
+def several_emas(v: dict[str, Any], key: Callable[[str], str], schedule) -> dict[str, Any]:
+    """``EXTRA_DECAYS``, ``EXTRA_SIGMA_RELS`` and ``POSTHOC.*``, validated."""
+
+    def widths(name: str, lo: float, hi: float) -> tuple[float, ...]:
+        values = v[name]
+        values = [values] if isinstance(values, (int, float)) else values
+        ok = isinstance(values, Sequence) and not isinstance(values, str)  # ListConfig too
+        values = list(values) if ok else []
+        ok = ok and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and lo < x < hi
+            for x in values
+        )
+        if not ok or len(set(values)) != len(values):
+            raise ConfigError(f"{key(name)} = {v[name]!r} must be a list of distinct numbers in "
+                              f"({lo:g}, {hi:.4g}), e.g. [0.05, 0.1]")
+        return tuple(float(x) for x in values)
+
+    out: dict[str, Any] = {
+        "extra_decays": widths("EXTRA_DECAYS", 0.0, 1.0),
+        "extra_sigma_rels": widths("EXTRA_SIGMA_RELS", 0.0, 12**-0.5),
+    }
+    if out["extra_decays"] and isinstance(schedule, SigmaRel):
+        raise ConfigError(f"{key('EXTRA_DECAYS')} needs a decay schedule, but "
+                          f"{key('SCHEDULE')} is 'sigma_rel' (which has no decay); list the "
+                          f"widths in {key('EXTRA_SIGMA_RELS')} instead")
+    if v["POSTHOC.ENABLED"]:
+        sigmas = widths("POSTHOC.SIGMA_RELS", 0.0, 12**-0.5)
+        period = v["POSTHOC.PERIOD"]
+        if isinstance(period, bool) or not isinstance(period, int) or period < 0:
+            raise ConfigError(f"{key('POSTHOC.PERIOD')} = {period!r} must be an integer >= 0 "
+                              "(0: about MAX_ITER / 100)")
+        if not sigmas:
+            raise ConfigError(f"{key('POSTHOC.SIGMA_RELS')} is empty; use e.g. [0.05, 0.1]")
+        dtype = str(v["POSTHOC.DTYPE"]).lower()
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"{key('POSTHOC.DTYPE')} = {v['POSTHOC.DTYPE']!r} must be float32,"
+                              " float16 or bfloat16")
+        out["posthoc"] = PostHocSettings(sigmas, period, dtype, str(v["POSTHOC.DIR"] or ""))
+    if not v["ENABLED"] and (out["extra_decays"] or out["extra_sigma_rels"] or "posthoc" in out):
+        raise ConfigError(f"{key('EXTRA_DECAYS')}/{key('EXTRA_SIGMA_RELS')}/{key('POSTHOC')} "
+                          f"need {key('ENABLED')} True")
+    return out
