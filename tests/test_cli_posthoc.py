@@ -7,18 +7,22 @@ import json
 
 import pytest
 import torch
+from _loggers import loggers_restored
 from test_cli import _error_line, tiny_yaml  # noqa: F401  (a fixture)
 
 from d2ema.cli import main
 from d2ema.snapshots import read_index
 
+pytestmark = pytest.mark.usefixtures("restore_loggers")
+
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_yaml, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("run")
-    rc = main(["train", "--config-file", str(tiny_yaml), "OUTPUT_DIR", str(out),
-               "SOLVER.MAX_ITER", "6", "MODEL_EMA.POSTHOC.ENABLED", "True",
-               "MODEL_EMA.POSTHOC.PERIOD", "1"])
+    with loggers_restored():
+        rc = main(["train", "--config-file", str(tiny_yaml), "OUTPUT_DIR", str(out),
+                   "SOLVER.MAX_ITER", "6", "MODEL_EMA.POSTHOC.ENABLED", "True",
+                   "MODEL_EMA.POSTHOC.PERIOD", "1"])
     assert rc == 0
     return out
 

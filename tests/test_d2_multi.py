@@ -164,6 +164,7 @@ def test_posthoc_snapshots_during_training_and_exact_resume(tmp_path, caplog):
             assert torch.equal(data["tensors"][k], v), k
 
 
+@pytest.mark.usefixtures("restore_loggers")
 def test_lazy_config_extras_and_posthoc(tmp_path, capsys):
     path = tmp_path / "tiny_lazy.py"
     path.write_text(textwrap.dedent(LAZY_CONFIG))

@@ -296,6 +296,14 @@ def _show(value) -> str:
     return str(value) if isinstance(value, (int, float)) else repr(value)
 
 
+def _set(node, name: str, value) -> None:
+    """``node[name] = value`` for a KEYS name, nested ones (``POSTHOC.PERIOD``) included."""
+    *parents, leaf = name.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
 def _yacs():
     cfg = get_cfg()
     add_model_ema_configs(cfg)
@@ -307,7 +315,7 @@ def _yacs():
 @pytest.mark.parametrize(("name", "value"), CONFIG_CASES)
 def test_yacs_key_refused(name, value, tally):
     cfg = _yacs()
-    cfg.MODEL_EMA[name] = value
+    _set(cfg.MODEL_EMA, name, value)
     _refused(tally, lambda: ema_settings(cfg), f"MODEL_EMA.{name}", _show(value))
 
 
@@ -315,7 +323,7 @@ def test_yacs_key_refused(name, value, tally):
 def test_yacs_contradictory_keys_refused(values, named, tally):
     cfg = _yacs()
     for name, value in values.items():
-        cfg.MODEL_EMA[name] = value
+        _set(cfg.MODEL_EMA, name, value)
     _refused(tally, lambda: ema_settings(cfg), f"MODEL_EMA.{named}")
 
 

@@ -59,18 +59,18 @@ def several_emas(v: dict[str, Any], key: Callable[[str], str], schedule) -> dict
         raise ConfigError(f"{key('EXTRA_DECAYS')} needs a decay schedule, but "
                           f"{key('SCHEDULE')} is 'sigma_rel' (which has no decay); list the "
                           f"widths in {key('EXTRA_SIGMA_RELS')} instead")
+    sigmas = widths("POSTHOC.SIGMA_RELS", 0.0, 12**-0.5)  # all checked, used or not
+    period = v["POSTHOC.PERIOD"]
+    if isinstance(period, bool) or not isinstance(period, int) or period < 0:
+        raise ConfigError(f"{key('POSTHOC.PERIOD')} = {period!r} must be an integer >= 0 "
+                          "(0: about MAX_ITER / 100)")
+    dtype = str(v["POSTHOC.DTYPE"]).lower()
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"{key('POSTHOC.DTYPE')} = {v['POSTHOC.DTYPE']!r} must be float32,"
+                          " float16 or bfloat16")
     if v["POSTHOC.ENABLED"]:
-        sigmas = widths("POSTHOC.SIGMA_RELS", 0.0, 12**-0.5)
-        period = v["POSTHOC.PERIOD"]
-        if isinstance(period, bool) or not isinstance(period, int) or period < 0:
-            raise ConfigError(f"{key('POSTHOC.PERIOD')} = {period!r} must be an integer >= 0 "
-                              "(0: about MAX_ITER / 100)")
         if not sigmas:
             raise ConfigError(f"{key('POSTHOC.SIGMA_RELS')} is empty; use e.g. [0.05, 0.1]")
-        dtype = str(v["POSTHOC.DTYPE"]).lower()
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(f"{key('POSTHOC.DTYPE')} = {v['POSTHOC.DTYPE']!r} must be float32,"
-                              " float16 or bfloat16")
         out["posthoc"] = PostHocSettings(sigmas, period, dtype, str(v["POSTHOC.DIR"] or ""))
     if not v["ENABLED"] and (out["extra_decays"] or out["extra_sigma_rels"] or "posthoc" in out):
         raise ConfigError(f"{key('EXTRA_DECAYS')}/{key('EXTRA_SIGMA_RELS')}/{key('POSTHOC')} "

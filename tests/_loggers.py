@@ -1,0 +1,21 @@
+"""Test helper: undo the console handlers detectron2's default_setup() adds to its loggers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+
+@contextlib.contextmanager
+def loggers_restored():
+    """detectron2's default_setup() adds console handlers bound to the test's captured stdout;
+    drop the ones added inside, so that later tests do not write to a closed stream."""
+    names = ("detectron2", "fvcore", "d2ema")
+    saved = {n: list(logging.getLogger(n).handlers) for n in names}
+    try:
+        yield
+    finally:
+        for name, handlers in saved.items():
+            logger = logging.getLogger(name)
+            for h in [h for h in logger.handlers if h not in handlers]:
+                logger.removeHandler(h)
