@@ -4,6 +4,7 @@ clear dataset errors, integer values for float keys, and a plain-detectron2 conf
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 
@@ -14,7 +15,7 @@ pytest.importorskip("detectron2")
 
 from _user_project import child_yaml, lazy_child, make_project
 from detectron2.config import LazyConfig, get_cfg
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from d2ema.cli import main
 from d2ema.d2 import DatasetError, register_coco_dataset
@@ -279,3 +280,41 @@ def test_shapely_makes_fixed_size_crop_work_on_polygons():
     out = transform_instance_annotations(ann, transforms, (32, 32))
     coords = np.concatenate([np.asarray(p).reshape(-1, 2) for p in out["segmentation"]])
     assert coords.min() >= 0 and coords.max() <= 32
+
+
+def test_posthoc_eval_of_a_run_on_the_users_own_datasets(project, tmp_path, capsys):
+    """``d2ema posthoc --eval`` in a new process: the run's ``--dataset`` entries come from its
+    config.yaml, as they do for ``--resume`` (here: unregistered after training)."""
+    train, val = "widgets_posthoc_train", "widgets_posthoc_val"
+    config = project.write("my/posthoc.yaml", child_yaml(
+        train, val, "  ENABLED: True\n  DECAY: 0.5\n  POSTHOC:\n    ENABLED: True\n"
+        "    PERIOD: 1\n"))
+    out = tmp_path / "run"
+    assert main(["train", "--config-file", str(config), "--dataset", project.spec(train),
+                 "--dataset", project.spec(val, "val"), "OUTPUT_DIR", str(out)]) == 0
+    for name in (train, val):
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    capsys.readouterr()
+    assert main(["posthoc", str(out), "--sigma-rel", "0.08", "--eval"]) == 0, capsys.readouterr()
+    rows = {r["target"]: r for r in json.loads((out / "posthoc" / "results.json").read_text())
+            ["rows"]}
+    assert set(rows) == {"sigma_rel 0.08", "raw weights"}
+    assert all(0.0 <= r["AP"] <= 100.0 for r in rows.values())
+    assert val in DatasetCatalog.list()  # registered again from the run's config
+
+    # a test set registered in the user's code is not in config.yaml: named, then given
+    DatasetCatalog.remove(val)
+    MetadataCatalog.remove(val)
+    cfg = get_cfg()
+    cfg.set_new_allowed(True)
+    cfg.merge_from_file(str(out / "config.yaml"))
+    del cfg.DATASETS["COCO_INSTANCES"]
+    unrecorded = tmp_path / "unrecorded.yaml"
+    unrecorded.write_text(cfg.dump())
+    capsys.readouterr()
+    args = ["posthoc", str(out), "--sigma-rel", "0.08", "--eval", "--config-file", str(unrecorded)]
+    assert main(args) == 2
+    line = _error_line(capsys)
+    assert f"unknown dataset {val!r} in DATASETS.TEST" in line and "--dataset" in line
+    assert main([*args, "--dataset", project.spec(val, "val")]) == 0

@@ -47,6 +47,7 @@ class PostHocOptions:
     snapshots: str | None = None  # default: OUTPUT_DIR/ema_snapshots
     config_file: str | None = None  # default: OUTPUT_DIR/config.yaml
     verbose: bool = False
+    datasets: tuple[str, ...] = ()  # NAME=ANNOTATIONS.json:IMAGE_DIR, as for d2ema train
     batch: int = 4  # targets rebuilt per pass over the snapshots (memory: batch + 1 models)
 
 
@@ -163,7 +164,7 @@ def _evaluate(options, folder: Path, fits: list[Fit], step: int, report: PostHoc
     results_dir = out / "posthoc"
     results_dir.mkdir(parents=True, exist_ok=True)
     run = RunEvaluator.load(out, options.config_file, prepare=register_for_config,
-                            inference_dir=results_dir)
+                            inference_dir=results_dir, datasets=options.datasets)
     quiet = contextlib.nullcontext() if options.verbose else contextlib.redirect_stdout(
         io.StringIO())  # pycocotools prints every summary
     say(f"evaluating {len(fits)} EMAs and the raw weights ({run.checkpoint.name}); EMAs are "

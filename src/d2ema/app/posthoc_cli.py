@@ -28,6 +28,11 @@ def add_posthoc_parser(sub, add_verbose: Callable[[argparse.ArgumentParser], Non
         ("--config-file", "FILE", "the run's config (default: OUTPUT_DIR/config.yaml)"),
     ):
         posthoc.add_argument(flag, default=None, metavar=metavar, help=text)
+    posthoc.add_argument("--dataset", action="append", default=[],
+                         metavar="NAME=ANNOTATIONS.json:IMAGE_DIR",
+                         help="with --eval: register a COCO-format dataset the run's config "
+                         "tests on that it does not record (e.g. one your train_net.py "
+                         "registered in code); repeatable")
     posthoc.add_argument("--step", type=int, help="the training step to rebuild the EMAs at "
                          "(default: the last)")
     posthoc.add_argument("--eval", action="store_true",
@@ -40,5 +45,6 @@ def _run(args: argparse.Namespace) -> int:
     from .posthoc import PostHocOptions, run_posthoc
 
     run_posthoc(PostHocOptions(args.output_dir, args.sigma_rel, args.decay, args.step, args.eval,
-                               args.export_best, args.snapshots, args.config_file, args.verbose))
+                               args.export_best, args.snapshots, args.config_file, args.verbose,
+                               datasets=tuple(args.dataset)))
     return 0

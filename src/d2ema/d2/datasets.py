@@ -208,14 +208,18 @@ def _lazy_names(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
             yield from _lazy_names(value, f"{path}[{i}]")
 
 
-def dataset_names_in_config(cfg) -> list[tuple[str, str]]:
-    """(dataset name, config key) for the datasets a config trains or tests on."""
+def dataset_names_in_config(cfg, tests_only: bool = False) -> list[tuple[str, str]]:
+    """(dataset name, config key) for the datasets a config trains or tests on (``tests_only``:
+    tests on)."""
     if not _is_lazy(cfg):
-        return [(n, f"DATASETS.{k}") for k in ("TRAIN", "TEST") for n in cfg.DATASETS[k]]
+        keys = ("TEST",) if tests_only else ("TRAIN", "TEST")
+        return [(n, f"DATASETS.{k}") for k in keys for n in cfg.DATASETS[k]]
     from omegaconf import DictConfig, OmegaConf
 
     container = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
-    return list(_lazy_names(container.get("dataloader", {}), "dataloader"))
+    names = _lazy_names(container.get("dataloader", {}), "dataloader")
+    return [(n, where) for n, where in names
+            if not tests_only or where.startswith(("dataloader.test", "dataloader.evaluator"))]
 
 
 def _builtin(name: str) -> bool:
@@ -231,8 +235,9 @@ def _builtin(name: str) -> bool:
     return False
 
 
-def check_datasets_known(cfg, provided: Collection[str] = ()) -> None:
-    """Raise :class:`DatasetError` for a dataset the config names that nobody provides.
+def check_datasets_known(cfg, provided: Collection[str] = (), tests_only: bool = False) -> None:
+    """Raise :class:`DatasetError` for a dataset the config names (``tests_only``: tests on)
+    that nobody provides.
 
     Known are the names registered in detectron2's ``DatasetCatalog``, those the config lists
     (``DATASETS.COCO_INSTANCES`` / ``train.coco_instances``) and ``provided`` (names a caller
@@ -243,7 +248,7 @@ def check_datasets_known(cfg, provided: Collection[str] = ()) -> None:
     registered = list(DatasetCatalog.list())
     listed = [ds.name for ds in config_datasets(cfg, check_files=False)]
     known = {*registered, *listed, *provided}
-    for name, where in dataset_names_in_config(cfg):
+    for name, where in dataset_names_in_config(cfg, tests_only):
         if name in known:
             continue
         builtins = [n for n in registered if _builtin(n)]

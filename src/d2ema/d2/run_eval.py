@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +41,6 @@ def primary_ap(results: Mapping[str, Any]) -> float:
             return 0.0 if math.isnan(ap) else ap
     raise UsageError(f"the evaluation gave no AP (results: {sorted(results)}); d2ema posthoc "
                      "--eval needs a detection or segmentation test set")
-
-
-def _is_lazy(path: Path) -> bool:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UsageError(f"cannot read config {path}: {e}") from e
-    return isinstance(data, dict) and "dataloader" in data and "train" in data
 
 
 def _checkpoint(output_dir: Path) -> Path:
@@ -81,36 +71,31 @@ class RunEvaluator:
     @classmethod
     def load(cls, output_dir: str | Path, config_file: str | Path | None = None,
              prepare: Callable[[Any], Any] | None = None,
-             inference_dir: str | Path | None = None) -> RunEvaluator:
-        """The run in ``output_dir`` (its ``config.yaml`` unless ``config_file``); ``prepare``
-        runs on the config first (e.g. registering datasets)."""
+             inference_dir: str | Path | None = None,
+             datasets: Sequence[str] = ()) -> RunEvaluator:
+        """The run in ``output_dir`` (its ``config.yaml`` unless ``config_file``), loaded as
+        ``d2ema train`` loads it: the datasets it records are registered, and ``datasets``
+        (``NAME=ANNOTATIONS.json:IMAGE_DIR``) too. ``prepare`` runs on the config next (e.g.
+        generating the demo's datasets); a test set nobody registered is a DatasetError."""
         output_dir = Path(output_dir)
         path = Path(config_file) if config_file else output_dir / "config.yaml"
         if not path.is_file():
             raise UsageError(f"config {path} not found; --eval needs the run's config "
                              "(detectron2 writes OUTPUT_DIR/config.yaml), or pass --config-file")
-        lazy = _is_lazy(path)
-        if lazy:
-            from detectron2.config import LazyConfig
+        from .datasets import check_datasets_known, register_config_datasets
+        from .train_net import is_lazy, load_config
 
-            cfg = LazyConfig.load(str(path))
-            if not torch.cuda.is_available():
-                cfg.train.device = "cpu"
-        else:
-            from detectron2.config import get_cfg
-
-            from .config import add_model_ema_configs
-
-            cfg = get_cfg()
-            add_model_ema_configs(cfg)
-            cfg.set_new_allowed(True)
-            cfg.merge_from_file(str(path))
-            if not torch.cuda.is_available():
-                cfg.MODEL.DEVICE = "cpu"
-            if not cfg.DATASETS.TEST:
-                raise UsageError(f"config {path} has no DATASETS.TEST to evaluate on")
+        lazy = is_lazy(str(path))
+        cpu = [] if torch.cuda.is_available() else (
+            ["train.device=cpu"] if lazy else ["MODEL.DEVICE", "cpu"])
+        # train's own loader: _BASE_ files, the run's --dataset entries, the EMA keys checked
+        cfg = load_config(str(path), cpu, datasets)
+        if not lazy and not cfg.DATASETS.TEST:
+            raise UsageError(f"config {path} has no DATASETS.TEST to evaluate on")
+        register_config_datasets(cfg)
         if prepare is not None:
             prepare(cfg)
+        check_datasets_known(cfg, tests_only=True)
         return cls(cfg, lazy, output_dir, Path(inference_dir or output_dir / "posthoc"))
 
     def _build_model(self):
