@@ -282,39 +282,97 @@ def test_shapely_makes_fixed_size_crop_work_on_polygons():
     assert coords.min() >= 0 and coords.max() <= 32
 
 
-def test_posthoc_eval_of_a_run_on_the_users_own_datasets(project, tmp_path, capsys):
-    """``d2ema posthoc --eval`` in a new process: the run's ``--dataset`` entries come from its
-    config.yaml, as they do for ``--resume`` (here: unregistered after training)."""
-    train, val = "widgets_posthoc_train", "widgets_posthoc_val"
+POSTHOC_TRAIN, POSTHOC_VAL = "widgets_posthoc_train", "widgets_posthoc_val"
+
+
+def _forget(*names: str) -> None:
+    """As in a new process: the datasets are no longer registered."""
+    for name in names:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
+@pytest.fixture(scope="module")
+def posthoc_run(project, tmp_path_factory):
     config = project.write("my/posthoc.yaml", child_yaml(
-        train, val, "  ENABLED: True\n  DECAY: 0.5\n  POSTHOC:\n    ENABLED: True\n"
-        "    PERIOD: 1\n"))
-    out = tmp_path / "run"
-    assert main(["train", "--config-file", str(config), "--dataset", project.spec(train),
-                 "--dataset", project.spec(val, "val"), "OUTPUT_DIR", str(out)]) == 0
-    for name in (train, val):
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+        POSTHOC_TRAIN, POSTHOC_VAL, "  ENABLED: True\n  DECAY: 0.5\n  POSTHOC:\n"
+        "    ENABLED: True\n    PERIOD: 1\n"))
+    out = tmp_path_factory.mktemp("posthoc_run")
+    assert main(["train", "--config-file", str(config), "--dataset", project.spec(POSTHOC_TRAIN),
+                 "--dataset", project.spec(POSTHOC_VAL, "val"), "OUTPUT_DIR", str(out)]) == 0
+    return out
+
+
+def test_posthoc_eval_registers_the_runs_datasets(posthoc_run, capsys):
+    """``d2ema posthoc --eval`` in a new process: the run's ``--dataset`` entries come from its
+    config.yaml, as they do for ``--resume``."""
+    _forget(POSTHOC_TRAIN, POSTHOC_VAL)
     capsys.readouterr()
-    assert main(["posthoc", str(out), "--sigma-rel", "0.08", "--eval"]) == 0, capsys.readouterr()
-    rows = {r["target"]: r for r in json.loads((out / "posthoc" / "results.json").read_text())
-            ["rows"]}
+    assert main(["posthoc", str(posthoc_run), "--sigma-rel", "0.08", "--eval"]) == 0
+    results = json.loads((posthoc_run / "posthoc" / "results.json").read_text())
+    rows = {r["target"]: r for r in results["rows"]}
     assert set(rows) == {"sigma_rel 0.08", "raw weights"}
     assert all(0.0 <= r["AP"] <= 100.0 for r in rows.values())
-    assert val in DatasetCatalog.list()  # registered again from the run's config
+    assert POSTHOC_VAL in DatasetCatalog.list()
 
-    # a test set registered in the user's code is not in config.yaml: named, then given
-    DatasetCatalog.remove(val)
-    MetadataCatalog.remove(val)
+
+def test_posthoc_eval_test_set_registered_in_code(posthoc_run, project, tmp_path, capsys):
+    """A test set the user's own code registered is not in config.yaml: named, then given."""
+    _forget(POSTHOC_TRAIN, POSTHOC_VAL)
     cfg = get_cfg()
     cfg.set_new_allowed(True)
-    cfg.merge_from_file(str(out / "config.yaml"))
+    cfg.merge_from_file(str(posthoc_run / "config.yaml"))
     del cfg.DATASETS["COCO_INSTANCES"]
     unrecorded = tmp_path / "unrecorded.yaml"
     unrecorded.write_text(cfg.dump())
     capsys.readouterr()
-    args = ["posthoc", str(out), "--sigma-rel", "0.08", "--eval", "--config-file", str(unrecorded)]
+    args = ["posthoc", str(posthoc_run), "--sigma-rel", "0.08", "--eval",
+            "--config-file", str(unrecorded)]
     assert main(args) == 2
     line = _error_line(capsys)
-    assert f"unknown dataset {val!r} in DATASETS.TEST" in line and "--dataset" in line
-    assert main([*args, "--dataset", project.spec(val, "val")]) == 0
+    assert f"unknown dataset {POSTHOC_VAL!r} in DATASETS.TEST" in line and "--dataset" in line
+    assert main([*args, "--dataset", project.spec(POSTHOC_VAL, "val")]) == 0
+
+
+def test_posthoc_eval_of_a_model_registered_in_code(posthoc_run, project, tmp_path, capsys):
+    cfg = get_cfg()
+    cfg.set_new_allowed(True)
+    cfg.merge_from_file(str(posthoc_run / "config.yaml"))
+    cfg.MODEL.META_ARCHITECTURE = "MyDetector"
+    custom = tmp_path / "custom.yaml"
+    custom.write_text(cfg.dump())
+    capsys.readouterr()
+    assert main(["posthoc", str(posthoc_run), "--sigma-rel", "0.08", "--eval",
+                 "--config-file", str(custom)]) == 2
+    line = _error_line(capsys)
+    assert "MyDetector" in line and "d2ema.reconstruct.reconstruct" in line
+
+
+def test_posthoc_in_the_users_own_script(posthoc_run, project):
+    """README's recipe for a project with its own trainer and registered model: rebuild in
+    Python, load into the model its trainer builds, evaluate with its own test()."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from d2ema import Target
+    from d2ema.d2 import EMATrainer, add_model_ema_configs
+    from d2ema.posthoc_ema import load_tensors
+    from d2ema.reconstruct import reconstruct
+
+    _forget(POSTHOC_TRAIN, POSTHOC_VAL)
+    register_coco_dataset(POSTHOC_VAL, project.val_json, project.val_images)
+    cfg = get_cfg()
+    add_model_ema_configs(cfg)
+    cfg.set_new_allowed(True)
+    cfg.merge_from_file(str(posthoc_run / "config.yaml"))
+    model = build_model(cfg)  # detectron2's (no EMA attached): the rebuilt EMA becomes its weights
+    DetectionCheckpointer(model).load(str(posthoc_run / "model_final.pth"))
+    final = {k: v.clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    (rec,) = reconstruct(posthoc_run / "ema_snapshots", [Target("sigma_rel", 0.08)])
+    load_tensors(model, rec.tensors)
+    state = dict([*model.named_parameters(), *model.named_buffers()])
+    assert rec.tensors and all(torch.equal(state[k], v) for k, v in rec.tensors.items())
+    assert any(not torch.equal(final[k], v) for k, v in rec.tensors.items())
+    results = EMATrainer.test(cfg, model)
+    assert set(results) == {"bbox"} and "AP" in results["bbox"]  # NaN: 2 iterations, no boxes

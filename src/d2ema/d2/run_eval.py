@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, one_line
 from ..posthoc_ema import load_tensors
 
 __all__ = ["RunEvaluator", "primary_ap"]
@@ -99,13 +99,22 @@ class RunEvaluator:
         return cls(cfg, lazy, output_dir, Path(inference_dir or output_dir / "posthoc"))
 
     def _build_model(self):
-        if self.lazy:
-            from detectron2.config import instantiate
+        try:
+            if self.lazy:
+                from detectron2.config import instantiate
 
-            return instantiate(self.cfg.model).to(self.cfg.train.get("device", "cpu"))
-        from detectron2.modeling import build_model
+                return instantiate(self.cfg.model).to(self.cfg.train.get("device", "cpu"))
+            from detectron2.modeling import build_model
 
-        return build_model(self.cfg)
+            return build_model(self.cfg)
+        except KeyError as e:  # detectron2's registries: a model part registered in your code
+            if "registry" not in str(e):
+                raise
+            raise UsageError(
+                f"cannot build the run's model here: {one_line(str(e))}. A model registered by "
+                "your own code is built by your own script: rebuild the EMAs there with "
+                "d2ema.reconstruct.reconstruct and d2ema.posthoc_ema.load_tensors (README: "
+                "'post-hoc EMA in your own script'), or leave out --eval for the table") from e
 
     def _tester(self, folder: Path) -> Callable[[], dict]:
         from detectron2.evaluation import inference_on_dataset
