@@ -164,6 +164,36 @@ def test_posthoc_snapshots_during_training_and_exact_resume(tmp_path, caplog):
             assert torch.equal(data["tensors"][k], v), k
 
 
+def test_checkpoint_waits_for_the_snapshots_before_it(tmp_path, monkeypatch):
+    """A checkpoint at step S resumes the series at S, so every snapshot up to S is on disk
+    (in the index) when the checkpoint is written, even when the background write is slow:
+    a kill right after the save leaves no gap."""
+    import time
+
+    from d2ema.snapshots import SnapshotWriter
+
+    slow_save = SnapshotWriter._save
+
+    def _save(self, jobs):
+        time.sleep(2.0)
+        slow_save(self, jobs)
+
+    monkeypatch.setattr(SnapshotWriter, "_save", _save)
+    cfg = posthoc_cfg(tmp_path / "run", 4)  # snapshots at steps 2 and 4, a checkpoint at 3
+    cfg.SOLVER.CHECKPOINT_PERIOD = 3
+    trainer = Trainer(cfg)
+    folder = tmp_path / "run" / "ema_snapshots"
+    seen, save = {}, trainer.checkpointer.save
+
+    def recording_save(name, **kwargs):
+        save(name, **kwargs)
+        seen[name] = sorted({e.step for e in read_index(folder)})
+
+    trainer.checkpointer.save = recording_save
+    trainer.train()
+    assert seen["model_0000002"] == [2]  # saved at step 3; the snapshot of step 2 was pending
+
+
 @pytest.mark.usefixtures("restore_loggers")
 def test_lazy_config_extras_and_posthoc(tmp_path, capsys):
     path = tmp_path / "tiny_lazy.py"

@@ -294,6 +294,30 @@ def test_resume_mid_series_equals_uninterrupted(tmp_path):
         assert torch.equal(t, rb.tensors[name]), name
 
 
+def test_state_dict_waits_for_the_pending_snapshot(tmp_path, monkeypatch):
+    """What a checkpoint saves resumes the series at its step: the snapshots up to that step
+    are on disk before state_dict() returns, however slow the background write."""
+    import threading
+
+    gate = threading.Event()
+    real_save = snap_mod.SnapshotWriter._save
+
+    def gated_save(self, jobs):
+        gate.wait(10)
+        real_save(self, jobs)
+
+    monkeypatch.setattr(snap_mod.SnapshotWriter, "_save", gated_save)
+    model = Net()
+    ph = PostHocEMA(model, tmp_path / "snaps", snapshot_every=2)
+    train(model, 3, ph)
+    assert not (tmp_path / "snaps" / "index.json").exists()  # step 2's write is still pending
+    threading.Timer(0.2, gate.set).start()
+    state = ph.state_dict()
+    assert [e.step for e in read_index(tmp_path / "snaps")] == [2, 2]
+    assert all(s["ema_meta"]["step"] == 3 for s in state.values())
+    ph.close()
+
+
 def test_streaming_holds_one_snapshot_at_a_time(run, monkeypatch):
     folder, _, _, _ = run
     alive: list[weakref.ref] = []

@@ -132,7 +132,9 @@ class PostHocEMA:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """``{name: EMA.state_dict()}``: save it with the model for an exact resume."""
+        """``{name: EMA.state_dict()}``: save it with the model for an exact resume. Waits
+        for the pending snapshot first, so a checkpoint never resumes past a missing one."""
+        self.writer.flush()
         return {name: ema.state_dict() for name, ema in self.emas.items()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

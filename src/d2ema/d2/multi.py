@@ -63,11 +63,14 @@ class EMAGroupState:
     """A checkpointable for named EMAs: ``{name: EMA.state_dict()}``, all checked, then all
     loaded. Names only in the checkpoint are ignored; names only here restart (logged)."""
 
-    def __init__(self, get_emas: Callable[[], Mapping[str, EMA]], key: str):
-        self.emas, self.key = get_emas, key
+    def __init__(self, get_emas: Callable[[], Mapping[str, EMA]], key: str,
+                 before_save: Callable[[], None] | None = None):
+        self.emas, self.key, self.before_save = get_emas, key, before_save
         self.loaded: set[str] = set()
 
     def state_dict(self) -> dict[str, Any]:
+        if self.before_save is not None:
+            self.before_save()
         return {name: ema.state_dict() for name, ema in self.emas().items()}
 
     def check(self, state: Any) -> None:
@@ -104,7 +107,10 @@ class EMAFamily:
     def __post_init__(self) -> None:
         self.states = {EXTRAS_KEY: EMAGroupState(lambda: self.extras, EXTRAS_KEY)}
         if self.posthoc is not None:
-            self.states[POSTHOC_KEY] = EMAGroupState(lambda: self.posthoc.emas, POSTHOC_KEY)
+            # a checkpoint at step S resumes the series at S: every snapshot up to S must be on
+            # disk by then (a kill after the save would otherwise leave a gap in the series)
+            self.states[POSTHOC_KEY] = EMAGroupState(lambda: self.posthoc.emas, POSTHOC_KEY,
+                                                     before_save=self.posthoc.writer.flush)
 
     def before_train(self, model: nn.Module, max_iter: int | None, start_iter: int = 0) -> None:
         """Restart the EMAs no checkpoint provided; continue the snapshot series."""
