@@ -86,6 +86,8 @@ def config(out_dir: str, max_iter: int):
     cfg.SEED = 3
     cfg.MODEL_EMA.ENABLED = True
     cfg.MODEL_EMA.DECAY = 0.8
+    cfg.MODEL_EMA.POSTHOC.ENABLED = True  # a snapshot series too, written in the background
+    cfg.MODEL_EMA.POSTHOC.PERIOD = 1
     return cfg
 
 

@@ -9,7 +9,9 @@ a random time. After every kill:
 * every checkpoint under its final name is complete (loads), and ``last_checkpoint`` names one:
   nothing saved is ever lost;
 * the next run resumes from the newest complete checkpoint, and the model, the EMA and its step
-  it continues from are bit-equal to that file's.
+  it continues from are bit-equal to that file's;
+* every post-hoc EMA snapshot the index lists is complete, and after a completed run the series
+  has one snapshot per EMA and step, from the first to the last (no gap, no duplicate).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch
 pytest.importorskip("detectron2")
 
 import _kill_child
+
+from d2ema.snapshots import read_index
 
 MIN_KILLS = 20
 RUNS_CAP = 80
@@ -53,6 +57,18 @@ def _resume_point(folder: Path):
     if not found:
         return None
     return max(found.items(), key=lambda item: item[1]["iteration"])
+
+
+def _assert_snapshots_sound(folder: Path, completed_at: int | None) -> None:
+    if not (folder / "index.json").exists():
+        assert completed_at is None
+        return
+    entries = read_index(folder)
+    for e in entries:
+        assert _load(folder / e.file) is not None, f"snapshot {e.file} is not complete"
+    if completed_at is not None:
+        steps = sorted((e.sigma_rel, e.step) for e in entries)
+        assert steps == sorted((s, n) for s in (0.05, 0.1) for n in range(1, completed_at + 1))
 
 
 def _assert_continues_exactly(dump: dict, expected) -> None:
@@ -123,6 +139,8 @@ def test_sigkill_anywhere_loses_nothing(tmp_path, tally):
         broken = [p for p, c in checkpoints.items() if c is None]
         tally["bytes_lost"] += len(broken) * max(sizes, default=0)
         assert not broken, f"after run {run} {plan}: truncated checkpoints {broken}"
+        _assert_snapshots_sound(out / "ema_snapshots",
+                                max_iter - 3 if proc.exitcode == 0 else None)
         expected = _resume_point(out)
     tally["kills"] += kills
     tally["exact_resumes"] += exact
