@@ -115,11 +115,38 @@ def test_signal_mid_write(big_checkpoint, tmp_path, monkeypatch, capsys, sig):
         os.kill(os.getpid(), sig)
         time.sleep(5)  # the handler raises before this ends
 
-    rc, err = _export_in_process(big_checkpoint, tmp_path / "ema.pth", signal_self,
-                                 monkeypatch, capsys)
+    # the signal's usual action, whatever this test process inherited (nohup ignores SIGHUP)
+    default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+    inherited = signal.signal(sig, default)
+    try:
+        rc, err = _export_in_process(big_checkpoint, tmp_path / "ema.pth", signal_self,
+                                     monkeypatch, capsys)
+        assert signal.getsignal(sig) is default  # handlers restored
+    finally:
+        signal.signal(sig, inherited)
     assert rc == 128 + sig
     assert err == f"d2ema export: interrupted{'' if sig == signal.SIGINT else ' by ' + sig.name}"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_ignored_sighup_is_left_ignored(big_checkpoint, tmp_path, capsys):
+    """Under nohup SIGHUP is ignored: the export must go on and finish, not stop."""
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    real_save = torch.save
+
+    def hangup_save(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGHUP)
+        return real_save(obj, f, *args, **kwargs)
+
+    try:
+        torch.save = hangup_save
+        rc = main(["export", str(big_checkpoint), "-o", str(tmp_path / "ema.pth")])
+    finally:
+        torch.save = real_save
+        signal.signal(signal.SIGHUP, inherited)
+    assert rc == 0, capsys.readouterr().err
+    exported = torch.load(tmp_path / "ema.pth", weights_only=True)
+    assert "model" in exported and "ema_state" not in exported
+    assert _temps(tmp_path) == []
 
 
 def test_disk_full_mid_write(big_checkpoint, tmp_path, monkeypatch, capsys):
