@@ -292,7 +292,12 @@ def test_ema_loads_under_another_freeze_at(project, run, tmp_path, caplog, freez
     with caplog.at_level(logging.WARNING):
         EMACheckpointer(model, str(tmp_path), ema=ema).load(str(run / "model_final.pth"))
     warning = " ".join(r.getMessage() for r in caplog.records if "The EMA of" in r.getMessage())
-    assert differs in warning and "FREEZE_AT" in warning and "num_batches_tracked" in warning
+    from detectron2.layers import FrozenBatchNorm2d
+
+    if "num_batches_tracked" in FrozenBatchNorm2d(1)._buffers:  # registered, None until converted
+        assert warning == ""  # detectron2 main: FrozenBatchNorm keeps the counter, same names
+    else:  # v0.6
+        assert differs in warning and "FREEZE_AT" in warning and "num_batches_tracked" in warning
     assert ema.provenance == "loaded"
     saved = _load(run / "model_final.pth")["ema_state"]
     buffers = dict(model.named_buffers())
