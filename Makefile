@@ -11,7 +11,7 @@ ENV_KEY := $(shell cat $(ENV_INPUTS) | sha256sum | cut -c1-16)
 STAMP  := $(VENV)/.d2ema-env-$(ENV_KEY)
 BENCH_STAMP := $(VENV)/.d2ema-bench-$(shell cat requirements/bench.txt | sha256sum | cut -c1-16)
 
-.PHONY: env test demo lint bench clean
+.PHONY: env test test-d2-main demo lint bench clean
 
 env: $(STAMP)
 
@@ -27,6 +27,14 @@ $(STAMP): $(ENV_INPUTS)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The same tests against detectron2 main's Python sources (no network here: give a checkout),
+# e.g. `make test-d2-main D2_SRC=../detectron2`; compiled ops come from our stub, as for v0.6.
+test-d2-main: $(STAMP)
+	test -d "$(D2_SRC)/detectron2" || { echo "D2_SRC=<a detectron2 checkout> is required"; exit 2; }
+	rm -rf .d2main && mkdir .d2main && cp -r "$(D2_SRC)/detectron2" .d2main/
+	cp tools/detectron2_C_stub.py .d2main/detectron2/_C.py
+	PYTHONPATH=.d2main $(PY) -m pytest -q -p no:cacheprovider tests --deselect tests/test_install.py
 
 demo: $(STAMP)
 	$(VENV)/bin/d2ema demo $(ARGS)
