@@ -23,6 +23,7 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import socket
 import stat
 import tempfile
@@ -42,6 +43,9 @@ __all__ = [
 
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32] or "host"
 _TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+# Held back while the temporary file is created: a signal that raises (Ctrl-C, SIGTERM under
+# signals_as_interrupts) may then only land where the cleanup below knows the file's name.
+_HELD = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
 _KINDS = {stat.S_ISDIR: "folder", stat.S_ISFIFO: "FIFO", stat.S_ISCHR: "character device",
           stat.S_ISBLK: "block device", stat.S_ISSOCK: "socket"}
 
@@ -116,16 +120,32 @@ class _Recorder:
         self.f.flush()
 
 
+def _hold_signals() -> set[int] | None:
+    """Block :data:`_HELD` in this thread; returns the previous mask (None where there is none)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+
+
+def _release_signals(previous: set[int] | None) -> None:
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _write_atomically(output: str | os.PathLike[str], write: Callable[[Any], None]) -> None:
     path = check_target(output)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=folder
-    )
+    held = _hold_signals()
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=folder
+        )
         with os.fdopen(fd, "wb") as f:
+            _release_signals(held)  # a pending signal raises from here on, inside the try
+            held = None
             recorder = _Recorder(f)
             try:
                 write(recorder)
@@ -138,8 +158,10 @@ def _write_atomically(output: str | os.PathLike[str], write: Callable[[Any], Non
         os.chmod(tmp, file_mode(path))  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        _release_signals(held)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
     with contextlib.suppress(OSError):  # make the rename durable (not possible everywhere)
         dir_fd = os.open(folder, os.O_RDONLY)

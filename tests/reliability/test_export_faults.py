@@ -128,6 +128,33 @@ def test_signal_mid_write(big_checkpoint, tmp_path, monkeypatch, capsys, sig):
     assert err == f"d2ema export: interrupted{'' if sig == signal.SIGINT else ' by ' + sig.name}"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_signal_as_the_temporary_file_is_created(tmp_path, monkeypatch, sig):
+    """A signal that arrives right after the temporary file exists, before the writer could know
+    its name, is held until the cleanup knows it: nothing is left behind."""
+    from d2ema import atomic
+    from d2ema.interrupts import signals_as_interrupts
+
+    real_mkstemp = atomic.tempfile.mkstemp
+
+    def mkstemp_then_signal(*args, **kwargs):
+        made = real_mkstemp(*args, **kwargs)
+        os.kill(os.getpid(), sig)
+        return made
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp_then_signal)
+    out = tmp_path / "ema.pth"
+    out.write_bytes(OLD)
+    default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+    inherited = signal.signal(sig, default)
+    try:
+        with pytest.raises(KeyboardInterrupt), signals_as_interrupts():
+            atomic.atomic_save({"x": torch.zeros(3)}, out)
+    finally:
+        signal.signal(sig, inherited)
+    assert _temps(tmp_path) == [] and out.read_bytes() == OLD
+
+
 def test_ignored_sighup_is_left_ignored(big_checkpoint, tmp_path, capsys):
     """Under nohup SIGHUP is ignored: the export must go on and finish, not stop."""
     inherited = signal.signal(signal.SIGHUP, signal.SIG_IGN)
