@@ -9,12 +9,12 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from ...atomic import atomic_write_text
 from .options import METRICS, RAW, DemoOptions, DemoPreset, ema_label, ema_prefix
 
 __all__ = ["DemoResult", "RunLog", "duration", "summary_lines", "write_json"]
@@ -172,9 +172,7 @@ def write_json(result: DemoResult) -> None:
         "seconds": {"total": result.seconds, "train": result.train_seconds,
                     "eval": result.eval_seconds},
     }
-    tmp = result.results_json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
-    os.replace(tmp, result.results_json)
+    atomic_write_text(json.dumps(data, indent=1, allow_nan=True) + "\n", result.results_json)
 
 
 def summary_lines(result: DemoResult) -> list[str]:
