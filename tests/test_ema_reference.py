@@ -438,8 +438,10 @@ class TrainNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def train(model, ema, steps, seed, dtype=torch.float32, ref=None):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+def train(model, ema, steps, seed, dtype=torch.float32, ref=None, opt=None):
+    """``steps`` SGD steps on random data, each followed by ``ema``/``ref`` updates; returns
+    the optimizer (pass it back in to continue)."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         x = torch.randn(4, 3, 8, 8, generator=gen).to(dtype)
@@ -452,6 +454,7 @@ def train(model, ema, steps, seed, dtype=torch.float32, ref=None):
             ema.update(model)
         if ref is not None:
             ref.update(model)
+    return opt
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _dist import run_ranks
-from test_ema_reference import Reference, TrainNet, all_named, assert_matches
+from test_ema_reference import Reference, TrainNet, all_named, assert_matches, train
 from torch import nn
 
 from d2ema import EMA
@@ -31,20 +31,7 @@ def storages(model: nn.Module, dtype: torch.dtype | None = None) -> set[int]:
 
 
 def steps(model, ema, ref, n, seed, opt=None, dtype=torch.float32):
-    opt = opt or torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(n):
-        x = torch.randn(4, 3, 8, 8, generator=gen).to(dtype)
-        y = torch.randint(0, 4, (4,), generator=gen)
-        loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            ema.update(model)
-        if ref is not None:
-            ref.update(model)
-    return opt
+    return train(model, ema, n, seed, dtype, ref=ref, opt=opt)
 
 
 def convs(model):
