@@ -23,10 +23,8 @@ import contextlib
 import errno
 import os
 import re
-import signal
 import socket
 import stat
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -43,9 +41,6 @@ __all__ = [
 
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32] or "host"
 _TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
-# Held back while the temporary file is created: a signal that raises (Ctrl-C, SIGTERM under
-# signals_as_interrupts) may then only land where the cleanup below knows the file's name.
-_HELD = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
 _KINDS = {stat.S_ISDIR: "folder", stat.S_ISFIFO: "FIFO", stat.S_ISCHR: "character device",
           stat.S_ISBLK: "block device", stat.S_ISSOCK: "socket"}
 
@@ -103,8 +98,9 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 class _Recorder:
-    """A file wrapper that remembers the ``OSError`` of a failed write: ``torch.save`` turns
-    it into an opaque ``RuntimeError`` ("unexpected pos ..."), losing "No space left"."""
+    """A file wrapper that remembers what stopped a write: ``torch.save`` turns an exception in
+    its writer into an opaque ``RuntimeError`` ("unexpected pos ..."), losing "No space left"
+    and even a Ctrl-C or SIGTERM."""
 
     def __init__(self, f: IO[bytes]):
         self.f, self.error = f, None
@@ -112,7 +108,7 @@ class _Recorder:
     def write(self, data) -> int:
         try:
             return self.f.write(data)
-        except OSError as e:
+        except BaseException as e:  # OSError (disk full), or KeyboardInterrupt (a signal)
             self.error = e
             raise
 
@@ -120,16 +116,22 @@ class _Recorder:
         self.f.flush()
 
 
-def _hold_signals() -> set[int] | None:
-    """Block :data:`_HELD` in this thread; returns the previous mask (None where there is none)."""
-    if not hasattr(signal, "pthread_sigmask"):
-        return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+def _interrupt_behind(error: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt (Ctrl-C, or SIGTERM/SIGHUP under signals_as_interrupts) that
+    ``error`` was raised while handling, if any: torch.save's zip writer masks one raised in
+    its own Python code with a RuntimeError of its ``__exit__``."""
+    seen: BaseException | None = error.__context__
+    for _ in range(16):
+        if seen is None or isinstance(seen, KeyboardInterrupt):
+            return seen
+        seen = seen.__context__
+    return None
 
 
-def _release_signals(previous: set[int] | None) -> None:
-    if previous is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+def _create(tmp: Path) -> int:
+    """Create ``tmp``, which must not exist; its descriptor, open for writing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    return os.open(tmp, flags | getattr(os, "O_CLOEXEC", 0), 0o600)
 
 
 def _write_atomically(output: str | os.PathLike[str], write: Callable[[Any], None]) -> None:
@@ -137,28 +139,34 @@ def _write_atomically(output: str | os.PathLike[str], write: Callable[[Any], Non
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder)
-    held = _hold_signals()
-    tmp = None
+    tmp: Path | None = None
     try:
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=folder
-        )
+        # the name is known before the file exists, so an interrupt at any instant finds it
+        for _ in range(100):
+            tmp = folder / f".{path.name}.{_HOST}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
+            try:
+                fd = _create(tmp)
+                break
+            except FileExistsError:
+                tmp = None
+        else:
+            raise FileExistsError(f"no free temporary file name in {folder}")
         with os.fdopen(fd, "wb") as f:
-            _release_signals(held)  # a pending signal raises from here on, inside the try
-            held = None
             recorder = _Recorder(f)
             try:
                 write(recorder)
             except Exception as e:
                 if recorder.error is not None:
                     raise recorder.error from e
+                interrupt = _interrupt_behind(e)
+                if interrupt is not None:
+                    raise interrupt from e
                 raise
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, file_mode(path))  # mkstemp makes 0600; give what open() would
+        os.chmod(tmp, file_mode(path))  # created 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
-        _release_signals(held)
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -128,31 +128,61 @@ def test_signal_mid_write(big_checkpoint, tmp_path, monkeypatch, capsys, sig):
     assert err == f"d2ema export: interrupted{'' if sig == signal.SIGINT else ' by ' + sig.name}"
 
 
+def _usual_action(sig):
+    return signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_signal_as_the_temporary_file_is_created(tmp_path, monkeypatch, sig):
-    """A signal that arrives right after the temporary file exists, before the writer could know
-    its name, is held until the cleanup knows it: nothing is left behind."""
+    """A signal right after the temporary file is created (before its descriptor is even
+    stored) finds its name known: nothing is left behind."""
     from d2ema import atomic
     from d2ema.interrupts import signals_as_interrupts
 
-    real_mkstemp = atomic.tempfile.mkstemp
+    real_create = atomic._create
 
-    def mkstemp_then_signal(*args, **kwargs):
-        made = real_mkstemp(*args, **kwargs)
+    def create_then_signal(tmp):
+        fd = real_create(tmp)
         os.kill(os.getpid(), sig)
-        return made
+        return fd
 
-    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp_then_signal)
+    monkeypatch.setattr(atomic, "_create", create_then_signal)
     out = tmp_path / "ema.pth"
     out.write_bytes(OLD)
-    default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
-    inherited = signal.signal(sig, default)
+    inherited = signal.signal(sig, _usual_action(sig))
     try:
         with pytest.raises(KeyboardInterrupt), signals_as_interrupts():
             atomic.atomic_save({"x": torch.zeros(3)}, out)
     finally:
         signal.signal(sig, inherited)
     assert _temps(tmp_path) == [] and out.read_bytes() == OLD
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_signal_inside_torch_save_stays_an_interrupt(tmp_path, monkeypatch, sig):
+    """torch.save's zip writer turns an exception raised while it writes into a RuntimeError
+    ("unexpected pos"): the interrupt behind it is what comes out, and nothing is left."""
+    from d2ema import atomic
+    from d2ema.interrupts import signals_as_interrupts
+
+    real_write, calls = atomic._Recorder.write, []
+
+    def write_then_signal(self, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            os.kill(os.getpid(), sig)
+        return real_write(self, data)
+
+    monkeypatch.setattr(atomic._Recorder, "write", write_then_signal)
+    out = tmp_path / "ema.pth"
+    out.write_bytes(OLD)
+    inherited = signal.signal(sig, _usual_action(sig))
+    try:
+        with pytest.raises(KeyboardInterrupt), signals_as_interrupts():
+            atomic.atomic_save({"x": torch.zeros(1000)}, out)
+    finally:
+        signal.signal(sig, inherited)
+    assert len(calls) >= 2 and _temps(tmp_path) == [] and out.read_bytes() == OLD
 
 
 def test_ignored_sighup_is_left_ignored(big_checkpoint, tmp_path, capsys):
