@@ -2,7 +2,7 @@
 
 Each process (gloo on the CPU, one thread) builds the same model and keeps two EMAs of it: the
 plain :class:`d2ema.EMA` (a full copy on every rank, what every detection codebase does today)
-and :class:`d2ema.sharded.ShardedEMA` (each rank stores and updates its share, balanced by
+and :class:`d2ema.distributed.ShardedEMA` (each rank stores and updates its share, balanced by
 bytes). Per repetition, after a barrier so that the ranks run at the same time, every rank
 times one update of each (round robin), one all-reduce of the floating buffers
 (:func:`d2ema.distributed.averaged_buffers`, what each step adds under DDP), and, less often,
@@ -12,7 +12,7 @@ On a machine with fewer cores than processes the ranks share cores, so absolute 
 the process count for both EMAs; the ratio sharded / unsharded, measured side by side in the
 same run, is the result. The report then works the numbers out for 8 GPUs on RetinaNet R50-FPN
 and on a ViTDet-H-size model (the ViT-H encoder, counted on the meta device), with the
-per-rank bytes from the real tensor lists and :func:`d2ema.sharded.assign_by_bytes`.
+per-rank bytes from the real tensor lists and :func:`d2ema.distributed.assign_by_bytes`.
 
 Run ``python benchmarks/distributed.py`` (a few minutes on 2 cores); ``--quick`` for a smoke run.
 """
@@ -43,8 +43,11 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import d2ema
 from update_speed import MODEL_TITLES, MODELS, _environment, _perturb  # noqa: E402
 
-from d2ema.distributed import averaged_buffers  # noqa: E402
-from d2ema.sharded import ShardedEMA, assign_by_bytes  # noqa: E402
+from d2ema.distributed import (  # noqa: E402
+    ShardedEMA,
+    assign_by_bytes,
+    averaged_buffers,
+)
 
 DECAY = 0.9998
 DEFAULT_OUT = HERE / "results" / "distributed.md"

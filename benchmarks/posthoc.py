@@ -39,10 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from d2ema.posthoc import Target
-from d2ema.posthoc_ema import PostHocEMA
-from d2ema.reconstruct import reconstruct
-from d2ema.snapshots import FORMAT, INDEX, read_index
+from d2ema.posthoc import PostHocEMA, Target, reconstruct
+from d2ema.posthoc.snapshots import FORMAT, INDEX, read_index
 
 HERE = Path(__file__).resolve().parent
 DIRECT_SIGMAS = (0.02, 0.035, 0.07, 0.14, 0.2)

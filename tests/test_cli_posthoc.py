@@ -11,7 +11,7 @@ from _loggers import loggers_restored
 from test_cli import _error_line, tiny_yaml  # noqa: F401  (a fixture)
 
 from d2ema.cli import main
-from d2ema.snapshots import read_index
+from d2ema.posthoc.snapshots import read_index
 
 pytestmark = pytest.mark.usefixtures("restore_loggers")
 

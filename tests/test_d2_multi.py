@@ -20,9 +20,8 @@ from d2ema.advice import initial_share, initial_share_warning
 from d2ema.cli import main
 from d2ema.d2 import ConfigError, get_ema_family, get_extra_emas, get_model_ema
 from d2ema.d2.config import ema_settings
-from d2ema.posthoc import Target
-from d2ema.reconstruct import reconstruct
-from d2ema.snapshots import read_index
+from d2ema.posthoc import Target, reconstruct
+from d2ema.posthoc.snapshots import read_index
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -170,7 +169,7 @@ def test_checkpoint_waits_for_the_snapshots_before_it(tmp_path, monkeypatch):
     a kill right after the save leaves no gap."""
     import time
 
-    from d2ema.snapshots import SnapshotWriter
+    from d2ema.posthoc.snapshots import SnapshotWriter
 
     slow_save = SnapshotWriter._save
 

@@ -16,8 +16,7 @@ from _dist import run_ranks
 from torch import nn
 
 from d2ema import EMA
-from d2ema.distributed import averaged_buffers, full_state_dict
-from d2ema.sharded import ShardedEMA, assign_by_bytes
+from d2ema.distributed import ShardedEMA, assign_by_bytes, averaged_buffers, full_state_dict
 
 DECAY = 0.8
 STEPS = 4

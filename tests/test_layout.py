@@ -18,13 +18,20 @@ PACKAGE = "d2ema"
 NOT_CORE = {"d2ema.cli", "d2ema.compat"}
 
 
+def layer_of(path: Path) -> str:
+    rel = path.relative_to(SRC).parts
+    return {"d2": "d2", "app": "app"}.get(rel[0], "core") if len(rel) > 1 else "core"
+
+
 def _module_name(path: Path) -> str:
     parts = path.relative_to(SRC.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 MODULES = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
-CORE = sorted(m for m, p in MODULES.items() if p.parent == SRC and m not in NOT_CORE)
+CORE = sorted(m for m, p in MODULES.items() if layer_of(p) == "core" and m not in NOT_CORE)
+# The core's ground floor (the EMA itself) and the folders one floor above it.
+CORE_FOLDERS = ("d2ema.posthoc", "d2ema.distributed")
 
 
 def layer(module: str) -> str:
@@ -86,8 +93,39 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def test_core_list_is_the_folder():
-    assert {"d2ema.ema", "d2ema.format", "d2ema.errors", "d2ema.state"} <= set(CORE)
+    assert {"d2ema.ema", "d2ema.format", "d2ema.errors", "d2ema.state", "d2ema.posthoc.tracker",
+            "d2ema.distributed.sharded"} <= set(CORE)
     assert not [m for m in CORE if layer(m) != "core"]
+
+
+def _folder(module: str) -> str:
+    return next((f for f in CORE_FOLDERS if module == f or module.startswith(f + ".")), "")
+
+
+def test_core_folders_sit_one_floor_above_the_ema():
+    """The EMA's own modules never import post-hoc or multi-process code, and those two folders
+    do not import each other: each folder is one room a reader can open alone."""
+    graph = import_graph()
+    wrong = [
+        f"{m} imports {t}"
+        for m in CORE
+        if m != PACKAGE  # the front door re-exports from every room
+        for t in graph[m]
+        if layer(t) == "core" and _folder(t) and _folder(t) != _folder(m)
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_post_hoc_and_multi_process_code_live_in_their_folders():
+    top = {m.rpartition(".")[2] for m, p in MODULES.items() if p.parent == SRC}
+    stray = {n for n in top if any(w in n for w in ("posthoc", "snapshot", "reconstruct",
+                                                     "shard", "distributed"))}
+    assert not stray, stray
+    import d2ema
+    import d2ema.distributed
+
+    assert d2ema.PostHocEMA.__module__ == "d2ema.posthoc.tracker"
+    assert d2ema.ShardedEMA is d2ema.distributed.ShardedEMA
 
 
 @pytest.mark.parametrize("module", CORE)

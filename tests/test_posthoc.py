@@ -15,19 +15,19 @@ from test_ema_reference import gamma_for as gamma_ref  # bisection, shares no co
 from torch import nn
 
 from d2ema import EMA
-from d2ema import reconstruct as rec_mod
-from d2ema import snapshots as snap_mod
 from d2ema.posthoc import (
+    PostHocEMA,
     PostHocError,
     Target,
     check_fit,
     profile_dot,
+    reconstruct,
     representable_range,
     solve,
 )
-from d2ema.posthoc_ema import PostHocEMA
-from d2ema.reconstruct import reconstruct
-from d2ema.snapshots import read_index
+from d2ema.posthoc import rebuild as rec_mod
+from d2ema.posthoc import snapshots as snap_mod
+from d2ema.posthoc.snapshots import read_index
 
 T = 1200
 

@@ -346,7 +346,7 @@ def test_posthoc_eval_of_a_model_registered_in_code(posthoc_run, project, tmp_pa
     assert main(["posthoc", str(posthoc_run), "--sigma-rel", "0.08", "--eval",
                  "--config-file", str(custom)]) == 2
     line = _error_line(capsys)
-    assert "MyDetector" in line and "d2ema.reconstruct.reconstruct" in line
+    assert "MyDetector" in line and "d2ema.posthoc.reconstruct" in line
 
 
 def test_posthoc_in_the_users_own_script(posthoc_run, project):
@@ -357,8 +357,7 @@ def test_posthoc_in_the_users_own_script(posthoc_run, project):
 
     from d2ema import Target
     from d2ema.d2 import EMATrainer, add_model_ema_configs
-    from d2ema.posthoc_ema import load_tensors
-    from d2ema.reconstruct import reconstruct
+    from d2ema.posthoc import load_tensors, reconstruct
 
     _forget(POSTHOC_TRAIN, POSTHOC_VAL)
     register_coco_dataset(POSTHOC_VAL, project.val_json, project.val_images)

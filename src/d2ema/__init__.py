@@ -2,10 +2,11 @@
 
 Three layers, imports pointing one way (app and cli -> d2 -> core):
 
-* the core (this package's modules) works on any ``nn.Module`` and training loop and imports no
-  detectron2: :class:`EMA`, schedules, the checkpoint format, export, post-hoc EMA
-  (:class:`PostHocEMA`: choose the EMA length after training), and for multi-process
-  jobs ``d2ema.distributed`` (DDP buffers, FSDP2 states) and :class:`ShardedEMA`;
+* the core works on any ``nn.Module`` and training loop and imports no detectron2: the EMA
+  itself in this package's modules (:class:`EMA`, schedules, storage and update kernels, the
+  checkpoint format, atomic writes, export), and two folders one floor above it:
+  ``d2ema.posthoc`` (:class:`PostHocEMA`: choose the EMA length after training) and
+  ``d2ema.distributed`` (DDP buffers, FSDP2 states, :class:`ShardedEMA`);
 * ``d2ema.d2`` is the detectron2 layer (config keys, hook, checkpointer, trainer, evaluation,
   ``train_net``, and ``d2ema.d2.compat``, the seed article's / D2Go's API);
 * ``d2ema.app`` is the application behind the ``d2ema`` command (demo, embedded datasets).
@@ -20,19 +21,18 @@ from typing import TYPE_CHECKING, Any
 from .errors import D2EMAError, EMAStateError
 
 if TYPE_CHECKING:
+    from .distributed import ShardedEMA
     from .ema import EMA
     from .format import FORMAT_VERSION
-    from .posthoc import PostHocError, Target
-    from .posthoc_ema import PostHocEMA
+    from .posthoc import PostHocEMA, PostHocError, Target
     from .schedules import SCHEDULES, Schedule, make_schedule
-    from .sharded import ShardedEMA
     from .state import unwrap_model
 
 # Imported on first use, so that ``d2ema.cli`` starts (and answers Ctrl-C with one line)
 # before torch is imported.
 _LAZY = {"EMA": ".ema", "FORMAT_VERSION": ".format", "SCHEDULES": ".schedules",
-         "Schedule": ".schedules", "make_schedule": ".schedules", "ShardedEMA": ".sharded",
-         "unwrap_model": ".state", "PostHocEMA": ".posthoc_ema", "PostHocError": ".posthoc",
+         "Schedule": ".schedules", "make_schedule": ".schedules", "ShardedEMA": ".distributed",
+         "unwrap_model": ".state", "PostHocEMA": ".posthoc", "PostHocError": ".posthoc",
          "Target": ".posthoc"}
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .checks import check_ema_arguments, check_slots, check_step
-from .distributed import reshard, to_dtensors, to_local_shards
+from .dtensor import reshard, to_dtensors, to_local_shards
 from .errors import EMAStateError
 from .flat import lay_out
 from .format import (

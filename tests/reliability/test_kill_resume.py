@@ -28,7 +28,7 @@ pytest.importorskip("detectron2")
 
 import _kill_child
 
-from d2ema.snapshots import read_index
+from d2ema.posthoc.snapshots import read_index
 
 MIN_KILLS = 20
 RUNS_CAP = 80

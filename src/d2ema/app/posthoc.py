@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import UsageError
-from ..posthoc import Fit, PostHocError, Target
-from ..reconstruct import plan, reconstruct
+from ..posthoc import Fit, PostHocError, Target, plan, reconstruct
 
 __all__ = ["DEFAULT_SIGMA_RELS", "PostHocOptions", "PostHocReport", "parse_targets",
            "run_posthoc"]

@@ -21,8 +21,8 @@ from .config import (
 )
 from .datasets import register_coco_dataset
 from .evaluation import build_evaluator, evaluate_with_ema
+from .family import EMAFamily, get_ema_family, get_extra_emas
 from .hooks import EMAHook
-from .multi import EMAFamily, get_ema_family, get_extra_emas
 from .trainer import EMATrainer, EMATrainerMixin
 
 __all__ = [

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..distributed import ShardedEMA
 from ..ema import EMA
-from ..sharded import ShardedEMA
 from ..state import unwrap_model
 from .config import ema_settings
-from .multi import build_ema_family
+from .family import build_ema_family
 
 __all__ = ["ATTRIBUTE", "build_model_ema", "get_model_ema"]
 
@@ -27,8 +27,8 @@ ATTRIBUTE = "ema_state"
 
 def build_model_ema(cfg, model: nn.Module) -> EMA | None:
     """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA`
-    (a :class:`~d2ema.sharded.ShardedEMA` with ``SHARDED``), and build the extra and post-hoc
-    EMAs the config asks for (:mod:`d2ema.d2.multi`).
+    (a :class:`~d2ema.distributed.ShardedEMA` with ``SHARDED``), and build the extra and post-hoc
+    EMAs the config asks for (:mod:`d2ema.d2.family`).
 
     Call it before building the optimizer and wrapping the model in DDP, as
     :class:`~d2ema.d2.EMATrainer` and ``d2ema train`` do: with ``FLAT`` unset (None) a plain EMA

@@ -37,14 +37,14 @@ from typing import Any, Protocol
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..atomic import atomic_save, atomic_write_text
+from ..distributed import ShardedEMA
 from ..ema import EMA
 from ..errors import CheckpointError, D2EMAError
 from ..format import META_KEY, STATE_KEY
 from ..health import nonfinite_message
 from ..resume import TAG_FILE, checkpoint_candidates, find_resume_checkpoint, read_checkpoint
-from ..sharded import ShardedEMA
+from .family import EMAGroupState, get_ema_family
 from .lenient import plan_ema_load
-from .multi import EMAGroupState, get_ema_family
 
 __all__ = ["AtomicCheckpointer", "EMACheckpointer", "ema_checkpointables"]
 

@@ -27,7 +27,7 @@ import torch
 from ..checks import compile_patterns
 from ..errors import ConfigError
 from ..schedules import SCHEDULES, Schedule, TFWarmup, make_schedule
-from .several import NUMBER_LISTS, PostHocSettings, several_emas
+from .family_keys import NUMBER_LISTS, PostHocSettings, several_emas
 from .yacs_numbers import accept_integers_for_floats
 
 __all__ = [
@@ -91,7 +91,7 @@ KEYS: dict[str, tuple[Any, str]] = {
     "SHARDED": (
         False,
         "multi-GPU (DDP): each of N ranks stores and updates 1/N of the EMA, gathered only to "
-        "evaluate and to save (see d2ema.sharded)",
+        "evaluate and to save (see d2ema.distributed.ShardedEMA)",
     ),
 }
 

@@ -31,7 +31,7 @@ from ..distributed import all_reduce_mean_
 from ..ema import EMA
 from ..health import nonfinite_message
 from ..state import unwrap_model
-from .multi import get_extra_emas
+from .family import get_extra_emas
 from .safety import require_average
 
 __all__ = [
@@ -163,7 +163,7 @@ def evaluate_with_ema(
 
 
 def evaluate_extra_emas(test, model: nn.Module, before_ema_test=None) -> OrderedDict:
-    """``test(model)`` with each extra EMA (:mod:`d2ema.d2.multi`) swapped in, results under
+    """``test(model)`` with each extra EMA (:mod:`d2ema.d2.family`) swapped in, results under
     its name (``ema_0.99/bbox``)."""
     results = OrderedDict()
     for name, ema in get_extra_emas(model).items():

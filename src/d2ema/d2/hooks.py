@@ -9,13 +9,13 @@ v0.6 and main alike comes after ``optimizer.step()``; it never updates in ``afte
 Before training, an EMA that no checkpoint provided restarts from the model's weights as they
 are then (pretrained or resumed weights included), and a constant decay that would leave the
 EMA mostly its starting weights at ``max_iter`` is warned about (:mod:`d2ema.advice`). The
-model's extra and post-hoc EMAs (:mod:`d2ema.d2.multi`), if any, are updated in the same step
+model's extra and post-hoc EMAs (:mod:`d2ema.d2.family`), if any, are updated in the same step
 and snapshotted on schedule. Driven by hand, outside a trainer (``hook.before_train()``, then
 ``hook.after_step()`` after each optimizer step), it counts its own steps.
 
 In a multi-process job (``launch``) every rank runs the hook: the EMA folds in each floating
 buffer's mean over the ranks (:func:`d2ema.distributed.averaged_buffers`), so every rank holds
-the same EMA after every step, BN statistics included. A :class:`~d2ema.sharded.ShardedEMA` is
+the same EMA after every step, BN statistics included. A :class:`~d2ema.distributed.ShardedEMA` is
 gathered on the main process at the iterations where its ``PeriodicCheckpointer`` saves
 (``checkpoint_period`` and the last iteration), since that hook runs there only.
 
@@ -32,10 +32,9 @@ from detectron2.engine import HookBase
 from torch import nn
 
 from ..advice import initial_share_warning
-from ..distributed import averaged_buffers
+from ..distributed import ShardedEMA, averaged_buffers
 from ..ema import EMA
-from ..sharded import ShardedEMA
-from .multi import get_ema_family
+from .family import get_ema_family
 
 __all__ = ["EMAHook"]
 

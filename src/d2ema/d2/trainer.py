@@ -39,8 +39,8 @@ from .build import build_model_ema, get_model_ema
 from .checkpoint import EMACheckpointer
 from .config import ema_settings
 from .evaluation import EMA_PREFIX, build_evaluator, evaluate_with_ema, precise_bn
+from .family import get_extra_emas
 from .hooks import EMAHook
-from .multi import get_extra_emas
 from .safety import NoEMACheckpointer, check_trainer_bases
 
 __all__ = ["EMATrainer", "EMATrainerMixin"]

@@ -2,7 +2,7 @@
 
 It keeps several power-function EMAs of one model (:class:`~d2ema.EMA` with
 ``schedule="sigma_rel"``; EDM2's 0.05 and 0.10 by default) and writes snapshots of them every
-``snapshot_every`` steps (:class:`~d2ema.snapshots.SnapshotWriter`). After training, an EMA of
+``snapshot_every`` steps (:class:`~d2ema.posthoc.SnapshotWriter`). After training, an EMA of
 any other width, or a classic constant decay, is rebuilt from the snapshots by least squares
 (:mod:`d2ema.posthoc`), so the EMA length need not be guessed before training.
 
@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ema import EMA
-from .errors import EMAStateError
-from .posthoc import PostHocError, Target
-from .reconstruct import Reconstruction, reconstruct
+from ..ema import EMA
+from ..errors import EMAStateError
+from ..state import unwrap_model
+from .profiles import PostHocError, Target
+from .rebuild import Reconstruction, reconstruct
 from .snapshots import SnapshotWriter
-from .state import unwrap_model
 
 __all__ = ["PostHocEMA", "load_tensors"]
 
@@ -153,7 +153,7 @@ class PostHocEMA:
     # ------------------------------------------------------------------ after training
     def reconstruct(self, targets: Sequence[Target], step: int | None = None,
                     **kwargs: Any) -> Iterator[Reconstruction]:
-        """:func:`d2ema.snapshots.reconstruct` on this folder (pending writes first)."""
+        """:func:`d2ema.posthoc.reconstruct` on this folder (pending writes first)."""
         self.writer.flush()
         return reconstruct(self.folder, targets, step, **kwargs)
 

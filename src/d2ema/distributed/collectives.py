@@ -37,16 +37,16 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .format import STATE_KEY
-from .state import is_dtensor, unwrap_model
+from ..dtensor import reshard, to_dtensors, to_local_shards
+from ..format import STATE_KEY
+from ..state import is_dtensor, unwrap_model
 
 __all__ = [
     "all_reduce_mean_",
@@ -131,69 +131,10 @@ def averaged_buffers(model: nn.Module, group=None) -> Iterator[nn.Module]:
             torch._foreach_copy_(buffers, saved)
 
 
-def reshard(model: nn.Module) -> bool:
-    """Reshard every FSDP2 module of ``model`` (free the full weights a forward left gathered,
-    e.g. the root's), so the next forward gathers the shards as they are now. Returns whether
-    the model has FSDP2 modules."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no FSDP2 model exists
-    if fsdp is None:
-        return False
-    modules = [m for m in unwrap_model(model).modules() if isinstance(m, fsdp.FSDPModule)]
-    for m in modules:
-        m.reshard()
-    return bool(modules)
-
-
-def to_dtensors(
-    tensors: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Local shards as DTensors laid out like the DTensors ``like[name]`` (others unchanged)."""
-    if not like:
-        return dict(tensors)
-    from torch.distributed.tensor import DTensor
-
-    out = dict(tensors)
-    for name, ref in like.items():
-        out[name] = DTensor.from_local(  # an EMA kept elsewhere (device="cpu") is copied over
-            tensors[name].to(ref._local_tensor.device), ref.device_mesh, ref.placements,
-            run_check=False, shape=ref.shape, stride=ref.stride(),
-        )
-    return out
-
-
-def to_local_shards(
-    tensors: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Each ``tensors[name]`` cut to this rank's shard of the DTensor ``like[name]``.
-
-    A full tensor is split locally (every rank holds it after loading a file: no
-    communication); a DTensor laid out differently is redistributed (a collective).
-    """
-    if not like:
-        return dict(tensors)
-    from torch.distributed.tensor import distribute_tensor
-
-    out = dict(tensors)
-    for name, ref in like.items():
-        if name not in out:
-            continue
-        t = out[name]
-        if is_dtensor(t):
-            if t.device_mesh != ref.device_mesh or tuple(t.placements) != tuple(ref.placements):
-                t = t.redistribute(ref.device_mesh, ref.placements)
-            out[name] = t.to_local()
-        else:
-            device = ref.device_mesh.device_type
-            full = distribute_tensor(t.to(device), ref.device_mesh, ref.placements,
-                                     src_data_rank=None)
-            out[name] = full.to_local()
-    return out
-
-
 def full_state_dict(ema, *, cpu: bool = False) -> dict[str, Any]:
     """``ema.state_dict()`` with every DTensor gathered into a plain full tensor.
 
-    A collective where the EMA holds shards (FSDP2, :class:`~d2ema.sharded.ShardedEMA`): every
+    A collective where the EMA holds shards (FSDP2, :class:`~d2ema.distributed.ShardedEMA`): every
     rank calls it, in the same order as its other collectives. The result loads into an EMA on
     any number of ranks, or in a single process. ``cpu=True`` moves the tensors to the CPU.
     """

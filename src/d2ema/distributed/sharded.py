@@ -46,12 +46,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import comm_device, rank_and_world
-from .ema import EMA
-from .errors import D2EMAError
-from .state import Slot, TensorGroup, ema_dtype_for, plan_groups, unwrap_model
-from .swap import swapped_bindings
-from .update import Binding
+from ..ema import EMA
+from ..errors import D2EMAError
+from ..state import Slot, TensorGroup, ema_dtype_for, plan_groups, unwrap_model
+from ..swap import swapped_bindings
+from ..update import Binding
+from .collectives import comm_device, rank_and_world
 
 __all__ = ["ShardedEMA", "assign_by_bytes"]
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..ema import EMA
 from ..errors import EMAStateError
-from ..posthoc_ema import PostHocEMA
+from ..posthoc import PostHocEMA
 from ..schedules import SigmaRel
 from ..state import unwrap_model
 from .config import EMASettings

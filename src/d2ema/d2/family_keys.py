@@ -1,5 +1,5 @@
 """``MODEL_EMA.EXTRA_DECAYS``, ``EXTRA_SIGMA_RELS`` and ``POSTHOC.*``: read and checked for
-:func:`~d2ema.d2.config.ema_settings` (the EMAs themselves are built in :mod:`d2ema.d2.multi`).
+:func:`~d2ema.d2.config.ema_settings` (the EMAs themselves are built in :mod:`d2ema.d2.family`).
 
 Example::
 

@@ -8,7 +8,7 @@ while training goes on. :meth:`SnapshotWriter.sync` makes a resumed run continue
 snapshots after the resumed step (written by the run that went further) are dropped and will
 be written again, so the series has neither duplicates nor gaps.
 
-:mod:`d2ema.reconstruct` rebuilds EMAs of any length from the folder after training.
+:mod:`d2ema.posthoc.rebuild` rebuilds EMAs of any length from the folder after training.
 
 Example::
 
@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_save, atomic_write_text
-from .ema import EMA
-from .posthoc import PostHocError
-from .schedules import SigmaRel
+from ..atomic import atomic_save, atomic_write_text
+from ..ema import EMA
+from ..schedules import SigmaRel
+from .profiles import PostHocError
 
 __all__ = ["INDEX", "SnapshotEntry", "SnapshotWriter", "read_index", "snapshot_dtype"]
 

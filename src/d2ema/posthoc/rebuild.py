@@ -1,8 +1,9 @@
 """Post-hoc EMA after training: rebuild the EMA of any length from the snapshots on disk.
 
-:func:`plan` reads the index written by :class:`~d2ema.snapshots.SnapshotWriter`, solves for the
-mixing weights of each target (:func:`d2ema.posthoc.solve`) and refuses, before any tensor is
-read, a target the snapshots cannot represent or a series with a missing or truncated file.
+:func:`plan` reads the index written by :class:`~d2ema.posthoc.SnapshotWriter`, solves for the
+mixing weights of each target (:func:`d2ema.posthoc.profiles.solve`) and refuses, before any
+tensor is read, a target the snapshots cannot represent or a series with a missing or truncated
+file.
 :func:`reconstruct` then streams the snapshots one at a time into one accumulator per target, so
 memory is (targets + 1) model copies whatever the number of snapshots. Float buffers (BN
 statistics) are mixed like the parameters; integer buffers come from the latest snapshot used.
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .posthoc import Fit, PostHocError, Target, check_fit, representable_range, solve
+from .profiles import Fit, PostHocError, Target, check_fit, representable_range, solve
 from .snapshots import INDEX, SnapshotEntry, read_index
 
 __all__ = ["Reconstruction", "plan", "reconstruct"]

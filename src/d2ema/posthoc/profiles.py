@@ -36,8 +36,8 @@ from typing import Literal
 
 import torch
 
-from .errors import D2EMAError
-from .schedules import sigma_rel_to_gamma
+from ..errors import D2EMAError
+from ..schedules import sigma_rel_to_gamma
 
 __all__ = [
     "MAX_SIGMA_REL",

@@ -1,0 +1,60 @@
+"""Post-hoc EMA: choose the EMA length after training instead of guessing it before.
+
+Karras et al. (EDM2) keep two power-function EMAs during training and save snapshots of them
+every few steps; after training, a least-squares mix of the snapshots rebuilds an EMA of any
+length in between. The package holds the four pieces, one floor above the core EMA:
+
+* :mod:`~d2ema.posthoc.profiles`: the math (profiles, the least-squares fit, what is representable);
+* :mod:`~d2ema.posthoc.snapshots`: the snapshot series on disk (writer, index, validation);
+* :mod:`~d2ema.posthoc.rebuild`: rebuild the EMA of a target length from a series;
+* :mod:`~d2ema.posthoc.tracker`: :class:`PostHocEMA`, the training-loop object tying them together.
+
+Example::
+
+    from d2ema import PostHocEMA
+
+    ph = PostHocEMA(model, "out/ema_snapshots", sigma_rels=(0.05, 0.10), snapshot_every=500)
+    for batch in loader:
+        ...; optimizer.step()
+        ph.update(model)
+    ph.snapshot()
+    ph.close()
+    ema_model = ph.model_copy(model, sigma_rel=0.07)   # any length, chosen now
+"""
+
+from .profiles import (
+    MAX_SIGMA_REL,
+    Fit,
+    PostHocError,
+    Target,
+    check_fit,
+    gamma_to_sigma_rel,
+    profile_dot,
+    representable_range,
+    solve,
+)
+from .rebuild import Reconstruction, plan, reconstruct
+from .snapshots import INDEX, SnapshotEntry, SnapshotWriter, read_index, snapshot_dtype
+from .tracker import PostHocEMA, load_tensors
+
+__all__ = [
+    "INDEX",
+    "MAX_SIGMA_REL",
+    "Fit",
+    "PostHocEMA",
+    "PostHocError",
+    "Reconstruction",
+    "SnapshotEntry",
+    "SnapshotWriter",
+    "Target",
+    "check_fit",
+    "gamma_to_sigma_rel",
+    "load_tensors",
+    "plan",
+    "profile_dot",
+    "read_index",
+    "reconstruct",
+    "representable_range",
+    "snapshot_dtype",
+    "solve",
+]
