@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..atomic import atomic_save, atomic_write_text
+from ..confined import confined
 from ..distributed import ShardedEMA
 from ..ema import EMA
 from ..errors import CheckpointError, D2EMAError
@@ -45,6 +46,7 @@ from ..health import nonfinite_message
 from ..resume import TAG_FILE, checkpoint_candidates, find_resume_checkpoint, read_checkpoint
 from .family import EMAGroupState, get_ema_family
 from .lenient import plan_ema_load
+from .pickled_weights import load_pkl_weights
 
 __all__ = ["AtomicCheckpointer", "EMACheckpointer", "ema_checkpointables"]
 
@@ -143,6 +145,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         assert os.path.basename(save_file) == basename, basename
+        confined(self.save_dir, basename, "the checkpointer")  # never replace a file elsewhere
         self.logger.info(f"Saving checkpoint to {save_file}")
         atomic_save(data, save_file)
         self.tag_last_checkpoint(basename)
@@ -150,6 +153,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not self._local():
             return super().tag_last_checkpoint(last_filename_basename)
+        confined(self.save_dir, TAG_FILE, "the checkpointer")
         atomic_write_text(last_filename_basename, os.path.join(self.save_dir, TAG_FILE))
 
     def has_checkpoint(self) -> bool:
@@ -173,7 +177,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if verified is not None and verified[0] == filename and isinstance(verified[1], dict):
             loaded = verified[1]
             return loaded if "model" in loaded else {"model": loaded}
-        if filename.endswith((".pkl", ".pyth")):
+        if filename.endswith(".pkl"):  # arrays only, never code (unless --trust-pickle)
+            return load_pkl_weights(filename)
+        if filename.endswith(".pyth"):
             return super()._load_file(filename)
         loaded = read_checkpoint(filename)
         if not isinstance(loaded, dict):

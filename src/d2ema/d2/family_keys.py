@@ -49,6 +49,12 @@ def several_emas(v: dict[str, Any], key: Callable[[str], str], schedule) -> dict
         if not ok or len(set(values)) != len(values):
             raise ConfigError(f"{key(name)} = {v[name]!r} must be a list of distinct numbers in "
                               f"({lo:g}, {hi:.4g}), e.g. [0.05, 0.1]")
+        names = [f"{x:g}" for x in values]  # the EMAs' names and snapshot files use these
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{key(name)} = {v[name]!r} has values that print the same with "
+                              f"6 significant digits ({names}), so their EMAs would share one "
+                              "name and one would be lost; use values that differ in the first "
+                              "6 digits")
         return tuple(float(x) for x in values)
 
     out: dict[str, Any] = {
