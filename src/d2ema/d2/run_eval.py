@@ -87,6 +87,10 @@ class RunEvaluator:
             raise UsageError(f"config {path} not found; --eval needs the run's config "
                              "(detectron2 writes OUTPUT_DIR/config.yaml), or pass --config-file")
         from .datasets import check_datasets_known, register_config_datasets
+        from .saved_config import check_saved_config
+
+        if not config_file:  # the run's own config.yaml: data, never code
+            check_saved_config(path)
         from .train_net import is_lazy, load_config
 
         lazy = is_lazy(str(path))

@@ -49,6 +49,7 @@ from .datasets import (
 from .evaluation import evaluate_extra_emas, evaluate_with_ema
 from .hooks import EMAHook
 from .safety import NoEMACheckpointer, check_resume_keeps_ema
+from .saved_config import check_saved_config, is_run_config
 from .train_inputs import check_lazy_keys, check_readable, check_weights, is_lazy
 from .trainer import EMATrainer
 
@@ -74,6 +75,8 @@ def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str
     :class:`~d2ema.errors.DatasetError` for a malformed dataset or missing dataset files.
     """
     path = check_readable(path_text)
+    if is_run_config(path):  # a run folder's saved config is data, never code
+        check_saved_config(path)
     opts = list(opts or ())
     if is_lazy(path_text):
         from detectron2.config import LazyConfig
