@@ -125,6 +125,13 @@ def ema_was_loaded(checkpointables: dict[str, Any]) -> bool:
     return bool(isinstance(holder, _EMATensors) and holder._shared.loaded)
 
 
+def _save_error(path: Any, e: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"cannot write {path}: {e.strerror or e}; it was left as it was and the checkpoints "
+        "before it are intact: free disk space (or write fewer: SOLVER.CHECKPOINT_PERIOD), then "
+        "train again with --resume")
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """A ``DetectionCheckpointer`` whose checkpoints are complete or absent, whose resume falls
     back to the newest complete checkpoint, and whose read errors are one line."""
@@ -147,14 +154,20 @@ class AtomicCheckpointer(DetectionCheckpointer):
         assert os.path.basename(save_file) == basename, basename
         confined(self.save_dir, basename, "the checkpointer")  # never replace a file elsewhere
         self.logger.info(f"Saving checkpoint to {save_file}")
-        atomic_save(data, save_file)
+        try:
+            atomic_save(data, save_file)
+        except OSError as e:
+            raise _save_error(save_file, e) from e
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not self._local():
             return super().tag_last_checkpoint(last_filename_basename)
-        confined(self.save_dir, TAG_FILE, "the checkpointer")
-        atomic_write_text(last_filename_basename, os.path.join(self.save_dir, TAG_FILE))
+        path = confined(self.save_dir, TAG_FILE, "the checkpointer")
+        try:
+            atomic_write_text(last_filename_basename, path)
+        except OSError as e:
+            raise _save_error(path, e) from e
 
     def has_checkpoint(self) -> bool:
         """A ``last_checkpoint`` or a checkpoint file (``*_NNNNNNN.pth``, ``*_final.pth``)."""
