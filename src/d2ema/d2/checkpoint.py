@@ -47,6 +47,7 @@ from ..resume import TAG_FILE, checkpoint_candidates, find_resume_checkpoint, re
 from .family import EMAGroupState, get_ema_family
 from .lenient import plan_ema_load
 from .pickled_weights import load_pkl_weights
+from .resume_check import check_exact_resume
 
 __all__ = ["AtomicCheckpointer", "EMACheckpointer", "ema_checkpointables"]
 
@@ -184,6 +185,21 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self._verified = (str(found.path), found.checkpoint)
         self.resumed_from = str(found.path)
         return self.resumed_from
+
+    _exact: bool = False  # resuming: the checkpoint must fit exactly (d2ema.d2.resume_check)
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
+        self._exact = resume and self.has_checkpoint()
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self._exact = False
+
+    def _load_model(self, checkpoint: dict[str, Any]):
+        if self._exact:  # before any part of the checkpoint is loaded
+            check_exact_resume(self.model, self.checkpointables, checkpoint,
+                               self.resumed_from or "the checkpoint")
+        return super()._load_model(checkpoint)
 
     def _load_file(self, filename: str) -> dict[str, Any]:
         verified, self._verified = self._verified, None

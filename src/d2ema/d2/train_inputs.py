@@ -108,6 +108,10 @@ def check_output_dir(cfg, args) -> None:
     folder = str(train.get("output_dir", "") if lazy else cfg.OUTPUT_DIR)
     if folder and "://" not in folder:
         _writable(Path(folder), key)
+        if args.resume and Path(folder).is_dir():
+            from ..resume import tagged_checkpoint
+
+            tagged_checkpoint(folder)  # a last_checkpoint naming a file elsewhere: refused now
         from .config import ema_settings
 
         settings = ema_settings(cfg) if not lazy or "model_ema" in train else None
