@@ -7,10 +7,9 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import _kill_child
 import numpy as np
 import torch
-
-import _kill_child
 
 
 class Touch:

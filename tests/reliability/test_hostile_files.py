@@ -195,9 +195,9 @@ def _zoo_files(folder: Path) -> dict[str, Path]:
 
 
 def test_detectron2_style_pkl_weights_still_load(tmp_path):
-    from d2ema.d2.checkpoint import AtomicCheckpointer
-
     from detectron2.checkpoint import DetectionCheckpointer
+
+    from d2ema.d2.checkpoint import AtomicCheckpointer
 
     state = tiny_state()
     for name, path in _zoo_files(tmp_path).items():
