@@ -61,9 +61,9 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path, tally, capsys):
     holder.start()
     try:
         assert ready.wait(30)
-        with pytest.raises(RunLockedError, match=f"process {holder.pid} is training"):
-            with run_lock(_Cfg(out), _ARGS):
-                pass
+        with pytest.raises(RunLockedError, match=f"process {holder.pid} is training"), \
+                run_lock(_Cfg(out), _ARGS):
+            pass
         # the command line: one line, exit 2, before anything is written into the folder
         before = sorted(p.name for p in out.iterdir())
         assert main(["train", "--config-file", str(tiny_yaml(tmp_path, out))]) == 2
