@@ -331,8 +331,9 @@ class SnapshotWriter:
             pending.result()
         except OSError as e:
             raise PostHocError(f"cannot write a post-hoc EMA snapshot to {self.folder}: "
-                               f"{e.strerror or e}; free disk space (or use "
-                               "MODEL_EMA.POSTHOC.DTYPE float16, or a longer PERIOD)") from e
+                               f"{e.strerror or e}; the snapshots and checkpoints before it are "
+                               "intact: free disk space (or use MODEL_EMA.POSTHOC.DTYPE float16, "
+                               "or a longer PERIOD), then train again with --resume") from e
         finally:
             self.seconds_blocked += time.perf_counter() - started
 
