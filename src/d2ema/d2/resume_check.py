@@ -89,12 +89,18 @@ def check_exact_resume(model, checkpointables: Mapping[str, Any],
     """Raise :class:`CheckpointError` unless ``checkpoint`` fits ``model`` and the optimizer
     among ``checkpointables`` exactly (see the module doc); loads nothing."""
     problems = _model_problems(model, checkpoint.get("model"))
-    holder = checkpointables.get("trainer")
     if "optimizer" in checkpointables:
         problems += _optimizer_problems(checkpointables["optimizer"], checkpoint.get("optimizer"))
-    elif holder is not None and isinstance(checkpoint.get("trainer"), Mapping):
-        problems += _optimizer_problems(getattr(holder, "optimizer", None),
-                                        checkpoint["trainer"].get("optimizer"))
+    else:  # detectron2's trainers: trainer.optimizer, or trainer._trainer.optimizer
+        holder, saved = checkpointables.get("trainer"), checkpoint.get("trainer")
+        for _ in range(3):
+            if holder is None or not isinstance(saved, Mapping):
+                break
+            if "optimizer" in saved:
+                problems += _optimizer_problems(getattr(holder, "optimizer", None),
+                                                saved["optimizer"])
+                break
+            holder, saved = getattr(holder, "_trainer", None), saved.get("_trainer")
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(
