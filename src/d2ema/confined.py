@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import OutsideFolderError
 
-__all__ = ["confined", "escapes"]
+__all__ = ["confined", "escapes", "no_links_out"]
 
 
 def escapes(folder: str | os.PathLike[str], path: str | os.PathLike[str]) -> bool:
@@ -49,3 +49,28 @@ def confined(folder: str | os.PathLike[str], name: object, source: str) -> Path:
             f"so nothing outside {folder} is read or deleted. Remove or fix that entry (or the "
             "link), or start the run in a new OUTPUT_DIR")
     return path
+
+
+def no_links_out(folder: str | os.PathLike[str], what: str, depth: int = 3) -> None:
+    """Refuse a file in ``folder`` (or in its folders, ``depth`` levels down) that is a symbolic
+    link leading out of it: a command writing its outputs there (detectron2's config.yaml,
+    log.txt and metrics.json; checkpoints; snapshots; evaluation results) would replace the
+    file it points to. Linked folders are allowed: a run's folder, or a part of it, may live on
+    another disk."""
+    folder = Path(folder)
+    todo = [(folder, 0)] if folder.is_dir() else []
+    while todo:
+        sub, level = todo.pop()
+        try:
+            entries = list(os.scandir(sub))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir():
+                if level + 1 < depth:
+                    todo.append((Path(entry.path), level + 1))
+            elif entry.is_symlink() and escapes(sub, entry.path):
+                raise OutsideFolderError(
+                    f"{entry.path} is a symbolic link to {os.path.realpath(entry.path)}, outside "
+                    f"{what}: outputs are written there, so it would replace that file; remove "
+                    "the link, or use another folder")

@@ -155,7 +155,8 @@ def test_last_checkpoint_outside_the_folder_is_refused(run, name, tally, capsys,
     with pytest.raises(OutsideFolderError):
         find_resume_checkpoint(run)
     _refused_cli(tally, capsys, ["train", "--config-file", str(tiny_yaml(tmp_path, run)),
-                                 "--resume"], "last_checkpoint")
+                                 "--resume"], "link.pth" if name == "link.pth" else
+                 "last_checkpoint")
     _untouched(tally, tmp_path / "OUTSIDE", before)
 
 
@@ -305,3 +306,21 @@ def test_a_users_own_config_stays_code(tmp_path):
     path.write_text(path.read_text().replace("SEED: 3", "SEED: !!python/object/apply:eval "
                                              "['2 + 5']"))
     assert load_config(str(path)).SEED == 7
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "metrics.json", "log.txt", "model_final.pth",
+                                  "ema_snapshots/index.json"])
+def test_planted_links_make_a_training_write_nothing_outside(run, name, tmp_path, tally,
+                                                             capsys):
+    """detectron2 writes config.yaml, log.txt and metrics.json into OUTPUT_DIR following links;
+    a link leading out of the folder is refused before anything is written (by posthoc too)."""
+    victim = tmp_path / "OUTSIDE" / "victim.txt"
+    victim.write_text("keep me")
+    (run / name).unlink(missing_ok=True)
+    os.symlink(victim, run / name)
+    before = snapshot(tmp_path / "OUTSIDE")
+    _refused_cli(tally, capsys, ["train", "--config-file", str(tiny_yaml(tmp_path, run)),
+                                 "--resume"], "symbolic link", "victim.txt")
+    _refused_cli(tally, capsys, ["posthoc", str(run), "--eval", "--sigma-rel", "0.07"],
+                 "symbolic link", "victim.txt")
+    _untouched(tally, tmp_path / "OUTSIDE", before)

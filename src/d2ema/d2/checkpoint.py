@@ -208,8 +208,14 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return loaded if "model" in loaded else {"model": loaded}
         if filename.endswith(".pkl"):  # arrays only, never code (unless --trust-pickle)
             return load_pkl_weights(filename)
-        if filename.endswith(".pyth"):
-            return super()._load_file(filename)
+        if filename.endswith(".pyth"):  # pycls, as detectron2 reads it, but weights_only
+            data = read_checkpoint(filename)
+            if not isinstance(data, dict) or not isinstance(data.get("model_state"), dict):
+                raise CheckpointError(f"cannot load {filename}: a pycls .pyth file holds "
+                                      "'model_state'")
+            return {"model": {k: v for k, v in data["model_state"].items()
+                              if not k.endswith("num_batches_tracked")},
+                    "__author__": "pycls", "matching_heuristics": True}
         loaded = read_checkpoint(filename)
         if not isinstance(loaded, dict):
             raise CheckpointError(f"checkpoint {filename} holds a {type(loaded).__name__}, "

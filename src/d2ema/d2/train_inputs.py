@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+from ..confined import no_links_out
 from ..errors import UsageError
 
 __all__ = ["check_lazy_keys", "check_output_dir", "check_readable", "check_weights", "is_lazy"]
@@ -108,6 +109,7 @@ def check_output_dir(cfg, args) -> None:
     folder = str(train.get("output_dir", "") if lazy else cfg.OUTPUT_DIR)
     if folder and "://" not in folder:
         _writable(Path(folder), key)
+        no_links_out(folder, f"{key} = {folder}")  # no planted link makes a write land elsewhere
         if args.resume and Path(folder).is_dir():
             from ..resume import tagged_checkpoint
 
