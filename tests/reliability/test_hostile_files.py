@@ -118,7 +118,7 @@ def test_the_run_fixture_is_good(run, capsys):
 ESCAPES = {
     "absolute": lambda run: str(run.parent / "OUTSIDE" / "sigma0.05_step00000009.pth"),
     "dotdot": lambda run: "../../OUTSIDE/sigma0.05_step00000009.pth",
-    "symlink": lambda run: "sigma0.05_step00000009.pth",
+    "symlink": lambda run: "sigma0.1_step00000009.pth",  # the name the entry's snapshot has
 }
 
 
@@ -137,6 +137,7 @@ def test_planted_index_entry_deletes_and_reads_nothing_outside(run, kind, tally,
         with pytest.raises(D2EMAError) as info:
             writer.sync(resume_at)
         assert "snapshot entry 8" in one_line(info.value)
+        assert ("symbolic link" in one_line(info.value)) == (kind == "symlink")
     tally["refused_cleanly"] += 1
     _refused_cli(tally, capsys, ["posthoc", str(run), "--sigma-rel", "0.07"], "entry 8")
     _untouched(tally, run.parent / "OUTSIDE", before_out)

@@ -47,6 +47,12 @@ def load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Mo
     if missing:
         raise PostHocError(f"the reconstruction has tensors the model lacks: {missing[:5]}; "
                            "load it into the model the snapshots were taken from")
+    wrong = [n for n, v in tensors.items() if tuple(v.shape) != tuple(state[n].shape)]
+    if wrong:  # copy_ would broadcast a smaller tensor silently
+        n = wrong[0]
+        raise PostHocError(f"the reconstruction's {n} has shape {tuple(tensors[n].shape)}, the "
+                           f"model's {tuple(state[n].shape)} ({len(wrong)} such tensors); load it "
+                           "into the model the snapshots were taken from")
     with torch.no_grad():
         for name, value in tensors.items():
             state[name].copy_(value)
