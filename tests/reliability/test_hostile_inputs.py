@@ -217,6 +217,9 @@ def _opt(c):
 
 
 RESUME_CASES = {
+    "iteration_string": (lambda c: c.__setitem__("iteration", "1"), "iteration is '1'"),
+    "iteration_negative": (lambda c: c["trainer"].__setitem__("iteration", -7),
+                           "trainer.iteration is -7"),
     "model_lacks_key": (lambda c: c["model"].pop("conv.bias"), "lacks 1 tensors (conv.bias)"),
     "model_wrong_shape": (lambda c: c["model"].__setitem__("head.bias", torch.zeros(5)),
                           "head.bias has shape (5,)"),
