@@ -66,8 +66,8 @@ def no_links_out(folder: str | os.PathLike[str], what: str, depth: int = 3) -> N
         except OSError:
             continue
         for entry in entries:
-            if entry.is_dir():
-                if level + 1 < depth:
+            if entry.is_dir():  # a linked folder (say, data on another disk) is not scanned
+                if level + 1 < depth and not entry.is_symlink():
                     todo.append((Path(entry.path), level + 1))
             elif entry.is_symlink() and escapes(sub, entry.path):
                 raise OutsideFolderError(
