@@ -331,3 +331,16 @@ def test_planted_links_make_a_training_write_nothing_outside(run, name, tmp_path
     _refused_cli(tally, capsys, ["posthoc", str(run), "--eval", "--sigma-rel", "0.07"],
                  "symbolic link", "victim.txt")
     _untouched(tally, tmp_path / "OUTSIDE", before)
+
+
+def test_export_reads_no_config_from_outside_the_run(run, tmp_path, tally, capsys):
+    victim = tmp_path / "OUTSIDE" / "secret.yaml"
+    victim.write_text("MODEL:\n  WEIGHTS: secret\n")
+    (run / "config.yaml").unlink()
+    os.symlink(victim, run / "config.yaml")
+    torch.save({"model": {"w": torch.zeros(2)}, "ema_state": {"w": torch.ones(2)}},
+               run / "model_final.pth")
+    out = tmp_path / "export.pth"
+    _refused_cli(tally, capsys, ["export", str(run / "model_final.pth"), "-o", str(out)],
+                 "symbolic link", "secret.yaml", "--config")
+    assert not out.exists() and not out.with_suffix(".yaml").exists()

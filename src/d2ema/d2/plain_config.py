@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..atomic import atomic_write_text
+from ..confined import escapes
 from ..errors import ExportError
 from ..export import export_ema
 
@@ -44,6 +45,9 @@ _Loader.add_constructor(
 def find_run_config(checkpoint: str | os.PathLike[str]) -> Path | None:
     """The ``config.yaml`` detectron2 wrote beside a run's checkpoints, if there is one."""
     path = Path(checkpoint).parent / RUN_CONFIG
+    if path.is_file() and escapes(path.parent, path):  # read as data, and only from the run
+        raise ExportError(f"{path} is a symbolic link to {os.path.realpath(path)}, outside the "
+                          "run's folder; pass the run's config with --config")
     return path if path.is_file() else None
 
 
