@@ -124,6 +124,8 @@ class EMAFamily:
                            start_iter)
         if self.posthoc is not None:
             if self.posthoc.writer.enabled:
+                self.posthoc.writer.check_space(self.posthoc.snapshot_every, max_iter or 0,
+                                                start_iter)
                 logger.info(self.posthoc.writer.describe(self.posthoc.snapshot_every,
                                                          max_iter or 0))
             self.posthoc.sync()

@@ -26,7 +26,8 @@ from ..atomic import atomic_write_text
 from ..errors import ExportError
 from ..export import export_ema
 
-__all__ = ["export_with_config", "find_run_config", "plain_config_path", "write_plain_config"]
+__all__ = ["export_with_config", "find_run_config", "plain_config_path", "plain_output_dir",
+           "write_plain_config"]
 
 RUN_CONFIG = "config.yaml"
 
@@ -53,16 +54,25 @@ def plain_config_path(weights: str | os.PathLike[str]) -> Path:
     return path if path != weights else weights.with_name(weights.name + ".config.yaml")
 
 
+def plain_output_dir(weights: str | os.PathLike[str]) -> str:
+    """The output folder of the plain config: beside the export, never the run's folder
+    (detectron2's ``default_setup`` would replace the run's ``config.yaml``)."""
+    weights = Path(weights)
+    return str(weights.with_name(weights.stem + "_output"))
+
+
 def _strip(data: dict[str, Any], weights: str) -> dict[str, Any]:
     if "MODEL" in data or "MODEL_EMA" in data:  # yacs
         data.pop("MODEL_EMA", None)
         if isinstance(data.get("DATASETS"), dict):
             data["DATASETS"].pop("COCO_INSTANCES", None)
         data.setdefault("MODEL", {})["WEIGHTS"] = weights
+        data["OUTPUT_DIR"] = plain_output_dir(weights)
     elif isinstance(data.get("train"), dict):  # LazyConfig
         for key in ("model_ema", "coco_instances"):
             data["train"].pop(key, None)
         data["train"]["init_checkpoint"] = weights
+        data["train"]["output_dir"] = plain_output_dir(weights)
     else:
         raise ExportError("is neither a detectron2 yacs config (MODEL, ...) nor a LazyConfig "
                           "(model, train, ...)")
@@ -118,6 +128,7 @@ def export_with_config(
         return lines
     weights = str(Path(output).resolve())
     path = write_plain_config(config, plain_config_path(output), weights)
-    lines.append(f"wrote {path}: {config} without d2ema's keys, weights {weights}; plain "
-                 f"detectron2 reads it (e.g. tools/train_net.py --config-file {path} --eval-only)")
+    lines.append(f"wrote {path}: {config} without d2ema's keys, weights {weights}, output "
+                 f"folder {plain_output_dir(weights)} (not the run's); plain detectron2 reads "
+                 f"it (e.g. tools/train_net.py --config-file {path} --eval-only)")
     return lines

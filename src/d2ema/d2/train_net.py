@@ -44,10 +44,12 @@ from .datasets import (
     add_dataset_config,
     add_datasets_to_config,
     check_datasets_known,
+    check_datasets_used,
     register_config_datasets,
 )
 from .evaluation import evaluate_extra_emas, evaluate_with_ema
 from .hooks import EMAHook
+from .run_setup import new_eval_dir, run_dir, setup_process
 from .safety import NoEMACheckpointer, check_resume_keeps_ema
 from .train_inputs import check_lazy_keys, check_readable, check_weights, is_lazy
 from .trainer import EMATrainer
@@ -171,8 +173,11 @@ def train_main(
     check_weights(cfg, args)
     if args.resume and not args.eval_only:  # before config.yaml is rewritten
         check_resume_keeps_ema(cfg)
+    check_datasets_used(cfg, _datasets(args), tests_only=args.eval_only)
     check_datasets_known(cfg, known_datasets)
     _check_launch(args, cfg)
+    if args.eval_only:  # one folder for every rank; the run's config.yaml stays as it is
+        args.eval_dir = new_eval_dir(run_dir(cfg))
     from .launch import launch
 
     in_process = args.num_gpus * args.num_machines == 1  # launch() then calls the worker here
@@ -231,23 +236,21 @@ def _warn_no_ema(path: str) -> None:
 
 # ----------------------------------------------------------------------------- yacs
 def _yacs_main(cfg, args, prepare: Prepare | None):
-    from detectron2.engine import default_setup
     from detectron2.evaluation import verify_results
     from detectron2.utils import comm
 
     from .build import get_model_ema
 
-    cfg.freeze()
-    default_setup(cfg, args)
+    run = setup_process(cfg, args)
     if prepare is not None:
         prepare(cfg)
     if args.eval_only:
         model = EMATrainer.build_model(cfg)
         ema = get_model_ema(model)
         if ema is not None:
-            checkpointer = EMACheckpointer(model, cfg.OUTPUT_DIR, ema=ema)
+            checkpointer = EMACheckpointer(model, run, ema=ema)
         else:
-            checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+            checkpointer = AtomicCheckpointer(model, save_dir=run)
         # load(), not resume_or_load(resume=False): the latter loads the model only, not the EMA
         path = cfg.MODEL.WEIGHTS
         if args.resume and checkpointer.has_checkpoint():
@@ -303,13 +306,12 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
         AMPTrainer,
         SimpleTrainer,
         create_ddp_model,
-        default_setup,
         default_writers,
         hooks,
     )
     from detectron2.utils import comm
 
-    default_setup(cfg, args)
+    run = setup_process(cfg, args)
     if prepare is not None:
         prepare(cfg)
     settings = ema_settings(cfg)
@@ -320,7 +322,7 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
 
     if args.eval_only:
         model = create_ddp_model(model)
-        checkpointer = _lazy_checkpointer(model, ema, train.output_dir, settings)
+        checkpointer = _lazy_checkpointer(model, ema, run, settings)
         checkpointer.load(train.init_checkpoint)
         use_ema = ema is not None and settings.use_ema_weights_for_eval_only
         if use_ema and not checkpointer.ema_loaded:
