@@ -47,6 +47,7 @@ from .datasets import (
     check_datasets_used,
     register_config_datasets,
 )
+from .eval_outputs import adapt_evaluator, python_coco_eval
 from .evaluation import evaluate_extra_emas, evaluate_with_ema
 from .hooks import EMAHook
 from .run_setup import new_eval_dir, run_dir, setup_process
@@ -170,6 +171,7 @@ def train_main(
     cfg = load_config(args.config_file, args.opts, _datasets(args))
     if is_lazy(args.config_file):
         check_lazy_keys(cfg, args)
+        python_coco_eval(cfg)
     check_weights(cfg, args)
     if args.resume and not args.eval_only:  # before config.yaml is rewritten
         check_resume_keeps_ema(cfg)
@@ -286,7 +288,8 @@ def _lazy_test(cfg, model) -> dict[str, Any]:
     if "evaluator" not in cfg.dataloader:
         return {}
     ret = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        model, instantiate(cfg.dataloader.test),
+        adapt_evaluator(instantiate(cfg.dataloader.evaluator)),
     )
     print_csv_format(ret)
     return dict(ret or {})
