@@ -23,8 +23,13 @@ import numpy as np
 CATEGORIES = [{"id": 3, "name": "box"}, {"id": 7, "name": "tile"}]
 
 
-def write_coco_split(root: Path, split: str, num_images: int, seed: int) -> tuple[Path, Path]:
-    """``root/annotations/instances_<split>.json`` and ``root/images/<split>/*.jpg``."""
+def write_coco_split(root: Path, split: str, num_images: int, seed: int,
+                     categories: list[dict] | None = None) -> tuple[Path, Path]:
+    """``root/annotations/instances_<split>.json`` and ``root/images/<split>/*.jpg``, two boxes
+    per image of ``categories`` (default :data:`CATEGORIES`; colours by position)."""
+    categories = categories or CATEGORIES
+    ids = [c["id"] for c in categories]
+    colours = [(255, 200, 0), (0, 100, 255), (60, 255, 60), (255, 0, 255)]
     rng = np.random.default_rng(seed)
     image_dir = root / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -33,10 +38,10 @@ def write_coco_split(root: Path, split: str, num_images: int, seed: int) -> tupl
         height, width = 64, 80
         image = rng.integers(0, 80, size=(height, width, 3), dtype=np.uint8)
         for _ in range(2):
-            category = int(rng.choice([3, 7]))
+            category = int(rng.choice(ids))
             x, y = int(rng.integers(0, width - 24)), int(rng.integers(0, height - 24))
             w, h = int(rng.integers(10, 24)), int(rng.integers(10, 24))
-            colour = (255, 200, 0) if category == 3 else (0, 100, 255)
+            colour = colours[ids.index(category) % len(colours)]
             cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), colour, -1)
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
                                 "category_id": category, "bbox": [x, y, w, h], "area": w * h,
@@ -47,7 +52,7 @@ def write_coco_split(root: Path, split: str, num_images: int, seed: int) -> tupl
     json_file = root / "annotations" / f"instances_{split}.json"
     json_file.parent.mkdir(parents=True, exist_ok=True)
     json_file.write_text(json.dumps(
-        {"images": images, "annotations": annotations, "categories": CATEGORIES}))
+        {"images": images, "annotations": annotations, "categories": categories}))
     return json_file, image_dir
 
 

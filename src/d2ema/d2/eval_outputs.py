@@ -112,5 +112,5 @@ def python_coco_eval(cfg: Any) -> None:
     is_coco = isinstance(target, type) and issubclass(target, COCOEvaluator)
     if (is_coco or str(name).endswith("COCOEvaluator")) and node.get("use_fast_impl", True):
         node.use_fast_impl = False
-        _notice("fast", "detectron2's compiled ops are not installed: dataloader.evaluator "
+        logger.warning("detectron2's compiled ops are not installed: dataloader.evaluator "
                 "uses the Python COCO evaluation (use_fast_impl=False; same AP, slower)")

@@ -171,7 +171,6 @@ def train_main(
     cfg = load_config(args.config_file, args.opts, _datasets(args))
     if is_lazy(args.config_file):
         check_lazy_keys(cfg, args)
-        python_coco_eval(cfg)
     check_weights(cfg, args)
     if args.resume and not args.eval_only:  # before config.yaml is rewritten
         check_resume_keeps_ema(cfg)
@@ -315,6 +314,7 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
     from detectron2.utils import comm
 
     run = setup_process(cfg, args)
+    python_coco_eval(cfg)  # before training, not at the first evaluation after it
     if prepare is not None:
         prepare(cfg)
     settings = ema_settings(cfg)
