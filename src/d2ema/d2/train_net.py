@@ -49,6 +49,7 @@ from .datasets import (
 )
 from .eval_outputs import adapt_evaluator, python_coco_eval
 from .evaluation import evaluate_extra_emas, evaluate_with_ema
+from .family import check_posthoc_space
 from .hooks import EMAHook
 from .run_setup import new_eval_dir, run_dir, setup_process
 from .safety import NoEMACheckpointer, check_resume_keeps_ema
@@ -271,6 +272,7 @@ def _yacs_main(cfg, args, prepare: Prepare | None):
         return results
     trainer = EMATrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    check_posthoc_space(trainer.model, trainer.max_iter, trainer.start_iter)
     trainer.train()
     results = getattr(trainer, "_last_eval_results", None)
     if results:
@@ -370,6 +372,7 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
     ])
     checkpointer.resume_or_load(train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    check_posthoc_space(model, train.max_iter, start_iter)
     trainer.train(start_iter, train.max_iter)
     if last_results:
         _say(f"final evaluation: {_summary(last_results)}")
