@@ -34,7 +34,6 @@ import logging
 import math
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
-from urllib.parse import urlparse
 
 from ..errors import UsageError, one_line
 from .build import build_model_ema
@@ -136,12 +135,14 @@ def _check_launch(args, cfg=None) -> None:
                          f"must be at least 1, and --machine-rank {args.machine_rank} must be in "
                          f"0..{args.num_machines - 1}")
     world = args.num_gpus * args.num_machines
-    url = str(getattr(args, "dist_url", "auto"))
-    local = url == "auto" or urlparse(url).hostname in ("localhost", "127.0.0.1", "::1")
-    if args.num_machines > 1 and local:
+    url = getattr(args, "dist_url", None)
+    # 'auto' or no URL cannot join machines; an explicit loopback address joins "machines" on
+    # this host, as detectron2's launcher allows
+    if args.num_machines > 1 and url in (None, "auto"):
         raise UsageError(f"--num-machines {args.num_machines} needs --dist-url "
                          "tcp://ADDRESS:PORT with the address of machine 0 as every machine "
-                         f"reaches it; {url} only works on one machine")
+                         "reaches it (tcp://127.0.0.1:PORT for processes on this host); "
+                         f"{'auto' if url else 'the default'} only works on one machine")
     gpus, cores = torch.cuda.device_count(), os.cpu_count()
     if world > 1 and gpus and args.num_gpus > gpus:
         raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has {gpus} CUDA "
@@ -178,6 +179,8 @@ def train_main(
     check_datasets_used(cfg, _datasets(args), tests_only=args.eval_only)
     check_datasets_known(cfg, known_datasets)
     _check_launch(args, cfg)
+    if getattr(args, "dist_url", None) is None:
+        args.dist_url = getattr(args, "default_dist_url", "auto")
     if args.eval_only:  # one folder for every rank; the run's config.yaml stays as it is
         args.eval_dir = new_eval_dir(run_dir(cfg))
     from .launch import launch
