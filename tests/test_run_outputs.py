@@ -129,3 +129,9 @@ def test_users_build_evaluator_with_fast_coco_runs_without_compiled_ops(tmp_path
     assert detections  # the fast implementation would have raised MissingCompiledOp here
     assert (tmp_path / "out" / "inference_ema" / "coco_instances_results.json").is_file()
     assert VAL
+
+
+def test_misspelt_key_suggests_the_right_one(config_file, capsys):
+    assert main(["train", "--config-file", str(config_file), "MODEL_EMA.DECAYY", "0.99"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean MODEL_EMA.DECAY?" in err[0], err

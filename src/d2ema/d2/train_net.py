@@ -52,7 +52,13 @@ from .family import check_posthoc_space
 from .hooks import EMAHook
 from .run_setup import new_eval_dir, run_dir, setup_process
 from .safety import NoEMACheckpointer, check_resume_keeps_ema
-from .train_inputs import check_lazy_keys, check_readable, check_weights, is_lazy
+from .train_inputs import (
+    check_lazy_keys,
+    check_readable,
+    check_weights,
+    is_lazy,
+    unknown_key_hint,
+)
 from .trainer import EMATrainer
 
 __all__ = ["is_lazy", "load_config", "train_main", "train_worker"]
@@ -108,14 +114,16 @@ def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str
     except yaml.YAMLError as e:
         raise UsageError(f"config file {path} is not valid YAML ({one_line(str(e))})") from e
     except Exception as e:
-        raise UsageError(f"cannot use config file {path}: {_reason(e)}") from e
+        raise UsageError(f"cannot use config file {path}: {_reason(e)}"
+                         f"{unknown_key_hint(cfg, e)}") from e
     if len(opts) % 2:
         raise UsageError(f"config overrides must be KEY VALUE pairs; got {len(opts)} words: "
                          f"{' '.join(opts)}")
     try:
         cfg.merge_from_list(opts)
     except Exception as e:
-        raise UsageError(f"invalid config override in {' '.join(opts)!r}: {_reason(e)}") from e
+        raise UsageError(f"invalid config override in {' '.join(opts)!r}: {_reason(e)}"
+                         f"{unknown_key_hint(cfg, e)}") from e
     check_device("MODEL.DEVICE", cfg.MODEL.DEVICE, " ")
     ema_settings(cfg)  # ConfigError names the key, the value and what is allowed
     if not add_datasets_to_config(cfg, datasets):
