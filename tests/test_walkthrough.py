@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("detectron2")
 
+from _doc_blocks import blocks, doc_block
 from _user_project import BASE_RETINANET, write_coco_split
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -51,6 +52,24 @@ def sections() -> dict[str, list[tuple[str, str]]]:
                     if line.strip():
                         steps.append(("command", line.strip()))
     return found
+
+
+# every block of the page, named for tests/test_doc_blocks.py; walk() runs them in page order
+WALKED = (
+    doc_block("walk-train"), doc_block("walk-resume"), doc_block("walk-eval-only"),
+    doc_block("walk-export"), doc_block("walk-plain-eval-script"), doc_block("walk-plain-eval"),
+    doc_block("walk-resume-again"), doc_block("walk-posthoc"),
+    doc_block("walk-lazy-config"), doc_block("walk-lazy-commands"),
+)
+
+
+def test_the_walk_covers_every_block_of_the_page():
+    page = [b.text for b in blocks([PAGE]) if b.name or b.runnable]
+    assert sorted(page) == sorted(WALKED)
+    steps = [text for found in sections().values() for _, text in found]
+    for text in WALKED:  # a file walk() writes, or commands it runs
+        lines = [x.strip() for x in text.replace("\\\n", " ").splitlines() if x.strip()]
+        assert text in steps or all(x in steps for x in lines), text
 
 
 def _unregister() -> None:

@@ -113,7 +113,7 @@ class RunEvaluator:
             raise UsageError(
                 f"cannot build the run's model here: {one_line(str(e))}. A model registered by "
                 "your own code is built by your own script: rebuild the EMAs there with "
-                "d2ema.posthoc.reconstruct and d2ema.posthoc.load_tensors (README: "
+                "d2ema.posthoc.reconstruct and d2ema.posthoc.load_tensors (docs/ema-length.md: "
                 "'post-hoc EMA in your own script'), or leave out --eval for the table") from e
 
     def _tester(self, folder: Path) -> Callable[[], dict]:
