@@ -12,10 +12,9 @@ evaluation changes a run's ``config.yaml``. The data: COCO json with category id
 from __future__ import annotations
 
 import hashlib
-import os
 import re
+import runpy
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 pytest.importorskip("detectron2")
 
 from _doc_blocks import blocks, doc_block
-from _user_project import BASE_RETINANET, write_coco_split
+from _user_project import BASE_RETINANET, D2_TRAIN_NET, apply_diff, write_coco_split
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from d2ema.cli import main
@@ -38,7 +37,8 @@ pytestmark = pytest.mark.usefixtures("restore_loggers")
 
 
 def sections() -> dict[str, list[tuple[str, str]]]:
-    """``## title`` -> [("file", "path\\ntext") | ("command", "d2ema ...")], in page order."""
+    """``## title`` -> [("file", "# path\\ntext") | ("diff", text) | ("command", "d2ema ...")],
+    in page order."""
     found: dict[str, list[tuple[str, str]]] = {}
     for part in re.split(r"^## ", PAGE.read_text(), flags=re.MULTILINE)[1:]:
         title, _, body = part.partition("\n")
@@ -47,6 +47,8 @@ def sections() -> dict[str, list[tuple[str, str]]]:
             first = code.split("\n", 1)[0]
             if lang in ("yaml", "python") and re.fullmatch(r"# [\w./-]+", first):
                 steps.append(("file", code))
+            elif lang == "diff":
+                steps.append(("diff", code))
             elif lang == "bash":
                 for line in code.replace("\\\n", " ").splitlines():
                     if line.strip():
@@ -60,6 +62,7 @@ WALKED = (
     doc_block("walk-export"), doc_block("walk-plain-eval-script"), doc_block("walk-plain-eval"),
     doc_block("walk-resume-again"), doc_block("walk-posthoc"),
     doc_block("walk-lazy-config"), doc_block("walk-lazy-commands"),
+    doc_block("walk-train-net-edits"), doc_block("walk-train-net-commands"),
 )
 
 
@@ -100,17 +103,44 @@ def _run_configs(root: Path) -> dict[str, str]:
 
 
 def _is_evaluation(argv: list[str]) -> bool:
-    return argv[0] == "python" or argv[1] in ("export", "posthoc") or "--eval-only" in argv
+    return ("plain_eval.py" in argv or "--eval-only" in argv
+            or argv[:2] in (["d2ema", "export"], ["d2ema", "posthoc"]))
+
+
+def write_files(root: Path) -> None:
+    """The files the page shows (a config, a script), and train_net.py edited as it says."""
+    for found in sections().values():
+        for kind, text in found:
+            if kind == "file":
+                first, _, content = text.partition("\n")
+                path = root / first[2:]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(content)
+            elif kind == "diff":
+                (root / "train_net.py").write_text(apply_diff(D2_TRAIN_NET, text))
+
+
+def run_python(argv: list[str], root: Path) -> int:
+    """``python SCRIPT ARGS`` as a new process would run it (datasets registered afresh), in
+    this process: a child would spend most of its time importing torch and detectron2."""
+    _unregister()
+    old = sys.argv
+    sys.argv = argv[1:]
+    try:
+        runpy.run_path(str(root / argv[1]), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = old
+        _unregister()
+    return 0
 
 
 def walk(title: str, root: Path) -> list[list[str]]:
+    write_files(root)
     ran = []
     for kind, text in sections()[title]:
-        if kind == "file":
-            first, _, content = text.partition("\n")
-            path = root / first[2:]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
+        if kind != "command":
             continue
         argv = shlex.split(text, comments=True)
         before = _run_configs(root)
@@ -118,12 +148,7 @@ def walk(title: str, root: Path) -> list[list[str]]:
             rc = main(argv[1:])
         else:
             assert argv[0] == "python", text
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
-                                                                 os.environ.get("PYTHONPATH", "")])}
-            done = subprocess.run([sys.executable, *argv[1:]], cwd=root, env=env,
-                                  capture_output=True, text=True, timeout=300)
-            rc = done.returncode
-            assert rc == 0, done.stderr[-3000:]
+            rc = run_python(argv, root)
         assert rc == 0, text
         if _is_evaluation(argv):
             after = _run_configs(root)
@@ -151,3 +176,17 @@ def test_lazy_walkthrough(project, capsys):
     assert len(ran) == 6
     assert (project / "best_lazy.pth").is_file()
     assert "Python COCO evaluation" in (project / "output_lazy" / "log.txt").read_text()
+
+
+def test_train_net_walkthrough(project, capsys):
+    """detectron2's tools/train_net.py edited as the page says; its build_evaluator is the
+    fast COCOEvaluator, which this install (no compiled ops) cannot run."""
+    ran = walk("With your own train_net.py", project)
+    assert [a[1] for a in ran] == ["train_net.py", "train_net.py", "train_net.py", "export",
+                                   "plain_eval.py", "train_net.py", "posthoc"]
+    out = project / "output_own"
+    assert (out / "inference_ema" / "coco_instances_results.json").is_file()
+    (folder,) = (out / "eval").iterdir()  # the evaluation's own folder
+    assert (folder / "inference_ema" / "coco_instances_results.json").is_file()
+    assert (project / "best_own.pth").is_file()
+    assert "Evaluating the EMA weights" in (out / "log.txt").read_text()

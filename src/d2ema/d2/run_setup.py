@@ -13,7 +13,7 @@ process) and ``log.txt`` (``log.txt.rank<N>`` for the others), as ``default_setu
 Example::
 
     args.eval_dir = new_eval_dir(run_dir(cfg)) if args.eval_only else None   # launcher
-    run = setup_process(cfg, args)                                             # each worker
+    run = setup_run(cfg, args)                                             # each worker
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 import time
 from typing import Any
 
-__all__ = ["EVAL_FOLDER", "new_eval_dir", "run_dir", "setup_d2ema_logger", "setup_process"]
+__all__ = ["EVAL_FOLDER", "new_eval_dir", "run_dir", "setup_d2ema_logger", "setup_run"]
 
 EVAL_FOLDER = "eval"
 
@@ -70,7 +70,7 @@ def setup_d2ema_logger(output_dir: str | None) -> logging.Logger:
     return logger
 
 
-def setup_process(cfg: Any, args: Any) -> str:
+def setup_run(cfg: Any, args: Any) -> str:
     """``default_setup`` for this process, writing into the run's folder for a training and
     into ``args.eval_dir`` for ``--eval-only``; returns the run's folder (for checkpoints)."""
     from detectron2.engine import default_setup

@@ -50,7 +50,7 @@ from .eval_outputs import adapt_evaluator, python_coco_eval
 from .evaluation import evaluate_extra_emas, evaluate_with_ema
 from .family import check_posthoc_space
 from .hooks import EMAHook
-from .run_setup import new_eval_dir, run_dir, setup_process
+from .run_setup import new_eval_dir, run_dir, setup_run
 from .safety import NoEMACheckpointer, check_resume_keeps_ema
 from .train_inputs import (
     check_lazy_keys,
@@ -254,7 +254,7 @@ def _yacs_main(cfg, args, prepare: Prepare | None):
 
     from .build import get_model_ema
 
-    run = setup_process(cfg, args)
+    run = setup_run(cfg, args)
     if prepare is not None:
         prepare(cfg)
     if args.eval_only:
@@ -326,7 +326,7 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
     )
     from detectron2.utils import comm
 
-    run = setup_process(cfg, args)
+    run = setup_run(cfg, args)
     python_coco_eval(cfg)  # before training, not at the first evaluation after it
     if prepare is not None:
         prepare(cfg)
