@@ -79,14 +79,7 @@ def _strip(data: dict[str, Any], weights: str) -> dict[str, Any]:
     return data
 
 
-def write_plain_config(
-    config: str | os.PathLike[str], output: str | os.PathLike[str], weights: str
-) -> Path:
-    """Write ``output``: ``config`` without d2ema's keys, its weights set to ``weights``.
-
-    Raises :class:`ExportError` for a config that cannot be read or written.
-    """
-    config, output = Path(config), Path(output)
+def _read_config(config: Path) -> dict[str, Any]:
     try:
         data = yaml.load(config.read_text(), Loader=_Loader)
     except OSError as e:
@@ -96,16 +89,45 @@ def write_plain_config(
                           "pass --config with the run's YAML config") from e
     if not isinstance(data, dict):
         raise ExportError(f"config {config} is not a YAML mapping; pass the run's config.yaml")
+    return data
+
+
+def _plain_text(config: Path, data: dict[str, Any], weights: str) -> str:
     try:
         data = _strip(data, weights)
     except ExportError as e:
         raise ExportError(f"config {config} {e}") from None
-    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+
+def _write(text: str, output: Path) -> Path:
     try:
         atomic_write_text(text, output)
     except OSError as e:
         raise ExportError(f"cannot write {output}: {e.strerror or e}") from e
     return output
+
+
+def write_plain_config(
+    config: str | os.PathLike[str], output: str | os.PathLike[str], weights: str
+) -> Path:
+    """Write ``output``: ``config`` without d2ema's keys, its weights set to ``weights``.
+
+    Raises :class:`ExportError` for a config that cannot be read or written.
+    """
+    config = Path(config)
+    return _write(_plain_text(config, _read_config(config), weights), Path(output))
+
+
+def _lazy_python_objects(config: Path) -> bool:
+    """A LazyConfig's saved config.yaml that holds Python objects plain YAML does not read."""
+    from .train_inputs import is_lazy
+
+    try:
+        text = config.read_text(errors="replace")
+    except OSError:
+        return False
+    return is_lazy(str(config)) and "!!python/" in text
 
 
 def export_with_config(
@@ -120,14 +142,26 @@ def export_with_config(
     if config is not None and not Path(config).is_file():
         raise ExportError(f"config {config} does not exist; pass the run's config.yaml "
                           "(OUTPUT_DIR/config.yaml), or leave --config out")
-    lines = [export_ema(checkpoint, output, allow_nonfinite=allow_nonfinite).describe()]
     config = Path(config) if config is not None else find_run_config(checkpoint)
+    weights = str(Path(output).resolve())
+    text, note = None, None
+    if config is not None:  # read and check it before anything is written: no half export
+        try:
+            text = _plain_text(config, _read_config(config), weights)
+        except ExportError:
+            if not _lazy_python_objects(config):
+                raise
+            note = (f"no plain config written: {config} is a LazyConfig saved with Python "
+                    f"objects; with plain detectron2 use your LazyConfig .py with "
+                    f"train.init_checkpoint={weights} (as lazyconfig_train_net.py --eval-only)")
+    lines = [export_ema(checkpoint, output, allow_nonfinite=allow_nonfinite).describe()]
     if config is None:
         lines.append(f"no {RUN_CONFIG} beside {checkpoint}: pass --config RUN_CONFIG.yaml to "
                      "also write a config for plain detectron2")
         return lines
-    weights = str(Path(output).resolve())
-    path = write_plain_config(config, plain_config_path(output), weights)
+    if text is None:
+        return [*lines, str(note)]
+    path = _write(text, plain_config_path(output))
     lines.append(f"wrote {path}: {config} without d2ema's keys, weights {weights}, output "
                  f"folder {plain_output_dir(weights)} (not the run's); plain detectron2 reads "
                  f"it (e.g. tools/train_net.py --config-file {path} --eval-only)")
