@@ -67,6 +67,9 @@ def setup_d2ema_logger(output_dir: str | None) -> logging.Logger:
 
     logger = setup_logger(output_dir, distributed_rank=comm.get_rank(), name="d2ema")
     logger.setLevel(logging.INFO)
+    # setup_logger turns propagation off; d2ema's records still reach the root logger's
+    # handlers (a user's logging setup, pytest's caplog), which have none under `d2ema train`
+    logger.propagate = True
     return logger
 
 
