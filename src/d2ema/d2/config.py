@@ -83,7 +83,7 @@ KEYS: dict[str, tuple[Any, str]] = {
     "POSTHOC.PERIOD": (0, "snapshot every N iterations (0: MAX_ITER / 100, at least 10) and at "
                           "the last"),
     "POSTHOC.DTYPE": ("float32", "snapshot precision: float32, float16 or bfloat16"),
-    "POSTHOC.DIR": ("", "snapshot folder ('' = OUTPUT_DIR/ema_snapshots)"),
+    "POSTHOC.DIR": ("", "snapshot folder inside OUTPUT_DIR, relative to it ('' = ema_snapshots)"),
     "DISCARD_ON_RESUME": (
         False,
         "with ENABLED False: resume from a checkpoint that has an EMA and drop that EMA "

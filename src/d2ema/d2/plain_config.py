@@ -26,8 +26,8 @@ from ..atomic import atomic_write_text
 from ..errors import ExportError
 from ..export import export_ema
 
-__all__ = ["export_with_config", "find_run_config", "plain_config_path", "plain_output_dir",
-           "write_plain_config"]
+__all__ = ["export_with_config", "find_run_config", "plain_config_path", "plain_config_text",
+           "plain_output_dir", "write_plain_config"]
 
 RUN_CONFIG = "config.yaml"
 
@@ -79,20 +79,23 @@ def _strip(data: dict[str, Any], weights: str) -> dict[str, Any]:
     return data
 
 
-def _read_config(config: Path) -> dict[str, Any]:
+def plain_config_text(config: str | os.PathLike[str], weights: str) -> str:
+    """``config`` without d2ema's keys, its weights set to ``weights``, as YAML text.
+
+    Raises :class:`ExportError` for a config that cannot be read (a Python tag included: a
+    run's config is read as data).
+    """
+    config = Path(config)
     try:
         data = yaml.load(config.read_text(), Loader=_Loader)
     except OSError as e:
         raise ExportError(f"cannot read config {config}: {e.strerror or e}") from e
     except yaml.YAMLError as e:
-        raise ExportError(f"cannot read config {config} as plain YAML ({type(e).__name__}); "
-                          "pass --config with the run's YAML config") from e
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ExportError(f"cannot read config {config} as plain YAML ({problem}); a run's "
+                          "config is read as data: pass --config with the run's YAML config") from e
     if not isinstance(data, dict):
         raise ExportError(f"config {config} is not a YAML mapping; pass the run's config.yaml")
-    return data
-
-
-def _plain_text(config: Path, data: dict[str, Any], weights: str) -> str:
     try:
         data = _strip(data, weights)
     except ExportError as e:
@@ -100,23 +103,20 @@ def _plain_text(config: Path, data: dict[str, Any], weights: str) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
 
 
-def _write(text: str, output: Path) -> Path:
+def write_plain_config(
+    config: str | os.PathLike[str], output: str | os.PathLike[str], weights: str
+) -> Path:
+    """Write ``output``: :func:`plain_config_text` of ``config``.
+
+    Raises :class:`ExportError` for a config that cannot be read or written.
+    """
+    output = Path(output)
+    text = plain_config_text(config, weights)
     try:
         atomic_write_text(text, output)
     except OSError as e:
         raise ExportError(f"cannot write {output}: {e.strerror or e}") from e
     return output
-
-
-def write_plain_config(
-    config: str | os.PathLike[str], output: str | os.PathLike[str], weights: str
-) -> Path:
-    """Write ``output``: ``config`` without d2ema's keys, its weights set to ``weights``.
-
-    Raises :class:`ExportError` for a config that cannot be read or written.
-    """
-    config = Path(config)
-    return _write(_plain_text(config, _read_config(config), weights), Path(output))
 
 
 def _lazy_python_objects(config: Path) -> bool:
@@ -143,25 +143,26 @@ def export_with_config(
         raise ExportError(f"config {config} does not exist; pass the run's config.yaml "
                           "(OUTPUT_DIR/config.yaml), or leave --config out")
     config = Path(config) if config is not None else find_run_config(checkpoint)
-    weights = str(Path(output).resolve())
-    text, note = None, None
-    if config is not None:  # read and check it before anything is written: no half export
+    weights, path = str(Path(output).resolve()), plain_config_path(output)
+    # both files written as a pair: if the config cannot be, the weights are not replaced
+    extra, note = [], None
+    if config is not None:
         try:
-            text = _plain_text(config, _read_config(config), weights)
+            extra = [(path, plain_config_text(config, weights))]
         except ExportError:
             if not _lazy_python_objects(config):
                 raise
             note = (f"no plain config written: {config} is a LazyConfig saved with Python "
                     f"objects; with plain detectron2 use your LazyConfig .py with "
                     f"train.init_checkpoint={weights} (as lazyconfig_train_net.py --eval-only)")
-    lines = [export_ema(checkpoint, output, allow_nonfinite=allow_nonfinite).describe()]
+    lines = [export_ema(checkpoint, output, allow_nonfinite=allow_nonfinite,
+                        extra=extra).describe()]
     if config is None:
         lines.append(f"no {RUN_CONFIG} beside {checkpoint}: pass --config RUN_CONFIG.yaml to "
                      "also write a config for plain detectron2")
         return lines
-    if text is None:
-        return [*lines, str(note)]
-    path = _write(text, plain_config_path(output))
+    if note is not None:
+        return [*lines, note]
     lines.append(f"wrote {path}: {config} without d2ema's keys, weights {weights}, output "
                  f"folder {plain_output_dir(weights)} (not the run's); plain detectron2 reads "
                  f"it (e.g. tools/train_net.py --config-file {path} --eval-only)")
