@@ -97,6 +97,12 @@ def _row(fit: Fit) -> dict[str, Any]:
             "snapshots": fit.used}
 
 
+LEGEND = ("misfit: how far the snapshots' combination is from the target's averaging profile "
+          "(relative error); sum|x|: the sum of the combination's absolute weights, how much "
+          "it amplifies the snapshots' rounding (1 for a snapshot or a plain average; large: "
+          "less exact)")
+
+
 def _table(rows: list[dict[str, Any]], evaluated: bool) -> list[str]:
     head = f"{'EMA':<18}{'~sigma_rel':>11}{'misfit':>9}{'sum|x|':>8}"
     head += f"{'AP':>7}{'AP50':>7}" if evaluated else ""
@@ -147,6 +153,7 @@ def run_posthoc(options: PostHocOptions, stream: TextIO | None = None) -> PostHo
         _evaluate(options, folder, fits, step, report, say)
     report.lines = _table(report.rows, options.evaluate)
     print("\n".join(report.lines), file=stream, flush=True)
+    print(LEGEND, file=stream, flush=True)
     if report.best is not None:
         say(f"best: {report.best['target']} (AP {report.best['AP']:.1f}); results and plot in "
             f"{report.plot.parent}")

@@ -17,7 +17,8 @@ from pathlib import Path
 from ..confined import no_links_out
 from ..errors import UsageError
 
-__all__ = ["check_lazy_keys", "check_output_dir", "check_readable", "check_weights", "is_lazy"]
+__all__ = ["check_lazy_keys", "check_output_dir", "check_readable", "check_weights", "is_lazy",
+           "unknown_key_hint"]
 
 _LAZY_ROOTS = ("train", "model", "dataloader")
 
@@ -84,6 +85,27 @@ def check_lazy_keys(cfg, args) -> None:
             "needs model, dataloader (train, test, evaluator), optimizer, lr_multiplier and train "
             "(as detectron2's configs/common/*.py)"
         )
+
+
+def _yacs_keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in node.items():
+        keys.append(prefix + name)
+        if isinstance(value, dict):
+            keys += _yacs_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def unknown_key_hint(cfg, error: BaseException) -> str:
+    """For yacs's ``Non-existent config key: MODEL_EMA.DECAYY``: `` (did you mean
+    MODEL_EMA.DECAY?)``, the closest existing key; else ``""``."""
+    import difflib
+
+    found = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(error))
+    if not found:
+        return ""
+    close = difflib.get_close_matches(found.group(1), _yacs_keys(cfg), n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _writable(folder: Path, key: str) -> None:

@@ -38,6 +38,7 @@ from ..ema import EMA
 from .build import build_model_ema, get_model_ema
 from .checkpoint import EMACheckpointer
 from .config import ema_settings
+from .eval_outputs import adapt_evaluator
 from .evaluation import EMA_PREFIX, build_evaluator, evaluate_with_ema, precise_bn
 from .family import get_extra_emas
 from .hooks import EMAHook
@@ -101,13 +102,22 @@ class EMATrainerMixin:
                       prefix: str = EMA_PREFIX):
         """detectron2's plain ``test`` for the raw weights (if ``raw``) and for ``ema``'s
         weights (``prefix`` keys), with PreciseBN for the EMA weights when the config asks."""
-        plain_test = super().test
+        plain_test = super(EMATrainerMixin, _adapting(cls)).test
+        if evaluators is not None:
+            evaluators = list(evaluators) if isinstance(evaluators, (list, tuple)) else [
+                evaluators]
 
         def bn_stats(m) -> None:
             precise_bn(m, cls.build_train_loader(cfg), cfg.TEST.PRECISE_BN.NUM_ITER)
 
+        def adapted_test(m):
+            if evaluators is not None:  # each weights' own output folder
+                for e in evaluators:
+                    adapt_evaluator(e)
+            return plain_test(cfg, m, evaluators)
+
         return evaluate_with_ema(
-            lambda m: plain_test(cfg, m, evaluators),
+            adapted_test,
             model,
             ema,
             raw=raw,
@@ -162,6 +172,27 @@ class EMATrainerMixin:
         super().load_state_dict(state_dict)
         if not _SAVES_OPTIMIZER and "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+
+_ADAPTING: dict[type, type] = {}
+
+
+def _adapting(cls: type) -> type:
+    """``cls`` whose ``build_evaluator`` (the user's own, if any) returns
+    :func:`~d2ema.d2.eval_outputs.adapt_evaluator`'s evaluators: detectron2's ``test`` builds
+    them through ``cls``."""
+    if cls in _ADAPTING.values():
+        return cls
+    if cls not in _ADAPTING:
+        class Adapting(cls):
+            @classmethod
+            def build_evaluator(klass, cfg, dataset_name, *args, **kwargs):
+                return adapt_evaluator(super().build_evaluator(cfg, dataset_name, *args,
+                                                               **kwargs))
+
+        Adapting.__name__, Adapting.__qualname__ = cls.__name__, cls.__qualname__
+        _ADAPTING[cls] = Adapting
+    return _ADAPTING[cls]
 
 
 class EMATrainer(EMATrainerMixin, DefaultTrainer):

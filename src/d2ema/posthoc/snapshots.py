@@ -246,6 +246,26 @@ class SnapshotWriter:
                 f"and at step {total_steps} to {self.folder} ({str(self.dtype)[6:]}): "
                 f"{per / 1e6:.1f} MB per snapshot, about {count * per / 1e9:.2f} GB for the run")
 
+    def check_space(self, period: int, total_steps: int, start_step: int = 0) -> int:
+        """The bytes the snapshots from ``start_step`` to ``total_steps`` will take; raises
+        :class:`PostHocError` when that exceeds the free space of the folder's disk."""
+        import shutil
+
+        count = (total_steps // period - start_step // period
+                 + (total_steps % period != 0)) if period else 1
+        need = max(count, 0) * self.bytes_per_snapshot
+        where = self.folder.absolute()
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        if self.enabled and need > free:
+            raise PostHocError(
+                f"post-hoc EMA: {count} snapshots of {self.bytes_per_snapshot / 1e6:.1f} MB "
+                f"would take {need / 1e9:.2f} GB in {self.folder}, but its disk has "
+                f"{free / 1e9:.2f} GB free; set MODEL_EMA.POSTHOC.PERIOD to a larger period, "
+                "POSTHOC.DTYPE float16, or POSTHOC.DIR on a larger disk")
+        return need
+
     # ------------------------------------------------------------------ series
     def sync(self, step: int) -> None:
         """Continue the series of ``folder`` at ``step`` (0: a new run starts a new series).
