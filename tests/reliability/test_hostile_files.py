@@ -295,14 +295,43 @@ def test_run_config_with_python_tag_is_refused_everywhere(run, tmp_path, tally, 
     assert not out.exists() and not out.with_suffix(".yaml").exists()  # the pair, or nothing
 
 
-def test_lazy_run_config_cannot_name_code(run, tmp_path, tally, capsys):
+LAZY_CODE = {  # what a LazyConfig's saved yaml could name to run code
+    "target": ("  _target_: os.makedirs\n  name: {m!r}\n", "model._target_ = 'os.makedirs'"),
+    "d2ema_command": ("  _target_: d2ema.cli.main\n  argv: [demo, -o, {m!r}]\n",
+                      "'d2ema.cli.main'"),
+    "name_tag": ("  _target_: detectron2.modeling.build_model\n  cfg: !!python/name:os.system ''\n",
+                 "python/name:os.system"),
+    "partial": ("  _target_: detectron2.modeling.build_model\n  cfg: !!python/object/apply:"
+                "functools.partial [!!python/name:os.makedirs '', {m!r}]\n",
+                "python/name:os.makedirs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAZY_CODE))
+def test_lazy_run_config_cannot_name_code(run, tmp_path, case, tally, capsys):
     marker = tmp_path / "marker"
+    model, expected = LAZY_CODE[case]
     (run / "config.yaml").write_text(
-        "train:\n  output_dir: x\n  max_iter: 1\nmodel:\n  _target_: os.makedirs\n"
-        f"  name: {str(marker)!r}\ndataloader: {{}}\noptimizer: {{}}\nlr_multiplier: {{}}\n")
+        "train:\n  output_dir: x\n  max_iter: 1\nmodel:\n" + model.format(m=str(marker))
+        + "dataloader: {}\noptimizer: {}\nlr_multiplier: {}\n")
     _refused_cli(tally, capsys, ["train", "--config-file", str(run / "config.yaml"), "--resume"],
-                 "model._target_", "os.makedirs")
+                 expected)
     _no_code(tally, marker)
+
+
+def test_lazy_run_config_of_library_classes_stays_loadable(run):
+    """What LazyConfig.save writes for ``partial(nn.LayerNorm, eps=1e-6)`` and ``nn.GELU``."""
+    import functools
+
+    import yaml
+
+    from d2ema.d2.saved_config import check_saved_config
+
+    (run / "config.yaml").write_text(yaml.dump({
+        "model": {"_target_": "detectron2.modeling.GeneralizedRCNN", "act": torch.nn.GELU,
+                  "norm": functools.partial(torch.nn.LayerNorm, eps=1e-6)},
+        "train": {"output_dir": "x"}}))
+    check_saved_config(run / "config.yaml")
 
 
 def test_a_users_own_config_stays_code(tmp_path):

@@ -10,11 +10,12 @@ A config is *a run's saved config* when it is named ``config.yaml`` and its fold
 training writes there (``last_checkpoint``, ``model_*.pth``, ``ema_snapshots/``,
 ``metrics.json``, ``log.txt``): what d2ema itself writes, found without reading the config. Such
 a file is parsed with a safe YAML loader first and refused (:class:`~d2ema.errors.UsageError`,
-one line) if it holds a Python tag other than ``!!python/tuple`` (which ``LazyConfig.save``
-writes), a ``_BASE_`` (a saved config is complete), or, for a LazyConfig, a ``_target_``
-outside the libraries a training config builds from (detectron2's model, data, solver and
-evaluation parts, ``torch.nn``, ``torch.optim``, fvcore, d2ema). Only then does detectron2's own
-loader read it.
+one line) if it holds a Python tag other than those ``LazyConfig.save`` writes for a config
+of those libraries (``!!python/tuple``; ``!!python/name:`` and ``functools.partial`` of a
+class or function of them), a ``_BASE_`` (a saved config is complete), or, for a LazyConfig, a
+``_target_`` outside the libraries a training config builds from (detectron2's model, data,
+solver and evaluation parts, ``torch.nn``, ``torch.optim``, fvcore's schedulers, d2ema's model
+configs and datasets). Only then does detectron2's own loader read it.
 
 Example::
 
@@ -38,7 +39,36 @@ __all__ = ["check_saved_config", "is_run_config"]
 _RUN_FILES = ("last_checkpoint", "ema_snapshots", "metrics.json", "log.txt")
 _TARGETS = ("detectron2.modeling.", "detectron2.layers.", "detectron2.data.",
             "detectron2.evaluation.", "detectron2.solver.", "detectron2.structures.",
-            "torch.nn.", "torch.optim.", "fvcore.", "d2ema.", "torchvision.transforms.")
+            "torch.nn.", "torch.optim.", "fvcore.common.param_scheduler.",
+            "d2ema.app.model_configs.", "d2ema.d2.datasets.", "torchvision.transforms.")
+# not all of d2ema (d2ema.cli.main would run a command) nor of fvcore
+
+
+class _Check(_Loader):
+    """:class:`_Loader` plus the Python references ``LazyConfig.save`` writes for classes and
+    ``functools.partial`` (``norm_layer=partial(nn.LayerNorm, eps=1e-6)``), admitted only for
+    the libraries of :data:`_TARGETS`; they are checked here, not built."""
+
+
+def _refuse(tag: str, node) -> yaml.constructor.ConstructorError:
+    return yaml.constructor.ConstructorError(
+        None, None, f"could not determine a constructor for the tag {tag!r}", node.start_mark)
+
+
+def _name(loader, suffix: str, node):
+    if not suffix.startswith(_TARGETS):
+        raise _refuse(f"tag:yaml.org,2002:python/name:{suffix}", node)
+    return f"<{suffix}>"
+
+
+def _partial(loader, node):
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)  # args/state: names checked inside
+    return loader.construct_sequence(node, deep=True)
+
+
+_Check.add_multi_constructor("tag:yaml.org,2002:python/name:", _name)
+_Check.add_constructor("tag:yaml.org,2002:python/object/apply:functools.partial", _partial)
 
 
 def is_run_config(path: str | os.PathLike[str]) -> bool:
@@ -67,7 +97,7 @@ def check_saved_config(path: str | os.PathLike[str]) -> None:
     fix = ("a run's saved config.yaml is read as data; restore it, or pass the config file you "
            "trained with (your own .yaml or LazyConfig .py)")
     try:
-        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Loader)
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Check)
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
     except yaml.constructor.ConstructorError as e:
@@ -84,5 +114,6 @@ def check_saved_config(path: str | os.PathLike[str]) -> None:
     for where, target in _targets(data):
         if not isinstance(target, str) or not target.startswith(_TARGETS):
             raise UsageError(f"{path}: {where}._target_ = {target!r} is not a part of "
-                             f"detectron2, torch.nn/optim, fvcore or d2ema, and would be imported "
-                             f"and called; {fix}")
+                             f"detectron2's model/data/solver/evaluation, torch.nn/optim, fvcore's "
+                             f"schedulers or d2ema's model configs, and would be imported and "
+                             f"called; {fix}")
