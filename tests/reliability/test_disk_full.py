@@ -23,6 +23,7 @@ import torch
 pytest.importorskip("detectron2")
 
 import _kill_child
+from detectron2.engine import HookBase
 
 import d2ema.atomic as atomic
 from d2ema.cli import main
@@ -79,13 +80,26 @@ def disk(tmp_path, monkeypatch):
     d.close()
 
 
-def _train(out: Path, max_iter: int, checkpoint_period: int, posthoc: bool):
+class _FillAtFirstStep(HookBase):
+    """The disk fills up once training runs (the start checks the free space for snapshots)."""
+
+    def __init__(self, fill):
+        self.fill = fill
+
+    def before_step(self):
+        if self.fill is not None:
+            self.fill()
+            self.fill = None
+
+
+def _train(out: Path, max_iter: int, checkpoint_period: int, posthoc: bool, fill=None):
     cfg = _kill_child.config(str(out), max_iter)
     cfg.SOLVER.CHECKPOINT_PERIOD = checkpoint_period
     cfg.MODEL_EMA.POSTHOC.ENABLED = posthoc
     torch.set_num_threads(1)
     trainer = _kill_child.KillTrainer(cfg)
     trainer.resume_or_load(resume=True)
+    trainer.register_hooks([_FillAtFirstStep(fill)])
     trainer.train()
     return trainer
 
@@ -101,11 +115,10 @@ def test_disk_full_loses_nothing_and_resumes(disk, where, tally):
     period = 1 if where == "checkpoint" else 100  # snapshot: no checkpoint until the end
     _train(out, 3, period, posthoc=where == "snapshot")
     saved = _digests(out)
-    disk.fill()
     tally["bad_inputs"] += 1
     tally["hostile_checks"] += 1
     with pytest.raises(D2EMAError) as info:
-        _train(out, 6, period, posthoc=where == "snapshot")
+        _train(out, 6, period, posthoc=where == "snapshot", fill=disk.fill)
     line = one_line(info.value)
     assert "No space left on device" in line and "--resume" in line, line
     tally["refused_cleanly"] += 1
