@@ -103,7 +103,8 @@ class _Recorder:
     and even a Ctrl-C or SIGTERM."""
 
     def __init__(self, f: IO[bytes]):
-        self.f, self.error = f, None
+        self.f = f
+        self.error: BaseException | None = None
 
     def write(self, data) -> int:
         try:
