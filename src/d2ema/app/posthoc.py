@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..confined import no_links_out
 from ..errors import UsageError
 from ..posthoc import Fit, PostHocError, Target, plan, reconstruct
 
@@ -161,6 +162,7 @@ def _evaluate(options, folder: Path, fits: list[Fit], step: int, report: PostHoc
 
     out = Path(options.output_dir)
     results_dir = out / "posthoc"
+    no_links_out(out, f"the run folder {out}")  # results are written in it, links not followed
     results_dir.mkdir(parents=True, exist_ok=True)
     run = RunEvaluator.load(out, options.config_file, prepare=register_for_config,
                             inference_dir=results_dir, datasets=options.datasets)

@@ -79,7 +79,8 @@ KEYS: dict[str, tuple[Any, str]] = {
     "POSTHOC.SIGMA_RELS": ([0.05, 0.10], "widths of the power EMAs snapshotted"),
     "POSTHOC.PERIOD": (0, "snapshot every N iterations (0: `MAX_ITER / 100`) and at the last"),
     "POSTHOC.DTYPE": ("float32", "snapshot precision: float32, float16 or bfloat16"),
-    "POSTHOC.DIR": ("", "snapshot folder ('' = `OUTPUT_DIR/ema_snapshots`)"),
+    "POSTHOC.DIR": (
+        "", "snapshot folder inside `OUTPUT_DIR`, relative to it ('' = `ema_snapshots`)"),
     "DISCARD_ON_RESUME": (
         False,
         "with `ENABLED` False: resume from a checkpoint that has an EMA and drop that EMA "
