@@ -169,7 +169,7 @@ def _entry(folder: Path, index: Path, i: int, raw: Any) -> SnapshotEntry:
     if not isinstance(raw["file"], str) or not _FILE.fullmatch(raw["file"]):
         raise bad(f"has file = {raw['file']!r}, not a snapshot file name (sigmaS_stepNNNNNNNN.pth)")
     confined(folder, raw["file"], f"{index} (snapshot entry {i})")
-    return SnapshotEntry(**{k: float(v) if k in ("sigma_rel", "gamma", "rounding") else v
+    return SnapshotEntry(**{k: float(v) if k in ("sigma_rel", "gamma", "rounding") else v  # type: ignore[arg-type]
                             for k, v in raw.items()})
 
 
