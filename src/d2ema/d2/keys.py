@@ -77,7 +77,8 @@ KEYS: dict[str, tuple[Any, str]] = {
     ),
     "POSTHOC.ENABLED": (False, "snapshot power EMAs for `d2ema posthoc` (length chosen after)"),
     "POSTHOC.SIGMA_RELS": ([0.05, 0.10], "widths of the power EMAs snapshotted"),
-    "POSTHOC.PERIOD": (0, "snapshot every N iterations (0: `MAX_ITER / 100`, at least 10) and at the last"),
+    "POSTHOC.PERIOD": (
+        0, "snapshot every N iterations (0: `MAX_ITER / 100`, at least 10) and at the last"),
     "POSTHOC.DTYPE": ("float32", "snapshot precision: float32, float16 or bfloat16"),
     "POSTHOC.DIR": (
         "", "snapshot folder inside `OUTPUT_DIR`, relative to it ('' = `ema_snapshots`)"),
