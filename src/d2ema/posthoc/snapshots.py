@@ -168,7 +168,7 @@ def _entry(folder: Path, index: Path, i: int, raw: Any) -> SnapshotEntry:
     if raw["file"] != expected:
         raise bad(f"has file = {raw['file']!r}, but its snapshot is named {expected!r}")
     confined(folder, raw["file"], f"{index} (snapshot entry {i})")
-    return SnapshotEntry(**{k: float(v) if k in ("sigma_rel", "gamma", "rounding") else v
+    return SnapshotEntry(**{k: float(v) if k in ("sigma_rel", "gamma", "rounding") else v  # type: ignore[arg-type]
                             for k, v in raw.items()})
 
 

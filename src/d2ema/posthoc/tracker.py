@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,7 +97,7 @@ class PostHocEMA:
         self._synced = False
 
     @property
-    def folder(self):
+    def folder(self) -> Path:
         return self.writer.folder
 
     @property
@@ -168,7 +169,7 @@ class PostHocEMA:
         """A deep copy of ``model`` holding the EMA of one ``sigma_rel`` or ``decay``."""
         if (sigma_rel is None) == (decay is None):
             raise PostHocError("give exactly one of sigma_rel= and decay=")
-        target = Target("sigma_rel", sigma_rel) if sigma_rel is not None else Target("decay", decay)
+        target = Target("sigma_rel", sigma_rel) if sigma_rel is not None else Target("decay", decay)  # type: ignore[arg-type]
         rec = next(self.reconstruct([target], step))
         clone = copy.deepcopy(unwrap_model(model), memo={id(self): None})
         return load_tensors(clone, rec.tensors)
