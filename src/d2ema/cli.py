@@ -224,9 +224,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          f"after {' '.join(args.opts[:late])!r}; e.g. d2ema train --config-file "
                          "CFG --dataset NAME=ANN.json:IMAGES --resume KEY VALUE ...")
 
-    if args.trust_pickle:
-        trust_pickles()
-    return train_main(args, prepare=register_for_config, known_datasets=tuple(DATASETS))
+    with trust_pickles(args.trust_pickle):
+        return train_main(args, prepare=register_for_config, known_datasets=tuple(DATASETS))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -95,7 +95,7 @@ def plot_ap_vs_length(
                 label=f"{r['target']} (~sigma_rel {r['sigma_rel']:.3f})")
     for r in rows:
         if r["kind"] == "raw":
-            ax.axhline(r["AP"], label="raw weights", **{**_RAW_STYLE, "marker": None})
+            ax.axhline(r["AP"], label="raw weights", **{**_RAW_STYLE, "marker": None})  # type: ignore[arg-type]
     ax.set_xscale("log")
     ax.set_xlabel("EMA length: sigma_rel (std of the averaging profile / training length)")
     ax.set_ylabel("COCO AP (%)")

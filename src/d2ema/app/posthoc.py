@@ -211,13 +211,13 @@ def _metrics(results: dict, primary_ap) -> dict[str, float]:
 
 
 def _export(checkpoint: Path, tensors, best: dict, step: int, output: Path) -> Path:
-    import torch
-
     from ..atomic import atomic_save
     from ..export import EXPORT_KEY, ema_model_state
     from ..format import STATE_KEY
+    from ..resume import read_checkpoint
 
-    raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    raw = read_checkpoint(checkpoint)  # weights_only; one line if it cannot be read
+    raw = raw if isinstance(raw, dict) else {}
     state, *_ = ema_model_state({STATE_KEY: tensors, "model": raw.get("model", {})},
                                 f"checkpoint {checkpoint}")
     try:

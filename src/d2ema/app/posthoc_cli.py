@@ -47,9 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..safe_pickle import trust_pickles
     from .posthoc import PostHocOptions, run_posthoc
 
-    if args.trust_pickle:
-        trust_pickles()
-    run_posthoc(PostHocOptions(args.output_dir, args.sigma_rel, args.decay, args.step, args.eval,
-                               args.export_best, args.snapshots, args.config_file, args.verbose,
-                               datasets=tuple(args.dataset)))
+    with trust_pickles(args.trust_pickle):
+        run_posthoc(PostHocOptions(args.output_dir, args.sigma_rel, args.decay, args.step,
+                                   args.eval, args.export_best, args.snapshots, args.config_file,
+                                   args.verbose, datasets=tuple(args.dataset)))
     return 0

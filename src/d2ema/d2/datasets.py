@@ -218,7 +218,8 @@ def dataset_names_in_config(cfg, tests_only: bool = False) -> list[tuple[str, st
         return [(n, f"DATASETS.{k}") for k in keys for n in cfg.DATASETS[k]]
     from omegaconf import DictConfig, OmegaConf
 
-    container = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    container: Any = (OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig)
+                      else cfg)
     names = _lazy_names(container.get("dataloader", {}), "dataloader")
     return [(n, where) for n, where in names
             if not tests_only or where.startswith(("dataloader.test", "dataloader.evaluator"))]

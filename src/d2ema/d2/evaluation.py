@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 EMA_PREFIX = "ema/"
 
 
-def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None):
+def build_evaluator(cfg: Any, dataset_name: str, output_folder: str | None = None) -> Any:
     """The evaluator for ``dataset_name``, chosen by its ``evaluator_type`` metadata.
 
     COCO-style datasets (``register_coco_instances`` sets ``evaluator_type="coco"``) get a

@@ -110,7 +110,7 @@ class EMAFamily:
         if self.posthoc is not None:
             # a checkpoint at step S resumes the series at S: every snapshot up to S must be on
             # disk by then (a kill after the save would otherwise leave a gap in the series)
-            self.states[POSTHOC_KEY] = EMAGroupState(lambda: self.posthoc.emas, POSTHOC_KEY,
+            self.states[POSTHOC_KEY] = EMAGroupState(lambda: self.posthoc.emas, POSTHOC_KEY,  # type: ignore[union-attr]
                                                      before_save=self.posthoc.writer.flush)
 
     def before_train(self, model: nn.Module, max_iter: int | None, start_iter: int = 0) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from ..confined import no_links_out
 from ..errors import UsageError
@@ -126,7 +127,7 @@ def check_output_dir(cfg, args) -> None:
     """The run's output folder (and its snapshot folder) can be written, and a training has
     steps to run: checked before any process starts or anything is written."""
     lazy = not hasattr(cfg, "OUTPUT_DIR")
-    train = cfg.get("train", {}) if lazy else None
+    train: Any = cfg.get("train", {}) if lazy else None
     key = "train.output_dir" if lazy else "OUTPUT_DIR"
     folder = str(train.get("output_dir", "") if lazy else cfg.OUTPUT_DIR)
     if folder and "://" not in folder:

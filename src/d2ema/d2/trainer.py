@@ -31,8 +31,10 @@ Example::
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import DefaultTrainer, HookBase, hooks
+from torch import nn
 
 from ..ema import EMA
 from .build import build_model_ema, get_model_ema
@@ -62,12 +64,12 @@ class EMATrainerMixin:
         check_trainer_bases(cls, EMATrainerMixin)
 
     @classmethod
-    def build_model(cls, cfg):
+    def build_model(cls, cfg: Any) -> nn.Module:
         model = super().build_model(cfg)
         build_model_ema(cfg, model)
         return model
 
-    def build_hooks(self):
+    def build_hooks(self) -> list[HookBase]:
         ema = get_model_ema(self.model)
         old = self.checkpointer
         if ema is None:  # a resume must not drop a checkpoint's EMA unnoticed
@@ -87,7 +89,7 @@ class EMATrainerMixin:
         return ret
 
     @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+    def build_evaluator(cls, cfg: Any, dataset_name: str, output_folder: str | None = None) -> Any:
         """The trainer's own ``build_evaluator`` when a class after the mixin has one; else COCO
         for COCO-style datasets (see :func:`d2ema.d2.evaluation.build_evaluator`)."""
         try:  # DefaultTrainer's raises NotImplementedError; a user's may not take output_folder
@@ -98,8 +100,8 @@ class EMATrainerMixin:
             return build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
-    def test_with_ema(cls, cfg, model, ema: EMA | None, *, raw: bool, evaluators=None,
-                      prefix: str = EMA_PREFIX):
+    def test_with_ema(cls, cfg: Any, model: nn.Module, ema: EMA | None, *, raw: bool,
+                      evaluators: Any = None, prefix: str = EMA_PREFIX) -> dict[str, Any]:
         """detectron2's plain ``test`` for the raw weights (if ``raw``) and for ``ema``'s
         weights (``prefix`` keys), with PreciseBN for the EMA weights when the config asks."""
         plain_test = super(EMATrainerMixin, _adapting(cls)).test
@@ -126,7 +128,7 @@ class EMATrainerMixin:
         )
 
     @classmethod
-    def test(cls, cfg, model, evaluators=None):
+    def test(cls, cfg: Any, model: nn.Module, evaluators: Any = None) -> dict[str, Any]:
         """Raw weights (unless ``EVAL_BOTH`` is off), the EMA (``ema/``) and each extra EMA
         (``ema_0.99/``, ``ema_sigma0.1/``)."""
         ema = get_model_ema(model)
@@ -138,7 +140,8 @@ class EMATrainerMixin:
         return results
 
     @classmethod
-    def test_eval_only(cls, cfg, model, evaluators=None):
+    def test_eval_only(cls, cfg: Any, model: nn.Module,
+                       evaluators: Any = None) -> dict[str, Any]:
         """``--eval-only``: the EMA weights with ``USE_EMA_WEIGHTS_FOR_EVAL_ONLY``, else the raw
         ones (both if ``EVAL_BOTH`` and the EMA is used)."""
         ema = get_model_ema(model)
@@ -149,7 +152,7 @@ class EMATrainerMixin:
             cfg, model, ema, raw=settings.eval_both, evaluators=evaluators
         )
 
-    def resume_or_load(self, resume: bool = True):
+    def resume_or_load(self, resume: bool = True) -> None:
         resuming = resume and self.checkpointer.has_checkpoint()
         super().resume_or_load(resume=resume)
         checkpointer = self.checkpointer
@@ -163,12 +166,12 @@ class EMATrainerMixin:
         elif self.cfg.MODEL.WEIGHTS:
             logger.info("The EMA starts from the weights loaded from %s.", self.cfg.MODEL.WEIGHTS)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         ret = super().state_dict()
         ret.setdefault("_trainer", self._trainer.state_dict())
         return ret
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if not _SAVES_OPTIMIZER and "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])

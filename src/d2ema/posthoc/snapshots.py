@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -134,7 +133,6 @@ def read_index(folder: str | os.PathLike[str]) -> list[SnapshotEntry]:
     return sorted(entries, key=lambda e: (e.t, e.sigma_rel))
 
 
-_FILE = re.compile(r"sigma[0-9.e+-]+_step\d{8,}\.pth")
 _MAX_STEP = 10**12  # far beyond any training; larger means a damaged or forged index
 _INT_FIELDS = {"t": 1, "step": 1, "bytes": 0}
 
@@ -166,10 +164,11 @@ def _entry(folder: Path, index: Path, i: int, raw: Any) -> SnapshotEntry:
                   f"{raw['sigma_rel']!r}")
     if raw["dtype"] not in _DTYPES:
         raise bad(f"has dtype = {raw['dtype']!r}, not one of {sorted(_DTYPES)}")
-    if not isinstance(raw["file"], str) or not _FILE.fullmatch(raw["file"]):
-        raise bad(f"has file = {raw['file']!r}, not a snapshot file name (sigmaS_stepNNNNNNNN.pth)")
+    expected = f"sigma{raw['sigma_rel']:g}_step{raw['step']:08d}.pth"  # what write() names it
+    if raw["file"] != expected:
+        raise bad(f"has file = {raw['file']!r}, but its snapshot is named {expected!r}")
     confined(folder, raw["file"], f"{index} (snapshot entry {i})")
-    return SnapshotEntry(**{k: float(v) if k in ("sigma_rel", "gamma", "rounding") else v
+    return SnapshotEntry(**{k: float(v) if k in ("sigma_rel", "gamma", "rounding") else v  # type: ignore[arg-type]
                             for k, v in raw.items()})
 
 
