@@ -135,3 +135,15 @@ def test_misspelt_key_suggests_the_right_one(config_file, capsys):
     assert main(["train", "--config-file", str(config_file), "MODEL_EMA.DECAYY", "0.99"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "did you mean MODEL_EMA.DECAY?" in err[0], err
+
+
+def test_ctrl_c_under_train_says_resume_continues(config_file, capsys, monkeypatch):
+    import d2ema.d2.train_net as train_net
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_net, "train_main", interrupted)
+    assert main(["train", "--config-file", str(config_file)]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "d2ema train: interrupted; checkpoints kept: --resume continues")

@@ -122,10 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-machines", type=int, default=1, help="number of machines")
     train.add_argument("--machine-rank", type=int, default=0, help="rank of this machine")
     port = 2**15 + 2**14 + hash(os.getuid() if sys.platform != "win32" else 1) % 2**14
-    train.add_argument("--dist-url", default=None,
-                       help=f"URL of the distributed process group (default tcp://127.0.0.1:{port}"
-                       "; 'auto': a free local port; with --num-machines, machine 0's address, "
-                       "or 127.0.0.1 for 'machines' on this host)")
+    train.add_argument("--dist-url", default=None, help=f"process group URL (default tcp://"
+                       f"127.0.0.1:{port}; 'auto': a free local port; --num-machines: machine "
+                       "0's address, 127.0.0.1 for 'machines' on this host)")
     train.set_defaults(default_dist_url=f"tcp://127.0.0.1:{port}")
     _add_tail(train, cmd_train, "config overrides: 'KEY VALUE' pairs (YAML) or key=value (.py)")
 
@@ -178,8 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _quiet_warnings()
             return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
-        resume = ("; the checkpoints so far are kept: run it again with --resume to continue"
-                  if prog == f"{PROG} train" else "")
+        resume = "; checkpoints kept: --resume continues" * (prog == f"{PROG} train")
         print(f"{prog}: interrupted{f' by {e}' if str(e) else ''}{resume}", file=sys.stderr)
         return exit_status(e)
     except D2EMAError as e:
