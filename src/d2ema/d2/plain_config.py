@@ -104,13 +104,16 @@ def export_with_config(
     config: str | os.PathLike[str] | None = None,
     *,
     allow_nonfinite: bool = False,
+    **export_kwargs: Any,
 ) -> list[str]:
-    """:func:`~d2ema.export.export_ema`, then the plain config (``config``, else the run's
-    ``config.yaml`` beside ``checkpoint``) beside ``output``; returns the lines to print."""
+    """:func:`~d2ema.export.export_ema` (``export_kwargs``: its ``ema=`` and ``info=``), then
+    the plain config (``config``, else the run's ``config.yaml`` beside ``checkpoint``) beside
+    ``output``; returns the lines to print."""
     if config is not None and not Path(config).is_file():
         raise ExportError(f"config {config} does not exist; pass the run's config.yaml "
                           "(OUTPUT_DIR/config.yaml), or leave --config out")
-    lines = [export_ema(checkpoint, output, allow_nonfinite=allow_nonfinite).describe()]
+    summary = export_ema(checkpoint, output, allow_nonfinite=allow_nonfinite, **export_kwargs)
+    lines = [summary.describe()]
     config = Path(config) if config is not None else find_run_config(checkpoint)
     if config is None:
         lines.append(f"no {RUN_CONFIG} beside {checkpoint}: pass --config RUN_CONFIG.yaml to "

@@ -48,6 +48,7 @@ from .datasets import (
 )
 from .evaluation import evaluate_extra_emas, evaluate_with_ema
 from .hooks import EMAHook
+from .posthoc_select import check_selection, select_after_training
 from .safety import NoEMACheckpointer, check_resume_keeps_ema
 from .train_inputs import check_lazy_keys, check_readable, check_weights, is_lazy
 from .trainer import EMATrainer
@@ -172,6 +173,7 @@ def train_main(
     if args.resume and not args.eval_only:  # before config.yaml is rewritten
         check_resume_keeps_ema(cfg)
     check_datasets_known(cfg, known_datasets)
+    check_selection(cfg)
     _check_launch(args, cfg)
     from .launch import launch
 
@@ -268,7 +270,8 @@ def _yacs_main(cfg, args, prepare: Prepare | None):
     trainer = EMATrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
-    results = getattr(trainer, "_last_eval_results", None)
+    # MODEL_EMA.POSTHOC.SELECT: choose the EMA length now (else results unchanged)
+    results = select_after_training(trainer, getattr(trainer, "_last_eval_results", None))
     if results:
         _say(f"final evaluation: {_summary(results)}")
     _say(f"done; checkpoints in {cfg.OUTPUT_DIR}")
