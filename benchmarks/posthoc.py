@@ -328,7 +328,7 @@ def selection_run(args, work: Path) -> list[str]:
              f"images of another seed), test set shapes_val ({args.val} images); {args.iters} "
              f"iterations ({trained / 60:.1f} min), selection {selected / 60:.1f} min. Every "
              "length of the sweep was also scored on the test set to find the best there.", "",
-             f"| chosen on | chosen length | its AP there | its test AP | best test AP of the "
+             "| chosen on | chosen length | its AP there | its test AP | best test AP of the "
              "sweep | gap |", "|---|---|--:|--:|--:|--:|",
              f"| {SELECT_SET} (held out) | {by_held} | {held[by_held]:.1f} | "
              f"{test[by_held]:.1f} | {best:.1f} | {test[by_held] - best:+.1f} |",
