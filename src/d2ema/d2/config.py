@@ -83,17 +83,9 @@ KEYS: dict[str, tuple[Any, str]] = {
     "POSTHOC.PERIOD": (0, "snapshot every N iterations (0: MAX_ITER / 100) and at the last"),
     "POSTHOC.DTYPE": ("float32", "snapshot precision: float32, float16 or bfloat16"),
     "POSTHOC.DIR": ("", "snapshot folder ('' = OUTPUT_DIR/ema_snapshots)"),
-    "POSTHOC.SELECT": (
-        False,
-        "at the end of training rebuild a sweep of EMA lengths, evaluate each on SELECT_ON and "
-        "write the best as OUTPUT_DIR/model_final_posthoc.pth (+ a plain detectron2 config)",
-    ),
+    "POSTHOC.SELECT": (False, "at the end: choose the best EMA length, write model_final_posthoc"),
     "POSTHOC.SELECT_SIGMA_RELS": ([], "the lengths SELECT tries ([] = 0.01 .. 0.25)"),
-    "POSTHOC.SELECT_ON": (
-        "",
-        "dataset SELECT chooses on ('' = DATASETS.TEST[0], which then both chooses and reports: "
-        "optimistic); the chosen EMA is reported on DATASETS.TEST[0]",
-    ),
+    "POSTHOC.SELECT_ON": ("", "dataset SELECT chooses on ('' = DATASETS.TEST[0], optimistic)"),
     "DISCARD_ON_RESUME": (
         False,
         "with ENABLED False: resume from a checkpoint that has an EMA and drop that EMA "

@@ -24,14 +24,27 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_bytes, atomic_write_text
+from ..errors import UsageError
 from ..posthoc import Fit
-from .run_eval import primary_ap
 
-__all__ = ["fit_row", "plot_ap_vs_length", "result_metrics", "table", "write_results"]
+__all__ = ["fit_row", "plot_ap_vs_length", "primary_ap", "result_metrics", "table",
+           "write_results"]
 
 RESULTS, PLOT, TABLE = "results.json", "ap_vs_length.png", "table.txt"
 _RAW_STYLE = {"color": "0.35", "linestyle": "--"}
 _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+def primary_ap(results: Mapping[str, Any]) -> float:
+    """The headline AP of detectron2 results: ``bbox/AP``, else the first task's ``AP``; NaN
+    (COCO's "no detections") counts as 0."""
+    tasks = [results["bbox"]] if "bbox" in results else list(results.values())
+    for task in tasks:
+        if isinstance(task, Mapping) and "AP" in task:
+            ap = float(task["AP"])
+            return 0.0 if math.isnan(ap) else ap
+    raise UsageError(f"the evaluation gave no AP (results: {sorted(results)}); d2ema posthoc "
+                     "--eval needs a detection or segmentation test set")
 
 
 def fit_row(fit: Fit) -> dict[str, Any]:
@@ -42,7 +55,7 @@ def fit_row(fit: Fit) -> dict[str, Any]:
 
 
 def result_metrics(results: Mapping[str, Any]) -> dict[str, float]:
-    """``AP`` (:func:`~d2ema.d2.run_eval.primary_ap`: bbox AP, else the first task's) and
+    """``AP`` (:func:`primary_ap`: bbox AP, else the first task's) and
     ``AP50`` of detectron2 results."""
     box = results.get("bbox", {})
     ap50 = float(box.get("AP50", math.nan)) if isinstance(box, Mapping) else math.nan
@@ -122,6 +135,9 @@ def plot_ap_vs_length(
         ax.plot([chosen["sigma_rel"]], [chosen["AP"]], marker="o", markersize=14,
                 markerfacecolor="none", markeredgecolor="tab:red", markeredgewidth=2,
                 linestyle="", label=f"chosen: {chosen['target']}")
+    ys = [r["AP"] for r in rows if isinstance(r.get("AP"), (int, float))]
+    if ys and max(ys) - min(ys) < 1e-6:  # all equal (e.g. no detections): a readable axis
+        ax.set_ylim(min(ys) - 1, max(ys) + 1)
     ax.set_xscale("log")
     widths = [r["sigma_rel"] for r in rows if r["kind"] != "raw"]
     if widths:

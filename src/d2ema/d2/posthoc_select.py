@@ -62,7 +62,7 @@ from . import posthoc_report as report
 from .config import ema_settings
 from .evaluation import precise_bn
 from .family import get_ema_family
-from .run_eval import primary_ap
+from .posthoc_report import primary_ap
 
 __all__ = ["SELECTED", "check_selection", "select_after_training"]
 
@@ -256,7 +256,6 @@ def _write(trainer, results, outcome, test: dict, select_on: str, report_on: str
     from detectron2.evaluation.testing import flatten_results_dict
 
     from .plain_config import export_with_config
-    from .run_eval import _checkpoint
 
     cfg, sel, scored = trainer.cfg, outcome["selection"], outcome["scored"]
     out = Path(cfg.OUTPUT_DIR)
@@ -268,7 +267,8 @@ def _write(trainer, results, outcome, test: dict, select_on: str, report_on: str
     chosen = next(r for r in rows if r["target"] == outcome["label"])
     test_ap = {"raw": _ap(_task_results(results, "", report_on)),
                "ema": _ap(_task_results(results, "ema/", report_on)), "chosen": _ap(test)}
-    export = export_with_config(_checkpoint(out), out / SELECTED, ema=sel.tensors, info={
+    checkpoint = trainer.checkpointer.get_checkpoint_file()  # model_final.pth, saved by now
+    export = export_with_config(checkpoint, out / SELECTED, ema=sel.tensors, info={
         "step": sel.step, "posthoc": outcome["label"], "select_on": select_on,
         "format": "d2ema post-hoc EMA export, v1"})
     lines = report.table(rows, evaluated=True)

@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,22 +25,11 @@ import torch
 
 from ..errors import UsageError, one_line
 from ..posthoc import load_tensors
+from .posthoc_report import primary_ap
 
 __all__ = ["RunEvaluator", "primary_ap"]
 
 logger = logging.getLogger(__name__)
-
-
-def primary_ap(results: Mapping[str, Any]) -> float:
-    """The headline AP of detectron2 results: ``bbox/AP``, else the first task's ``AP``; NaN
-    (COCO's "no detections") counts as 0."""
-    tasks = [results["bbox"]] if "bbox" in results else list(results.values())
-    for task in tasks:
-        if isinstance(task, Mapping) and "AP" in task:
-            ap = float(task["AP"])
-            return 0.0 if math.isnan(ap) else ap
-    raise UsageError(f"the evaluation gave no AP (results: {sorted(results)}); d2ema posthoc "
-                     "--eval needs a detection or segmentation test set")
 
 
 def _checkpoint(output_dir: Path) -> Path:
