@@ -258,3 +258,13 @@ def test_posthoc_command_select_on(run, tmp_path, capsys):
     assert f"on sel_hold; on the test set AP {best['test_AP']:.1f}" in printed
     assert main(["posthoc", str(out), "--eval", "--select-on", "nope"]) == 2
     assert "--select-on nope: no dataset of that name is registered" in _error_line(capsys)
+
+
+def test_lazy_config_refused_with_the_alternative():
+    from omegaconf import OmegaConf
+
+    from d2ema.errors import ConfigError
+
+    cfg = OmegaConf.create({"train": {"model_ema": {"posthoc": {"select": True}}}})
+    with pytest.raises(ConfigError, match="d2ema posthoc OUTPUT_DIR --eval --export-best"):
+        posthoc_select.check_selection(cfg)

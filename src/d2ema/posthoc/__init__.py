@@ -21,6 +21,7 @@ Example::
     ph.snapshot()
     ph.close()
     ema_model = ph.model_copy(model, sigma_rel=0.07)   # any length, chosen now
+    best = ph.select(validation_score, model=model)   # or the length a held-out score picks
 """
 
 from .profiles import (
