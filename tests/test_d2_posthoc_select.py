@@ -67,10 +67,18 @@ def train(setup, out, *extra, opts=()) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def run(setup, tmp_path_factory):
+    """The run, its selection scored by :func:`_select_helpers.weight_score` (real AP: all 0)."""
     out = tmp_path_factory.mktemp("run")
-    rc, printed = train(setup, out)
+    with pytest.MonkeyPatch.context() as patch:
+        weight_scored(patch)
+        rc, printed = train(setup, out)
     assert rc == 0, printed
     return out, printed
+
+
+def weight_scored(patch) -> None:
+    patch.setattr(posthoc_select, "_evaluate", posthoc_select._evaluate)  # restored after
+    _select_helpers.weight_score(None)
 
 
 def finished_copy(run_dir: Path, dst: Path) -> Path:
@@ -162,7 +170,9 @@ def test_select_on_a_held_out_set_is_honoured(setup, run, tmp_path, monkeypatch)
 
 _KILL_CHILD = """
 import os, signal, sys
+import _select_helpers
 from d2ema.d2 import posthoc_select
+_select_helpers.weight_score(None)
 real, calls = posthoc_select._evaluate, []
 def evaluate(trainer, dataset, label):
     calls.append(label)
@@ -175,7 +185,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigkill_during_selection_then_resume_completes_it(setup, run, tmp_path):
+def test_sigkill_during_selection_then_resume_completes_it(setup, run, tmp_path, monkeypatch):
     out = finished_copy(run[0], tmp_path / "run")
     before = digests(out)
     path, datasets = setup
@@ -187,6 +197,7 @@ def test_sigkill_during_selection_then_resume_completes_it(setup, run, tmp_path)
     assert digests(out) == before  # checkpoints and snapshots untouched
     assert not any((out / name).exists() for name in OUTPUTS[:2])
     assert not [p for p in out.rglob("*.tmp")]
+    weight_scored(monkeypatch)
     rc, printed = train(setup, out, "--resume")
     assert rc == 0 and "post-hoc EMA: chose" in printed
     assert digests(out) == before
@@ -197,22 +208,20 @@ def test_sigkill_during_selection_then_resume_completes_it(setup, run, tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mode runs where there is no GPU")
-def test_two_processes_choose_as_one(setup, run, tmp_path, monkeypatch):
-    """Same finished run, selection resumed by 1 and by 2 processes (gloo), scored by
-    :func:`_select_helpers.weight_score` (a score of the weights every process holds)."""
-    monkeypatch.setattr(posthoc_select, "_evaluate", posthoc_select._evaluate)  # restored
+def test_two_processes_choose_as_one(setup, run, tmp_path):
+    """The finished run's selection (one process) against its selection resumed by 2
+    processes (gloo), both scored by :func:`_select_helpers.weight_score` (a score of the
+    weights every process holds, so a process left without the rebuilt weights changes it)."""
     path, datasets = setup
-    results = {}
-    for n in (1, 2):
-        out = finished_copy(run[0], tmp_path / f"n{n}")
-        args = build_parser().parse_args(
-            ["train", "--config-file", str(path), *datasets, "--resume", "--num-gpus", str(n),
-             "OUTPUT_DIR", str(out), *SELECT])
-        with loggers_restored(), contextlib.redirect_stdout(io.StringIO()):
-            assert train_main(args, prepare=_select_helpers.weight_score) == 0
-        results[n] = json.loads((out / "posthoc/results.json").read_text())
-        assert (out / "model_final_posthoc.pth").is_file()
-    one, two = results[1], results[2]
+    out = finished_copy(run[0], tmp_path / "two")
+    args = build_parser().parse_args(
+        ["train", "--config-file", str(path), *datasets, "--resume", "--num-gpus", "2",
+         "OUTPUT_DIR", str(out), *SELECT])
+    with loggers_restored(), contextlib.redirect_stdout(io.StringIO()):
+        assert train_main(args, prepare=_select_helpers.weight_score) == 0
+    assert (out / "model_final_posthoc.pth").is_file()
+    one = json.loads((run[0] / "posthoc/results.json").read_text())
+    two = json.loads((out / "posthoc/results.json").read_text())
     assert two["chosen"]["target"] == one["chosen"]["target"]
     assert [(r["target"], r["AP"]) for r in two["rows"]] == [
         (r["target"], r["AP"]) for r in one["rows"]]
