@@ -75,7 +75,7 @@ def test_clear_errors(run_dir, tmp_path, capsys, breakage, message):
     if breakage != "no_snapshots":
         (broken / "ema_snapshots").mkdir()
         for f in (run_dir / "ema_snapshots").iterdir():
-            (broken / "ema_snapshots" / f.name).symlink_to(f)
+            (broken / "ema_snapshots" / f.name).hardlink_to(f)  # links leading out: refused
         victim = broken / "ema_snapshots" / read_index(run_dir / "ema_snapshots")[3].file
         if breakage == "missing":
             victim.unlink()

@@ -34,6 +34,7 @@ import torch
 __all__ = [
     "atomic_save",
     "atomic_write_bytes",
+    "atomic_write_files",
     "atomic_write_text",
     "check_target",
     "file_mode",
@@ -135,7 +136,8 @@ def _create(tmp: Path) -> int:
     return os.open(tmp, flags | getattr(os, "O_CLOEXEC", 0), 0o600)
 
 
-def _write_atomically(output: str | os.PathLike[str], write: Callable[[Any], None]) -> None:
+def _stage(output: str | os.PathLike[str], write: Callable[[Any], None]) -> tuple[Path, Path]:
+    """Write a complete, synced temporary file next to ``output``: ``(temporary, target)``."""
     path = check_target(output)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -166,18 +168,62 @@ def _write_atomically(output: str | os.PathLike[str], write: Callable[[Any], Non
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode(path))  # created 0600; give what open() would
-        os.replace(tmp, path)
     except BaseException:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
-    with contextlib.suppress(OSError):  # make the rename durable (not possible everywhere)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    return tmp, path
+
+
+def _commit(staged: list[tuple[Path, Path]]) -> None:
+    """Rename the staged files into place (removing every one left on failure), then make the
+    renames durable (fsync of the folders, not possible everywhere)."""
+    try:
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    for folder in dict.fromkeys(path.parent for _, path in staged):
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+def _write_atomically(output: str | os.PathLike[str], write: Callable[[Any], None]) -> None:
+    _commit([_stage(output, write)])
+
+
+def atomic_write_files(files: list[tuple[str | os.PathLike[str], Any]]) -> None:
+    """Write several files as a group: ``(path, obj)`` pairs, ``obj`` a ``str`` (UTF-8 text) or
+    anything else (``torch.save``). Every file is written to its temporary file first; only
+    when all are complete are they renamed into place, so a full disk (or any error) while
+    writing leaves every target as it was.
+
+    Example::
+
+        atomic_write_files([("ema.pth", {"model": state}), ("ema.yaml", config_text)])
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for output, obj in files:
+            if isinstance(obj, str):
+                data = obj.encode("utf-8")
+                staged.append(_stage(output, lambda f, d=data: f.write(d)))
+            else:
+                staged.append(_stage(output, lambda f, o=obj: torch.save(o, f)))
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    _commit(staged)
 
 
 def atomic_save(obj: Any, output: str | os.PathLike[str]) -> None:

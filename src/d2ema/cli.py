@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 from .errors import D2EMAError, one_line
 from .interrupts import exit_status, signals_as_interrupts
+from .safe_pickle import add_trust_pickle, trust_pickles
 
 __all__ = ["build_parser", "main"]
 
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="resume from the last checkpoint of the output folder")
     train.add_argument("--eval-only", action="store_true", help="evaluate only")
+    add_trust_pickle(train)
     train.add_argument("--num-gpus", type=int, default=1, help="GPUs per machine (default 1)")
     train.add_argument("--num-machines", type=int, default=1, help="number of machines")
     train.add_argument("--machine-rank", type=int, default=0, help="rank of this machine")
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .app.posthoc_cli import add_posthoc_parser
 
-    add_posthoc_parser(sub, _add_verbose)
+    add_posthoc_parser(sub, _add_verbose, add_trust_pickle)
 
     bench = sub.add_parser(
         "bench", add_help=False, help="time EMA updates against the floor and the peers",
@@ -220,6 +222,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          f"after {' '.join(args.opts[:late])!r}; e.g. d2ema train --config-file "
                          "CFG --dataset NAME=ANN.json:IMAGES --resume KEY VALUE ...")
 
+    if args.trust_pickle:
+        trust_pickles()
     return train_main(args, prepare=register_for_config, known_datasets=tuple(DATASETS))
 
 

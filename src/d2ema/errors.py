@@ -23,6 +23,9 @@ __all__ = [
     "EMANotLoadedError",
     "EMAStateError",
     "ExportError",
+    "OutsideFolderError",
+    "PickleRefusedError",
+    "RunLockedError",
     "TrainerError",
     "UsageError",
     "one_line",
@@ -63,6 +66,18 @@ class EMANotLoadedError(D2EMAError, RuntimeError):
 
 class TrainerError(D2EMAError, TypeError):
     """A trainer class put together so that it would train without its EMA."""
+
+
+class OutsideFolderError(D2EMAError, ValueError):
+    """A file a run folder names (``index.json``, ``last_checkpoint``) that lies outside it."""
+
+
+class PickleRefusedError(D2EMAError):
+    """A pickled weights file that asks for more than arrays and containers (it could run code)."""
+
+
+class RunLockedError(D2EMAError):
+    """Another process is training into the same OUTPUT_DIR."""
 
 
 def one_line(message: object) -> str:

@@ -24,13 +24,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import atomic_save, check_target
+from .atomic import atomic_write_files, check_target
 from .errors import ExportError
 from .format import META_KEY, STATE_KEY, align_names, nonfinite_names, shorten
 
@@ -124,11 +124,13 @@ def _step(checkpoint: Mapping[str, Any]) -> int | None:
     return int(it) + 1 if isinstance(it, int) else None
 
 
-def _write(obj: Any, output: Path) -> None:
+def _write(obj: Any, output: Path, extra: Sequence[tuple[Path, str]] = ()) -> None:
     try:
-        atomic_save(obj, output)
+        atomic_write_files([(output, obj), *extra])  # all written, or none replaced
     except OSError as e:
-        raise ExportError(f"cannot write {output}: {e.strerror or e}") from e
+        where = e.filename or output
+        raise ExportError(f"cannot write {where}: {e.strerror or e}; nothing was replaced"
+                          f"{' (' + str(output) + ' neither)' if extra else ''}") from e
 
 
 def _check_finite(checkpoint: Mapping[str, Any], source: Path) -> None:
@@ -149,6 +151,7 @@ def export_ema(
     output: str | os.PathLike[str],
     *,
     allow_nonfinite: bool = False,
+    extra: Sequence[tuple[str | os.PathLike[str], str]] = (),
     ema: Mapping[str, torch.Tensor] | None = None,
     info: Mapping[str, Any] | None = None,
 ) -> ExportSummary:
@@ -161,6 +164,8 @@ def export_ema(
     Raises :class:`ExportError` for a missing/unreadable checkpoint, one without ``ema_state``,
     an EMA that does not fit the model or holds NaN/Inf (unless ``allow_nonfinite``), or an
     output that cannot be written (a folder, FIFO or device node there is never replaced).
+    ``extra``: ``(path, text)`` files written with ``output`` as a group: if one cannot be
+    written, none is replaced.
     """
     source, output = Path(checkpoint), Path(output)
     if output.exists() and output.is_dir():
@@ -182,5 +187,5 @@ def export_ema(
     record = {"source": str(source), "step": _step(data), "format": "d2ema EMA export, v1",
               **(info or {})}
     exported = {"model": state, EXPORT_KEY: record}
-    _write(exported, output)
+    _write(exported, output, [(Path(p), text) for p, text in extra])
     return ExportSummary(source, output, replaced, kept, ema_only, record["step"])

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .confined import confined, escapes
 from .errors import CheckpointError, one_line
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "checkpoint_candidates",
     "find_resume_checkpoint",
     "read_checkpoint",
+    "tagged_checkpoint",
 ]
 
 TAG_FILE = "last_checkpoint"
@@ -53,7 +55,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     """``torch.load`` to the CPU, as detectron2's checkpointer does; any failure becomes a
     one-line :class:`CheckpointError` naming the file and the reason."""
     try:
-        return torch.load(path, map_location=torch.device("cpu"))
+        return torch.load(path, map_location=torch.device("cpu"), weights_only=True)
     except OSError as e:
         raise _Unreadable(path, f"cannot be read ({e.strerror or e})") from e
     except Exception as e:
@@ -66,7 +68,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
 
 def checkpoint_candidates(folder: str | os.PathLike[str]) -> list[Path]:
     """The checkpoint files of a training folder (``*_NNNNNNN.pth``, ``*_final.pth``), newest
-    first (modification time, then the later iteration)."""
+    first (modification time, then the later iteration); links leading out of it are left out."""
     found = []
     try:
         entries = list(os.scandir(folder))
@@ -74,7 +76,7 @@ def checkpoint_candidates(folder: str | os.PathLike[str]) -> list[Path]:
         return []
     for entry in entries:
         m = _NAME.match(entry.name)
-        if m and entry.is_file():
+        if m and entry.is_file() and not escapes(folder, entry.path):
             order = float("inf") if m["iter"] == "final" else int(m["iter"])
             found.append((entry.stat().st_mtime_ns, order, Path(entry.path)))
     return [p for *_, p in sorted(found, key=lambda x: x[:2], reverse=True)]
@@ -87,8 +89,10 @@ class ResumePoint:
     warning: str | None  # set when it is not the tagged one
 
 
-def _tagged(folder: Path) -> tuple[Path | None, str]:
-    """The checkpoint ``last_checkpoint`` names, or None and why not."""
+def tagged_checkpoint(folder: str | os.PathLike[str]) -> tuple[Path | None, str]:
+    """The checkpoint ``last_checkpoint`` names, or None and why not; OutsideFolderError if
+    it names a file outside ``folder``."""
+    folder = Path(folder)
     try:
         name = (folder / TAG_FILE).read_text(encoding="utf-8").strip()
     except FileNotFoundError:
@@ -97,7 +101,7 @@ def _tagged(folder: Path) -> tuple[Path | None, str]:
         return None, f"{TAG_FILE} cannot be read ({one_line(e)})"
     if not name:
         return None, f"{TAG_FILE} is empty"
-    path = folder / name
+    path = confined(folder, name, f"{folder / TAG_FILE}")
     if not path.is_file():
         return None, f"{TAG_FILE} names {name}, which does not exist"
     return path, ""
@@ -112,7 +116,7 @@ def _complete(checkpoint: Any, need_iteration: bool) -> bool:
 def find_resume_checkpoint(folder: str | os.PathLike[str]) -> ResumePoint:
     """The checkpoint to resume from; :class:`CheckpointError` if the folder has none complete."""
     folder = Path(folder)
-    tagged, why = _tagged(folder)
+    tagged, why = tagged_checkpoint(folder)
     if tagged is not None:
         try:
             checkpoint = read_checkpoint(tagged)

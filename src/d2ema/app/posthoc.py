@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..confined import no_links_out
 from ..errors import UsageError
 from ..posthoc import DEFAULT_SIGMA_RELS, Fit, PostHocError, Target, plan, select
 
@@ -147,6 +148,8 @@ def _evaluate(options, folder: Path, fits: list[Fit], step: int, report: PostHoc
 
     out = Path(options.output_dir)
     results_dir = out / "posthoc"
+    no_links_out(out, f"the run folder {out}")  # results are written in it, links not followed
+    results_dir.mkdir(parents=True, exist_ok=True)
     run = RunEvaluator.load(out, options.config_file, prepare=register_for_config,
                             inference_dir=results_dir, datasets=options.datasets)
     select_on = _selection_set(options.select_on, run)
@@ -177,7 +180,6 @@ def _evaluate(options, folder: Path, fits: list[Fit], step: int, report: PostHoc
     if select_on:
         with quiet:
             report.best["test_AP"] = result_metrics(run.evaluate(sel.tensors))["AP"]
-    results_dir.mkdir(parents=True, exist_ok=True)
     report.plot = write_results(
         results_dir, {"step": step, "snapshots": str(folder), "select_on": select_on or
                       report_on, "report_on": report_on, "rows": report.rows}, report.rows,

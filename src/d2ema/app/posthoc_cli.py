@@ -9,7 +9,8 @@ from collections.abc import Callable
 __all__ = ["add_posthoc_parser"]
 
 
-def add_posthoc_parser(sub, add_verbose: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_posthoc_parser(sub, add_verbose: Callable[[argparse.ArgumentParser], None],
+                       add_trust: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the ``posthoc`` subcommand to the ``d2ema`` parser's subparsers ``sub``."""
     posthoc = sub.add_parser(
         "posthoc", help="choose the EMA length after training (MODEL_EMA.POSTHOC snapshots)",
@@ -40,12 +41,16 @@ def add_posthoc_parser(sub, add_verbose: Callable[[argparse.ArgumentParser], Non
     posthoc.add_argument("--eval", action="store_true",
                          help="rebuild each EMA and evaluate it (and the raw weights)")
     add_verbose(posthoc)
+    add_trust(posthoc)
     posthoc.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..safe_pickle import trust_pickles
     from .posthoc import PostHocOptions, run_posthoc
 
+    if args.trust_pickle:
+        trust_pickles()
     run_posthoc(PostHocOptions(args.output_dir, args.sigma_rel, args.decay, args.step, args.eval,
                                args.export_best, args.snapshots, args.config_file, args.verbose,
                                datasets=tuple(args.dataset), select_on=args.select_on))

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..atomic import atomic_save, atomic_write_text
+from ..confined import confined
 from ..distributed import ShardedEMA
 from ..ema import EMA
 from ..errors import CheckpointError, D2EMAError
@@ -45,6 +46,8 @@ from ..health import nonfinite_message
 from ..resume import TAG_FILE, checkpoint_candidates, find_resume_checkpoint, read_checkpoint
 from .family import EMAGroupState, get_ema_family
 from .lenient import plan_ema_load
+from .pickled_weights import load_pkl_weights
+from .resume_check import check_exact_resume
 
 __all__ = ["AtomicCheckpointer", "EMACheckpointer", "ema_checkpointables"]
 
@@ -123,6 +126,13 @@ def ema_was_loaded(checkpointables: dict[str, Any]) -> bool:
     return bool(isinstance(holder, _EMATensors) and holder._shared.loaded)
 
 
+def _save_error(path: Any, e: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"cannot write {path}: {e.strerror or e}; it was left as it was and the checkpoints "
+        "before it are intact: free disk space (or write fewer: SOLVER.CHECKPOINT_PERIOD), then "
+        "train again with --resume")
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """A ``DetectionCheckpointer`` whose checkpoints are complete or absent, whose resume falls
     back to the newest complete checkpoint, and whose read errors are one line."""
@@ -143,14 +153,22 @@ class AtomicCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         assert os.path.basename(save_file) == basename, basename
+        confined(self.save_dir, basename, "the checkpointer")  # never replace a file elsewhere
         self.logger.info(f"Saving checkpoint to {save_file}")
-        atomic_save(data, save_file)
+        try:
+            atomic_save(data, save_file)
+        except OSError as e:
+            raise _save_error(save_file, e) from e
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not self._local():
             return super().tag_last_checkpoint(last_filename_basename)
-        atomic_write_text(last_filename_basename, os.path.join(self.save_dir, TAG_FILE))
+        path = confined(self.save_dir, TAG_FILE, "the checkpointer")
+        try:
+            atomic_write_text(last_filename_basename, path)
+        except OSError as e:
+            raise _save_error(path, e) from e
 
     def has_checkpoint(self) -> bool:
         """A ``last_checkpoint`` or a checkpoint file (``*_NNNNNNN.pth``, ``*_final.pth``)."""
@@ -168,13 +186,36 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.resumed_from = str(found.path)
         return self.resumed_from
 
+    _exact: bool = False  # resuming: the checkpoint must fit exactly (d2ema.d2.resume_check)
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
+        self._exact = resume and self.has_checkpoint()
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self._exact = False
+
+    def _load_model(self, checkpoint: dict[str, Any]):
+        if self._exact:  # before any part of the checkpoint is loaded
+            check_exact_resume(self.model, self.checkpointables, checkpoint,
+                               self.resumed_from or "the checkpoint")
+        return super()._load_model(checkpoint)
+
     def _load_file(self, filename: str) -> dict[str, Any]:
         verified, self._verified = self._verified, None
         if verified is not None and verified[0] == filename and isinstance(verified[1], dict):
             loaded = verified[1]
             return loaded if "model" in loaded else {"model": loaded}
-        if filename.endswith((".pkl", ".pyth")):
-            return super()._load_file(filename)
+        if filename.endswith(".pkl"):  # arrays only, never code (unless --trust-pickle)
+            return load_pkl_weights(filename)
+        if filename.endswith(".pyth"):  # pycls, as detectron2 reads it, but weights_only
+            data = read_checkpoint(filename)
+            if not isinstance(data, dict) or not isinstance(data.get("model_state"), dict):
+                raise CheckpointError(f"cannot load {filename}: a pycls .pyth file holds "
+                                      "'model_state'")
+            return {"model": {k: v for k, v in data["model_state"].items()
+                              if not k.endswith("num_batches_tracked")},
+                    "__author__": "pycls", "matching_heuristics": True}
         loaded = read_checkpoint(filename)
         if not isinstance(loaded, dict):
             raise CheckpointError(f"checkpoint {filename} holds a {type(loaded).__name__}, "

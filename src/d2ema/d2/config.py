@@ -82,7 +82,7 @@ KEYS: dict[str, tuple[Any, str]] = {
     "POSTHOC.SIGMA_RELS": ([0.05, 0.10], "widths of the power EMAs snapshotted"),
     "POSTHOC.PERIOD": (0, "snapshot every N iterations (0: MAX_ITER / 100) and at the last"),
     "POSTHOC.DTYPE": ("float32", "snapshot precision: float32, float16 or bfloat16"),
-    "POSTHOC.DIR": ("", "snapshot folder ('' = OUTPUT_DIR/ema_snapshots)"),
+    "POSTHOC.DIR": ("", "snapshot folder inside OUTPUT_DIR, relative to it ('' = ema_snapshots)"),
     "POSTHOC.SELECT": (False, "at the end: choose the best EMA length, write model_final_posthoc"),
     "POSTHOC.SELECT_SIGMA_RELS": ([], "the lengths SELECT tries ([] = 0.01 .. 0.25)"),
     "POSTHOC.SELECT_ON": ("", "dataset SELECT chooses on ('' = DATASETS.TEST[0], optimistic)"),

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetError
+from .coco_check import check_coco_file
 
 __all__ = [
     "FORMAT",
@@ -94,6 +95,7 @@ def parse_coco_dataset(text: str, check_files: bool = True) -> CocoDataset:
         if not image_path.is_dir():
             raise DatasetError(f"dataset {name!r}: image folder {image_path} does not exist; "
                                f"give {FORMAT}, e.g. {_EXAMPLE}")
+        check_coco_file(name, json_path)  # the JSON, every image and annotation
     return CocoDataset(name, os.path.abspath(json_path), os.path.abspath(image_path))
 
 

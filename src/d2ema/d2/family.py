@@ -171,7 +171,7 @@ def build_ema_family(cfg, model: nn.Module, settings: EMASettings,
     if settings.posthoc is not None:
         output_dir, max_iter = _run_facts(cfg)
         posthoc = PostHocEMA(
-            model, settings.posthoc.dir or os.path.join(output_dir, SNAPSHOT_FOLDER),
+            model, os.path.join(output_dir, settings.posthoc.dir or SNAPSHOT_FOLDER),
             settings.posthoc.sigma_rels, snapshot_every=settings.posthoc.period_for(max_iter),
             dtype=settings.posthoc.dtype, enabled=comm.is_main_process(),
             **{k: v for k, v in kwargs.items() if k not in ("decay", "schedule")},

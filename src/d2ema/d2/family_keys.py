@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from pathlib import PurePath
 from typing import Any
 
 from ..errors import ConfigError
@@ -40,6 +41,17 @@ class PostHocSettings:
 
 
 
+def _inside_output(v: dict[str, Any], key: Callable[[str], str]) -> str:
+    """``POSTHOC.DIR``: a folder inside OUTPUT_DIR, given relative to it."""
+    folder = str(v["POSTHOC.DIR"] or "")
+    parts = PurePath(folder).parts
+    if PurePath(folder).is_absolute() or ".." in parts or "\\" in folder:
+        raise ConfigError(f"{key('POSTHOC.DIR')} = {folder!r} must be a folder inside OUTPUT_DIR, "
+                          "given relative to it (no '..', not absolute), e.g. 'ema_snapshots'; "
+                          "'' is OUTPUT_DIR/ema_snapshots")
+    return folder
+
+
 def several_emas(v: dict[str, Any], key: Callable[[str], str], schedule) -> dict[str, Any]:
     """``EXTRA_DECAYS``, ``EXTRA_SIGMA_RELS`` and ``POSTHOC.*``, validated."""
 
@@ -55,6 +67,12 @@ def several_emas(v: dict[str, Any], key: Callable[[str], str], schedule) -> dict
         if not ok or len(set(values)) != len(values):
             raise ConfigError(f"{key(name)} = {v[name]!r} must be a list of distinct numbers in "
                               f"({lo:g}, {hi:.4g}), e.g. [0.05, 0.1]")
+        names = [f"{x:g}" for x in values]  # the EMAs' names and snapshot files use these
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{key(name)} = {v[name]!r} has values that print the same with "
+                              f"6 significant digits ({names}), so their EMAs would share one "
+                              "name and one would be lost; use values that differ in the first "
+                              "6 digits")
         return tuple(float(x) for x in values)
 
     out: dict[str, Any] = {
@@ -78,7 +96,7 @@ def several_emas(v: dict[str, Any], key: Callable[[str], str], schedule) -> dict
     if v["POSTHOC.ENABLED"]:
         if not sigmas:
             raise ConfigError(f"{key('POSTHOC.SIGMA_RELS')} is empty; use e.g. [0.05, 0.1]")
-        out["posthoc"] = PostHocSettings(sigmas, period, dtype, str(v["POSTHOC.DIR"] or ""),
+        out["posthoc"] = PostHocSettings(sigmas, period, dtype, _inside_output(v, key),
                                          v["POSTHOC.SELECT"], select_sigmas,
                                          v["POSTHOC.SELECT_ON"])
     elif v["POSTHOC.SELECT"]:

@@ -26,7 +26,8 @@ from ..atomic import atomic_write_text
 from ..errors import ExportError
 from ..export import export_ema
 
-__all__ = ["export_with_config", "find_run_config", "plain_config_path", "write_plain_config"]
+__all__ = ["export_with_config", "find_run_config", "plain_config_path", "plain_config_text",
+           "write_plain_config"]
 
 RUN_CONFIG = "config.yaml"
 
@@ -69,28 +70,39 @@ def _strip(data: dict[str, Any], weights: str) -> dict[str, Any]:
     return data
 
 
-def write_plain_config(
-    config: str | os.PathLike[str], output: str | os.PathLike[str], weights: str
-) -> Path:
-    """Write ``output``: ``config`` without d2ema's keys, its weights set to ``weights``.
+def plain_config_text(config: str | os.PathLike[str], weights: str) -> str:
+    """``config`` without d2ema's keys, its weights set to ``weights``, as YAML text.
 
-    Raises :class:`ExportError` for a config that cannot be read or written.
+    Raises :class:`ExportError` for a config that cannot be read (a Python tag included: a
+    run's config is read as data).
     """
-    config, output = Path(config), Path(output)
+    config = Path(config)
     try:
         data = yaml.load(config.read_text(), Loader=_Loader)
     except OSError as e:
         raise ExportError(f"cannot read config {config}: {e.strerror or e}") from e
     except yaml.YAMLError as e:
-        raise ExportError(f"cannot read config {config} as plain YAML ({type(e).__name__}); "
-                          "pass --config with the run's YAML config") from e
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ExportError(f"cannot read config {config} as plain YAML ({problem}); a run's "
+                          "config is read as data: pass --config with the run's YAML config") from e
     if not isinstance(data, dict):
         raise ExportError(f"config {config} is not a YAML mapping; pass the run's config.yaml")
     try:
         data = _strip(data, weights)
     except ExportError as e:
         raise ExportError(f"config {config} {e}") from None
-    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+
+def write_plain_config(
+    config: str | os.PathLike[str], output: str | os.PathLike[str], weights: str
+) -> Path:
+    """Write ``output``: :func:`plain_config_text` of ``config``.
+
+    Raises :class:`ExportError` for a config that cannot be read or written.
+    """
+    output = Path(output)
+    text = plain_config_text(config, weights)
     try:
         atomic_write_text(text, output)
     except OSError as e:
@@ -112,15 +124,16 @@ def export_with_config(
     if config is not None and not Path(config).is_file():
         raise ExportError(f"config {config} does not exist; pass the run's config.yaml "
                           "(OUTPUT_DIR/config.yaml), or leave --config out")
-    summary = export_ema(checkpoint, output, allow_nonfinite=allow_nonfinite, **export_kwargs)
-    lines = [summary.describe()]
     config = Path(config) if config is not None else find_run_config(checkpoint)
+    weights, path = str(Path(output).resolve()), plain_config_path(output)
+    # both files written as a pair: if the config cannot be, the weights are not replaced
+    extra = [] if config is None else [(path, plain_config_text(config, weights))]
+    lines = [export_ema(checkpoint, output, allow_nonfinite=allow_nonfinite, extra=extra,
+                        **export_kwargs).describe()]
     if config is None:
         lines.append(f"no {RUN_CONFIG} beside {checkpoint}: pass --config RUN_CONFIG.yaml to "
                      "also write a config for plain detectron2")
         return lines
-    weights = str(Path(output).resolve())
-    path = write_plain_config(config, plain_config_path(output), weights)
     lines.append(f"wrote {path}: {config} without d2ema's keys, weights {weights}; plain "
                  f"detectron2 reads it (e.g. tools/train_net.py --config-file {path} --eval-only)")
     return lines

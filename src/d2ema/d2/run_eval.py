@@ -33,12 +33,16 @@ logger = logging.getLogger(__name__)
 
 
 def _checkpoint(output_dir: Path) -> Path:
-    final = output_dir / "model_final.pth"
+    from ..confined import confined
+
+    final = confined(output_dir, "model_final.pth", f"{output_dir}")
     if final.is_file():
         return final
-    last = output_dir / "last_checkpoint"
-    if last.is_file() and (output_dir / last.read_text().strip()).is_file():
-        return output_dir / last.read_text().strip()
+    from ..resume import tagged_checkpoint
+
+    tagged, _ = tagged_checkpoint(output_dir)  # OutsideFolderError: names a file elsewhere
+    if tagged is not None:
+        return tagged
     raise UsageError(f"no checkpoint in {output_dir} (model_final.pth or last_checkpoint); the "
                      "raw weights of the run are needed for the tensors no EMA tracks")
 
@@ -50,9 +54,9 @@ class RunEvaluator:
         self.cfg, self.lazy, self.output_dir = cfg, lazy, output_dir
         self.checkpoint = _checkpoint(output_dir)
         self.model = self._build_model()
-        from detectron2.checkpoint import DetectionCheckpointer
+        from .checkpoint import AtomicCheckpointer  # .pth weights_only, .pkl arrays only
 
-        DetectionCheckpointer(self.model).load(str(self.checkpoint))
+        AtomicCheckpointer(self.model).load(str(self.checkpoint))
         self.raw = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.eval()
         self.folder = folder
@@ -73,6 +77,10 @@ class RunEvaluator:
             raise UsageError(f"config {path} not found; --eval needs the run's config "
                              "(detectron2 writes OUTPUT_DIR/config.yaml), or pass --config-file")
         from .datasets import check_datasets_known, register_config_datasets
+        from .saved_config import check_saved_config
+
+        if not config_file:  # the run's own config.yaml: data, never code
+            check_saved_config(path)
         from .train_net import is_lazy, load_config
 
         lazy = is_lazy(str(path))
@@ -103,7 +111,7 @@ class RunEvaluator:
             raise UsageError(
                 f"cannot build the run's model here: {one_line(str(e))}. A model registered by "
                 "your own code is built by your own script: rebuild the EMAs there with "
-                "d2ema.posthoc.reconstruct and d2ema.posthoc.load_tensors (README: "
+                "d2ema.posthoc.reconstruct and d2ema.posthoc.load_tensors (docs/ema-length.md: "
                 "'post-hoc EMA in your own script'), or leave out --eval for the table") from e
 
     def _tester(self, dataset: str | None) -> Callable[[], dict]:

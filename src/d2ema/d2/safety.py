@@ -20,9 +20,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from detectron2.checkpoint import DetectionCheckpointer
-from torch import nn
-
 from ..ema import EMA
 from ..errors import ConfigError, EMANotLoadedError, TrainerError
 from ..format import has_ema
@@ -77,10 +74,12 @@ def last_checkpoint_has_ema(output_dir: str) -> str | None:
     else None; None too when it cannot tell (the checkpointer checks again when it loads)."""
     import torch
 
-    checkpointer = DetectionCheckpointer(nn.Module(), output_dir)
-    if not checkpointer.has_checkpoint():
+    from ..resume import tagged_checkpoint
+
+    tagged, _ = tagged_checkpoint(output_dir)  # OutsideFolderError: names a file elsewhere
+    if tagged is None:
         return None
-    path = checkpointer.get_checkpoint_file()
+    path = str(tagged)
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:  # not a zip checkpoint, or objects beyond plain data

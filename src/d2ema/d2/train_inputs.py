@@ -10,12 +10,14 @@ Example::
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
+from ..confined import no_links_out
 from ..errors import UsageError
 
-__all__ = ["check_lazy_keys", "check_readable", "check_weights", "is_lazy"]
+__all__ = ["check_lazy_keys", "check_output_dir", "check_readable", "check_weights", "is_lazy"]
 
 _LAZY_ROOTS = ("train", "model", "dataloader")
 
@@ -82,3 +84,47 @@ def check_lazy_keys(cfg, args) -> None:
             "needs model, dataloader (train, test, evaluator), optimizer, lr_multiplier and train "
             "(as detectron2's configs/common/*.py)"
         )
+
+
+def _writable(folder: Path, key: str) -> None:
+    """``folder`` is a folder this user can write, or can be made (its nearest existing parent
+    is a writable folder)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == folder else f"is inside {probe}, which is a file"
+        raise UsageError(f"{key} = {folder} {where}; give a folder (new or existing)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{key} = {folder} cannot be written ({probe} is read-only for this "
+                         "user); give a folder you can write")
+
+
+def check_output_dir(cfg, args) -> None:
+    """The run's output folder (and its snapshot folder) can be written, and a training has
+    steps to run: checked before any process starts or anything is written."""
+    lazy = not hasattr(cfg, "OUTPUT_DIR")
+    train = cfg.get("train", {}) if lazy else None
+    key = "train.output_dir" if lazy else "OUTPUT_DIR"
+    folder = str(train.get("output_dir", "") if lazy else cfg.OUTPUT_DIR)
+    if folder and "://" not in folder:
+        _writable(Path(folder), key)
+        no_links_out(folder, f"{key} = {folder}")  # no planted link makes a write land elsewhere
+        if args.resume and Path(folder).is_dir():
+            from ..resume import tagged_checkpoint
+
+            tagged_checkpoint(folder)  # a last_checkpoint naming a file elsewhere: refused now
+        from .config import ema_settings
+
+        settings = ema_settings(cfg) if not lazy or "model_ema" in train else None
+        posthoc = getattr(settings, "posthoc", None) if settings is not None else None
+        if posthoc is not None and posthoc.dir:
+            sub = "train.model_ema.posthoc.dir" if lazy else "MODEL_EMA.POSTHOC.DIR"
+            _writable(Path(folder, posthoc.dir), sub)
+    if args.eval_only:
+        return
+    iters = train.get("max_iter", None) if lazy else cfg.SOLVER.MAX_ITER
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        name = "train.max_iter" if lazy else "SOLVER.MAX_ITER"
+        raise UsageError(f"{name} = {iters!r}: a training needs at least 1 iteration; give a "
+                         "whole number >= 1")

@@ -46,11 +46,20 @@ from .datasets import (
     check_datasets_known,
     register_config_datasets,
 )
+from .disk_full import disk_full_as_error
 from .evaluation import evaluate_extra_emas, evaluate_with_ema
 from .hooks import EMAHook
 from .posthoc_select import check_selection, select_after_training
+from .run_lock import output_dir, run_lock
 from .safety import NoEMACheckpointer, check_resume_keeps_ema
-from .train_inputs import check_lazy_keys, check_readable, check_weights, is_lazy
+from .saved_config import check_saved_config, is_run_config
+from .train_inputs import (
+    check_lazy_keys,
+    check_output_dir,
+    check_readable,
+    check_weights,
+    is_lazy,
+)
 from .trainer import EMATrainer
 
 __all__ = ["is_lazy", "load_config", "train_main", "train_worker"]
@@ -75,6 +84,8 @@ def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str
     :class:`~d2ema.errors.DatasetError` for a malformed dataset or missing dataset files.
     """
     path = check_readable(path_text)
+    if is_run_config(path):  # a run folder's saved config is data, never code
+        check_saved_config(path)
     opts = list(opts or ())
     if is_lazy(path_text):
         from detectron2.config import LazyConfig
@@ -170,6 +181,7 @@ def train_main(
     if is_lazy(args.config_file):
         check_lazy_keys(cfg, args)
     check_weights(cfg, args)
+    check_output_dir(cfg, args)  # writable, not a file, steps to run
     if args.resume and not args.eval_only:  # before config.yaml is rewritten
         check_resume_keeps_ema(cfg)
     check_datasets_known(cfg, known_datasets)
@@ -178,14 +190,16 @@ def train_main(
     from .launch import launch
 
     in_process = args.num_gpus * args.num_machines == 1  # launch() then calls the worker here
-    launch(
-        train_worker,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args, prepare, cfg if in_process else None),
-    )
+    # one training per OUTPUT_DIR, from before anything is written there; a full disk: one line
+    with run_lock(cfg, args), disk_full_as_error(output_dir(cfg)):
+        launch(
+            train_worker,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args, prepare, cfg if in_process else None),
+        )
     return 0
 
 

@@ -87,8 +87,14 @@ class EMATrainerMixin:
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """COCO for COCO-style datasets (see :func:`d2ema.d2.evaluation.build_evaluator`)."""
-        return build_evaluator(cfg, dataset_name, output_folder)
+        """The trainer's own ``build_evaluator`` when a class after the mixin has one; else COCO
+        for COCO-style datasets (see :func:`d2ema.d2.evaluation.build_evaluator`)."""
+        try:  # DefaultTrainer's raises NotImplementedError; a user's may not take output_folder
+            if output_folder is None:
+                return super().build_evaluator(cfg, dataset_name)
+            return super().build_evaluator(cfg, dataset_name, output_folder)
+        except NotImplementedError:
+            return build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def test_with_ema(cls, cfg, model, ema: EMA | None, *, raw: bool, evaluators=None,

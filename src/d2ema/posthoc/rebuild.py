@@ -52,11 +52,47 @@ def _load(folder: Path, entry: SnapshotEntry) -> dict[str, Any]:
         raise PostHocError(f"snapshot {path} cannot be read ({type(e).__name__}); it is damaged: "
                            f"restore it, or reconstruct at a step before {entry.step}") from e
     meta = data.get("meta", {})
+    meta = meta if isinstance(meta, dict) else {}
     if meta.get("t") != entry.t or meta.get("sigma_rel") != entry.sigma_rel:
         raise PostHocError(f"snapshot {path} holds sigma_rel {meta.get('sigma_rel')} at t="
                            f"{meta.get('t')}, the index says {entry.sigma_rel} at t={entry.t}; "
                            "the folder mixes runs")
+    _check_content(path, entry, data)
     return data
+
+
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _check_content(path: Path, entry: SnapshotEntry, data: dict[str, Any]) -> None:
+    """Tensors only, finite, and original dtypes d2ema writes: a damaged or forged snapshot
+    must not become a silently wrong EMA (or NaN weights in an export)."""
+    def bad(problem: str) -> PostHocError:
+        return PostHocError(f"snapshot {path} {problem}; it is damaged: restore it, or "
+                            f"reconstruct at a step before {entry.step} (--step)")
+
+    dtypes = data.get("dtypes", {})
+    if not isinstance(dtypes, dict) or any(v not in _FLOAT_DTYPES for v in dtypes.values()):
+        raise bad("lists dtypes that are not float32/float16/bfloat16/float64")
+    for name, tensor in data["tensors"].items():
+        if not isinstance(tensor, torch.Tensor):
+            raise bad(f"holds {name!r} as a {type(tensor).__name__}, not a tensor")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise bad(f"holds NaN or Inf in {name!r}")
+
+
+def _same_layout(path: Path, tensors: dict[str, torch.Tensor],
+                 layout: dict[str, tuple[int, ...]]) -> None:
+    """Every snapshot holds the same tensors with the same shapes as the first one read."""
+    mine = {n: tuple(t.shape) for n, t in tensors.items()}
+    if mine == layout:
+        return
+    missing, extra = sorted(set(layout) - set(mine)), sorted(set(mine) - set(layout))
+    shapes = [n for n in layout if n in mine and mine[n] != layout[n]]
+    what = (f"lacks {missing[:3]}" if missing else f"has extra {extra[:3]}" if extra else
+            f"has {shapes[0]} of shape {mine[shapes[0]]}, the others {layout[shapes[0]]}")
+    raise PostHocError(f"snapshot {path} {what}: the series mixes models; restore it, or move "
+                       "the folder away")
 
 
 def plan(
@@ -120,12 +156,16 @@ def reconstruct(
     groups = [fits[i : i + batch] for i in range(0, len(fits), batch)]
     used = [i for i, e in enumerate(entries) if any(f.weights[i] for f in fits)]
     total, done = len(used) * len(groups), 0
+    layout: dict[str, tuple[int, ...]] | None = None
     for group in groups:
         accs: list[dict[str, torch.Tensor]] = [{} for _ in group]
         latest: dict[str, torch.Tensor] = {}
         dtypes: dict[str, str] = {}
         for i in used:
             data = _load(folder, entries[i])
+            if layout is None:
+                layout = {n: tuple(t.shape) for n, t in data["tensors"].items()}
+            _same_layout(folder / entries[i].file, data["tensors"], layout)
             dtypes.update(data.get("dtypes", {}))
             for name, tensor in data["tensors"].items():
                 if not (tensor.is_floating_point() or tensor.is_complex()):

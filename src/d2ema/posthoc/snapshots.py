@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,9 +36,11 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_save, atomic_write_text
+from ..confined import confined
 from ..ema import EMA
+from ..errors import one_line
 from ..schedules import SigmaRel
-from .profiles import PostHocError
+from .profiles import MAX_SIGMA_REL, PostHocError, gamma_to_sigma_rel
 
 __all__ = ["INDEX", "SnapshotEntry", "SnapshotWriter", "read_index", "snapshot_dtype"]
 
@@ -104,9 +107,10 @@ def _atomic_json(obj: Any, path: Path) -> None:
 
 def read_index(folder: str | os.PathLike[str]) -> list[SnapshotEntry]:
     """The snapshots listed in ``folder/index.json``, in time order; one clear error if the
-    folder, the index or its format is not what :class:`SnapshotWriter` writes."""
+    folder, the index or its format is not what :class:`SnapshotWriter` writes: every field is
+    checked (types, ranges, files inside ``folder``) before the index is used for anything."""
     folder = Path(folder)
-    index = folder / INDEX
+    index = confined(folder, INDEX, f"{folder}")  # a link to a file elsewhere is refused
     if not index.is_file():
         stray = sorted(folder.glob("*.pth")) if folder.is_dir() else []
         if stray:
@@ -115,14 +119,69 @@ def read_index(folder: str | os.PathLike[str]) -> list[SnapshotEntry]:
         raise PostHocError(f"no post-hoc EMA snapshots in {folder} (no {INDEX}); train with "
                            "MODEL_EMA.POSTHOC.ENABLED True (or d2ema.PostHocEMA) to write them")
     try:
-        data = json.loads(index.read_text())
-        entries = [SnapshotEntry(**e) for e in data["snapshots"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PostHocError(f"cannot read {index} ({type(e).__name__}: {e}); it is damaged or "
-                           "not a d2ema snapshot index") from e
-    if data.get("format") != FORMAT:
-        raise PostHocError(f"{index} is not a d2ema snapshot index (format {data.get('format')!r})")
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise PostHocError(f"cannot read {index} ({type(e).__name__}: {one_line(e)[:120]}); it is "
+                           "damaged or not a d2ema snapshot index") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise PostHocError(f"{index} is not a d2ema snapshot index (format {found!r})")
+    if not isinstance(data.get("snapshots"), list):
+        raise PostHocError(f"{index} has no list of snapshots; it is damaged: restore it, or "
+                           "move the folder away")
+    entries = [_entry(folder, index, i, e) for i, e in enumerate(data["snapshots"])]
+    _check_unique(index, entries)
     return sorted(entries, key=lambda e: (e.t, e.sigma_rel))
+
+
+_FILE = re.compile(r"sigma[0-9.e+-]+_step\d{8,}\.pth")
+_MAX_STEP = 10**12  # far beyond any training; larger means a damaged or forged index
+_INT_FIELDS = {"t": 1, "step": 1, "bytes": 0}
+
+
+def _entry(folder: Path, index: Path, i: int, raw: Any) -> SnapshotEntry:
+    """One index entry, every field checked; PostHocError naming the entry and field."""
+    def bad(problem: str) -> PostHocError:
+        return PostHocError(f"{index}: snapshot entry {i} {problem}; the index is damaged or "
+                            "was edited: restore it, or move the folder away")
+
+    fields = {f.name for f in dataclasses.fields(SnapshotEntry)}
+    if not isinstance(raw, dict) or set(raw) != fields:
+        got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise bad(f"has fields {got}, expected {sorted(fields)}")
+    for name, low in _INT_FIELDS.items():
+        value = raw[name]
+        if type(value) is not int or not low <= value <= _MAX_STEP:
+            raise bad(f"has {name} = {value!r}, not a whole number in {low}..{_MAX_STEP}")
+    if raw["t"] > raw["step"]:
+        raise bad(f"has t = {raw['t']} after its step {raw['step']}")
+    for name in ("sigma_rel", "gamma", "rounding"):
+        value = raw[name]
+        if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+            raise bad(f"has {name} = {value!r}, not a finite number >= 0")
+    if not 0 < raw["sigma_rel"] < MAX_SIGMA_REL:
+        raise bad(f"has sigma_rel = {raw['sigma_rel']!r}, outside (0, {MAX_SIGMA_REL})")
+    if not math.isclose(gamma_to_sigma_rel(raw["gamma"]), raw["sigma_rel"], rel_tol=1e-6):
+        raise bad(f"has gamma = {raw['gamma']!r}, which is not the exponent of sigma_rel "
+                  f"{raw['sigma_rel']!r}")
+    if raw["dtype"] not in _DTYPES:
+        raise bad(f"has dtype = {raw['dtype']!r}, not one of {sorted(_DTYPES)}")
+    if not isinstance(raw["file"], str) or not _FILE.fullmatch(raw["file"]):
+        raise bad(f"has file = {raw['file']!r}, not a snapshot file name (sigmaS_stepNNNNNNNN.pth)")
+    confined(folder, raw["file"], f"{index} (snapshot entry {i})")
+    return SnapshotEntry(**{k: float(v) if k in ("sigma_rel", "gamma", "rounding") else v
+                            for k, v in raw.items()})
+
+
+def _check_unique(index: Path, entries: list[SnapshotEntry]) -> None:
+    files, times = set(), set()
+    for e in entries:
+        if e.file in files or (e.sigma_rel, e.t) in times:
+            raise PostHocError(f"{index} lists {e.file} (sigma_rel {e.sigma_rel:g}, t={e.t}) "
+                               "twice; the index is damaged or mixes runs: restore it, or move "
+                               "the folder away")
+        files.add(e.file)
+        times.add((e.sigma_rel, e.t))
 
 
 def _power_gamma(name: str, ema: EMA) -> tuple[float, float]:
@@ -216,6 +275,14 @@ class SnapshotWriter:
                 "with the same MODEL_EMA.POSTHOC.SIGMA_RELS, or move the folder away"
             )
         dropped = [e for e in entries if e.step > step]
+        untracked = sorted({e.sigma_rel for e in dropped
+                            if (round(e.sigma_rel, 12), round(e.gamma, 9)) not in tracked})
+        if untracked:  # never delete a series that a setting change left behind
+            raise PostHocError(
+                f"{self.folder} holds snapshots of sigma_rel {untracked}, which this run does not "
+                "track (it tracks " + ", ".join(f"{s:g}" for s, _ in self.power.values()) + "); "
+                "they are kept: resume with the same MODEL_EMA.POSTHOC.SIGMA_RELS, or move the "
+                "folder away (or set MODEL_EMA.POSTHOC.DIR to a new folder)")
         if dropped:
             why = ("a new run starts a new series" if step == 0 else
                    f"from a run that went further than step {step}, resumed now")
@@ -264,8 +331,9 @@ class SnapshotWriter:
             pending.result()
         except OSError as e:
             raise PostHocError(f"cannot write a post-hoc EMA snapshot to {self.folder}: "
-                               f"{e.strerror or e}; free disk space (or use "
-                               "MODEL_EMA.POSTHOC.DTYPE float16, or a longer PERIOD)") from e
+                               f"{e.strerror or e}; the snapshots and checkpoints before it are "
+                               "intact: free disk space (or use MODEL_EMA.POSTHOC.DTYPE float16, "
+                               "or a longer PERIOD), then train again with --resume") from e
         finally:
             self.seconds_blocked += time.perf_counter() - started
 
@@ -314,7 +382,7 @@ class SnapshotWriter:
 
     def _save(self, jobs: list[tuple[SnapshotEntry, dict]]) -> None:
         for entry, payload in jobs:
-            path = self.folder / entry.file
+            path = confined(self.folder, entry.file, "the snapshot writer")
             atomic_save(payload, path)
             _drop_from_page_cache(path)
             done = dataclasses.replace(entry, bytes=path.stat().st_size)
@@ -324,6 +392,7 @@ class SnapshotWriter:
 
     def _save_index(self) -> None:
         entries = sorted(self.entries, key=lambda e: (e.t, e.sigma_rel))
+        confined(self.folder, INDEX, "the snapshot writer")  # never replace a file elsewhere
         _atomic_json({"format": FORMAT, "version": 1,
                       "snapshots": [dataclasses.asdict(e) for e in entries]},
                      self.folder / INDEX)
