@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 from detectron2.engine import DefaultTrainer, hooks
@@ -49,6 +50,12 @@ logger = logging.getLogger(__name__)
 
 # detectron2 main saves the inner trainer (optimizer) in DefaultTrainer.state_dict; v0.6 does not.
 _SAVES_OPTIMIZER = "state_dict" in vars(DefaultTrainer)
+
+
+def _takes_folder(build_evaluator) -> bool:
+    """Whether a ``build_evaluator(cfg, dataset_name, ...)`` accepts a third argument."""
+    params = list(inspect.signature(build_evaluator).parameters.values())
+    return len(params) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
 class EMATrainerMixin:
@@ -89,10 +96,11 @@ class EMATrainerMixin:
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """The trainer's own ``build_evaluator`` when a class after the mixin has one; else COCO
         for COCO-style datasets (see :func:`d2ema.d2.evaluation.build_evaluator`)."""
+        parent = super().build_evaluator
         try:  # DefaultTrainer's raises NotImplementedError; a user's may not take output_folder
-            if output_folder is None:
-                return super().build_evaluator(cfg, dataset_name)
-            return super().build_evaluator(cfg, dataset_name, output_folder)
+            if output_folder is None or not _takes_folder(parent):  # (v0.6's does not)
+                return parent(cfg, dataset_name)
+            return parent(cfg, dataset_name, output_folder)
         except NotImplementedError:
             return build_evaluator(cfg, dataset_name, output_folder)
 
