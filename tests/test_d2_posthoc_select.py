@@ -277,3 +277,25 @@ def test_lazy_config_refused_with_the_alternative():
     cfg = OmegaConf.create({"train": {"model_ema": {"posthoc": {"select": True}}}})
     with pytest.raises(ConfigError, match="d2ema posthoc OUTPUT_DIR --eval --export-best"):
         posthoc_select.check_selection(cfg)
+
+
+def test_docs_block_posthoc_select(setup, tmp_path, monkeypatch):
+    """docs/ema-length.md's command, run as written in a folder holding what it names."""
+    from _doc_blocks import doc_commands
+
+    path, datasets = setup
+    monkeypatch.chdir(tmp_path)
+    for spec, split in zip(datasets[1::2], ("train", "val", "holdout")):
+        json_file, images = spec.split("=", 1)[1].split(":")
+        shutil.copy(json_file, f"{split}.json")
+        shutil.copytree(images, f"{split}_images")
+    Path("cfg.yaml").write_text(path.read_text().replace("sel_train", "my_train")
+                                .replace("sel_val", "my_val"))
+    [argv] = doc_commands("posthoc-select")
+    printed = io.StringIO()
+    with loggers_restored(), contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    data = json.loads(Path("output/posthoc/results.json").read_text())
+    assert data["select_on"] == "my_holdout" and data["report_on"] == "my_val"
+    assert Path("output/model_final_posthoc.pth").is_file()
+    assert "on my_holdout (held out)" in printed.getvalue()

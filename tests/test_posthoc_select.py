@@ -96,3 +96,21 @@ def test_default_sweep_and_named_lengths_out_of_range(run):
         ph.select(lambda t: 0.0, (0.004, 0.07))
     with pytest.raises(PostHocError, match="outside"):
         ph.select(lambda t: 0.0, (0.5,))
+
+
+def test_docs_block_posthoc_select_loop(run):
+    """docs/ema-length.md: PostHocEMA.select with a model, then the best loaded into it."""
+    import copy
+
+    from _doc_blocks import doc_block
+
+    from d2ema.posthoc import load_tensors
+
+    ph, model, peak = run
+    mine = copy.deepcopy(model)
+    ns = {"ph": ph, "model": mine, "load_tensors": load_tensors,
+          "validate": lambda m: closeness(weights(m), peak), "print": lambda *a: None}
+    exec(compile(doc_block("posthoc-select-loop"), "posthoc-select-loop", "exec"), ns)
+    assert ns["best"].sigma_rel == 0.07
+    rebuilt = next(reconstruct(ph.folder, [Target("sigma_rel", 0.07)])).tensors
+    assert all(torch.equal(t, rebuilt[n]) for n, t in weights(mine).items())
