@@ -295,7 +295,6 @@ def selection_run(args, work: Path) -> list[str]:
     """``MODEL_EMA.POSTHOC.SELECT`` with ``SELECT_ON`` a held-out split, in the training run
     itself; then every length of the sweep scored on the test set too (``d2ema posthoc``'s
     evaluator), so that both choices can be read off: on the held-out split, on the test set."""
-    from d2ema.d2.posthoc_select import select_after_training
     from d2ema.d2.run_eval import RunEvaluator, primary_ap
     from d2ema.posthoc import DEFAULT_SIGMA_RELS
 
@@ -307,11 +306,11 @@ def selection_run(args, work: Path) -> list[str]:
     cfg.freeze()
     trainer = trainer_class()(cfg)
     trainer.resume_or_load(resume=False)
+    timed = _timed(trainer, "select_posthoc")
     started = time.perf_counter()
-    trainer.train()
-    trained = time.perf_counter() - started
-    select_after_training(trainer, getattr(trainer, "_last_eval_results", None))
-    selected = time.perf_counter() - started - trained
+    trainer.train()  # then select_posthoc()
+    selected = timed["seconds"]
+    trained = time.perf_counter() - started - selected
     chosen = json.loads((out / "posthoc" / "results.json").read_text())
     held = {r["target"]: r["AP"] for r in chosen["rows"] if r["kind"] == "sigma_rel"}
     run = RunEvaluator(cfg, False, out, work / "select_test")

@@ -23,13 +23,15 @@ takes part in each evaluation, as in detectron2's. Only the main process writes,
 snapshots as they were, and ``--resume`` on the finished run runs the selection again (training
 does not run again).
 
+:class:`~d2ema.d2.EMATrainer` (and so ``d2ema train``) calls it when training ends.
+
 Example::
 
     cfg.MODEL_EMA.POSTHOC.ENABLED = True
     cfg.MODEL_EMA.POSTHOC.SELECT = True
     cfg.MODEL_EMA.POSTHOC.SELECT_ON = "my_val"      # held out; DATASETS.TEST reports
-    trainer = EMATrainer(cfg); trainer.resume_or_load(); trainer.train()
-    results = select_after_training(trainer, trainer._last_eval_results)
+    trainer = EMATrainer(cfg); trainer.resume_or_load(); trainer.train()   # then chooses
+    print(trainer._last_eval_results["posthoc/bbox"]["AP"])
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ from .datasets import (
 from .disk_full import disk_full_as_error
 from .evaluation import evaluate_extra_emas, evaluate_with_ema
 from .hooks import EMAHook
-from .posthoc_select import check_selection, select_after_training
+from .posthoc_select import check_selection
 from .run_lock import output_dir, run_lock
 from .safety import NoEMACheckpointer, check_resume_keeps_ema
 from .saved_config import check_saved_config, is_run_config
@@ -283,9 +283,8 @@ def _yacs_main(cfg, args, prepare: Prepare | None):
         return results
     trainer = EMATrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    trainer.train()
-    # MODEL_EMA.POSTHOC.SELECT: choose the EMA length now (else results unchanged)
-    results = select_after_training(trainer, getattr(trainer, "_last_eval_results", None))
+    trainer.train()  # with MODEL_EMA.POSTHOC.SELECT, then chooses the EMA length
+    results = getattr(trainer, "_last_eval_results", None)
     if results:
         _say(f"final evaluation: {_summary(results)}")
     _say(f"done; checkpoints in {cfg.OUTPUT_DIR}")

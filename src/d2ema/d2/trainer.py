@@ -16,6 +16,8 @@ What the mixin changes, each in the method that owns it:
   ``TEST.PRECISE_BN.ENABLED`` BN statistics are recomputed for the EMA weights too;
 * ``state_dict`` / ``load_state_dict`` carry the optimizer state on detectron2 v0.6 as well (main
   already does), so a resumed run keeps its SGD momentum;
+* ``train`` ends, with ``MODEL_EMA.POSTHOC.SELECT``, by choosing the EMA length on held-out data
+  and writing it as ``model_final_posthoc.pth`` (:mod:`d2ema.d2.posthoc_select`);
 * ``resume_or_load`` warns once when the checkpoint it resumes from has no EMA; the EMA then
   restarts from the loaded weights, as it does for a new training from ``MODEL.WEIGHTS`` (whose
   EMA, if any, fvcore does not load: only a resume loads the whole training state).
@@ -42,6 +44,7 @@ from .config import ema_settings
 from .evaluation import EMA_PREFIX, build_evaluator, evaluate_with_ema, precise_bn
 from .family import get_extra_emas
 from .hooks import EMAHook
+from .posthoc_select import select_after_training
 from .safety import NoEMACheckpointer, check_trainer_bases
 
 __all__ = ["EMATrainer", "EMATrainerMixin"]
@@ -146,6 +149,22 @@ class EMATrainerMixin:
         return cls.test_with_ema(
             cfg, model, ema, raw=settings.eval_both, evaluators=evaluators
         )
+
+    def train(self):
+        """detectron2's ``train``; then, with ``MODEL_EMA.POSTHOC.SELECT``, the choice of the
+        EMA length (:meth:`select_posthoc`)."""
+        ret = super().train()
+        self.select_posthoc()
+        return ret
+
+    def select_posthoc(self) -> None:
+        """With ``MODEL_EMA.POSTHOC.SELECT``: rebuild, evaluate and choose the EMA length, write
+        ``OUTPUT_DIR/model_final_posthoc.pth`` (:mod:`d2ema.d2.posthoc_select`); the chosen
+        EMA's test results join ``_last_eval_results`` under ``posthoc/``. Else nothing."""
+        results = getattr(self, "_last_eval_results", None)
+        chosen = select_after_training(self, results)
+        if chosen is not results:
+            self._last_eval_results = chosen
 
     def resume_or_load(self, resume: bool = True):
         resuming = resume and self.checkpointer.has_checkpoint()
