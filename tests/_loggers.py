@@ -12,6 +12,7 @@ def loggers_restored():
     drop the ones added inside, so that later tests do not write to a closed stream."""
     names = ("detectron2", "fvcore", "d2ema")
     saved = {n: list(logging.getLogger(n).handlers) for n in names}
+    flags = {n: (logging.getLogger(n).level, logging.getLogger(n).propagate) for n in names}
     try:
         yield
     finally:
@@ -19,3 +20,4 @@ def loggers_restored():
             logger = logging.getLogger(name)
             for h in [h for h in logger.handlers if h not in handlers]:
                 logger.removeHandler(h)
+            logger.level, logger.propagate = flags[name]

@@ -23,8 +23,13 @@ import numpy as np
 CATEGORIES = [{"id": 3, "name": "box"}, {"id": 7, "name": "tile"}]
 
 
-def write_coco_split(root: Path, split: str, num_images: int, seed: int) -> tuple[Path, Path]:
-    """``root/annotations/instances_<split>.json`` and ``root/images/<split>/*.jpg``."""
+def write_coco_split(root: Path, split: str, num_images: int, seed: int,
+                     categories: list[dict] | None = None) -> tuple[Path, Path]:
+    """``root/annotations/instances_<split>.json`` and ``root/images/<split>/*.jpg``, two boxes
+    per image of ``categories`` (default :data:`CATEGORIES`; colours by position)."""
+    categories = categories or CATEGORIES
+    ids = [c["id"] for c in categories]
+    colours = [(255, 200, 0), (0, 100, 255), (60, 255, 60), (255, 0, 255)]
     rng = np.random.default_rng(seed)
     image_dir = root / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -33,10 +38,10 @@ def write_coco_split(root: Path, split: str, num_images: int, seed: int) -> tupl
         height, width = 64, 80
         image = rng.integers(0, 80, size=(height, width, 3), dtype=np.uint8)
         for _ in range(2):
-            category = int(rng.choice([3, 7]))
+            category = int(rng.choice(ids))
             x, y = int(rng.integers(0, width - 24)), int(rng.integers(0, height - 24))
             w, h = int(rng.integers(10, 24)), int(rng.integers(10, 24))
-            colour = (255, 200, 0) if category == 3 else (0, 100, 255)
+            colour = colours[ids.index(category) % len(colours)]
             cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), colour, -1)
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
                                 "category_id": category, "bbox": [x, y, w, h], "area": w * h,
@@ -47,7 +52,7 @@ def write_coco_split(root: Path, split: str, num_images: int, seed: int) -> tupl
     json_file = root / "annotations" / f"instances_{split}.json"
     json_file.parent.mkdir(parents=True, exist_ok=True)
     json_file.write_text(json.dumps(
-        {"images": images, "annotations": annotations, "categories": CATEGORIES}))
+        {"images": images, "annotations": annotations, "categories": categories}))
     return json_file, image_dir
 
 
@@ -225,3 +230,126 @@ def make_project(root: Path) -> Project:
     project.write("common/data.py", LAZY_COMMON_DATA)
     project.write("common/train.py", LAZY_COMMON_TRAIN)
     return project
+
+
+# detectron2 v0.6's tools/train_net.py (Apache-2.0), its COCO parts, as a user copies it
+D2_TRAIN_NET = '''\
+#!/usr/bin/env python
+# Copyright (c) Facebook, Inc. and its affiliates.
+"""
+A main training script.
+"""
+
+import logging
+import os
+from collections import OrderedDict
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
+from detectron2.evaluation import (
+    COCOEvaluator,
+    DatasetEvaluators,
+    verify_results,
+)
+from detectron2.modeling import GeneralizedRCNNWithTTA
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        evaluator_list = []
+        evaluator_type = MetadataCatalog.get(dataset_name).evaluator_type
+        if evaluator_type in ["coco", "coco_panoptic_seg"]:
+            evaluator_list.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+        if len(evaluator_list) == 0:
+            raise NotImplementedError(
+                "no Evaluator for the dataset {} with the type {}".format(
+                    dataset_name, evaluator_type
+                )
+            )
+        elif len(evaluator_list) == 1:
+            return evaluator_list[0]
+        return DatasetEvaluators(evaluator_list)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        logger = logging.getLogger("detectron2.trainer")
+        logger.info("Running inference with test-time augmentation ...")
+        model = GeneralizedRCNNWithTTA(cfg, model)
+        evaluators = [
+            cls.build_evaluator(
+                cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
+            )
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, model, evaluators)
+        res = OrderedDict({k + "_TTA": v for k, v in res.items()})
+        return res
+
+
+def setup(args):
+    """
+    Create configs and perform basic setups.
+    """
+    cfg = get_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:
+        trainer.register_hooks(
+            [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))]
+        )
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+'''
+
+
+def apply_diff(text: str, diff: str) -> str:
+    """``text`` with the hunks of a unified-diff-like block applied (``@@`` separates hunks;
+    lines start with ' ', '-' or '+'); each hunk's old lines must occur exactly once."""
+    for hunk in diff.split("@@")[1:]:
+        lines = hunk.split("\n")[1:]
+        old = [x[1:] for x in lines if x[:1] in (" ", "-")]
+        new = [x[1:] for x in lines if x[:1] in (" ", "+")]
+        old_text, new_text = "\n".join(old), "\n".join(new)
+        assert text.count(old_text) == 1, f"hunk does not apply once:\n{old_text}"
+        text = text.replace(old_text, new_text)
+    return text

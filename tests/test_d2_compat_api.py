@@ -131,3 +131,45 @@ def test_warm_up_factor_below_one_is_refused_everywhere(factor):
     state = model_ema.EMAState.FromModel(_model())
     with pytest.raises(ConfigError, match="decay_warm_up_factor"):
         model_ema.EMAUpdater(state, decay=0.9, decay_warm_up_factor=factor)
+
+
+def test_d2go_ema_hook_test_as_d2go_writes_it(tmp_path):
+    """D2Go's test_ema_hook: the checkpointables' ``ema_state`` is the model's EMAState, whose
+    ``apply_to`` puts the EMA into another model; with DECAY 0 the EMA is the new weights."""
+    cfg = _cfg(decay=0.0)
+    model = _model(0)
+    model_ema.may_build_model_ema(cfg, model)
+    assert hasattr(model, "ema_state")
+    hook = model_ema.EMAHook(cfg, model)
+    hook.before_train()
+    hook.before_step()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(2.0)
+    hook.after_step()
+    hook.after_train()
+
+    checkpointables = model_ema.may_get_ema_checkpointer(cfg, model)
+    assert checkpointables["ema_state"] is model.ema_state  # D2Go's code relies on it
+    assert set(checkpointables) == {"ema_state", "ema_meta"}
+    out = _model(1)
+    checkpointables["ema_state"].apply_to(out)
+    for name, value in _state(out).items():
+        assert torch.equal(value, _state(model)[name]), name
+
+    # the checkpointer round trip: EMAState.FromModel, save, load into another model's state
+    DetectionCheckpointer(model, str(tmp_path), **checkpointables).save("ckpt")
+    saved = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    assert saved["ema_meta"]["step"] == 1 and torch.equal(saved["ema_state"]["0.weight"],
+                                                          torch.full((4, 3), 2.0))
+    other = _model(2)
+    model_ema.may_build_model_ema(cfg, other)
+    loaded = model_ema.may_get_ema_checkpointer(cfg, other)
+    DetectionCheckpointer(other, str(tmp_path), **loaded).load(str(tmp_path / "ckpt.pth"))
+    target = _model(3)
+    other.ema_state.apply_to(target)
+    assert torch.equal(target[0].weight, torch.full((4, 3), 2.0))
+    assert other.ema_state.bind(other).step == 1  # ema_meta applied with the tensors
+    copy = model_ema.EMAState.FromModel(target)
+    copy.load_state_dict(other.ema_state.state_dict())
+    assert torch.equal(copy.state_dict()["0.weight"], target[0].weight)

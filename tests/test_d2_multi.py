@@ -200,7 +200,7 @@ def test_lazy_config_extras_and_posthoc(tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["train", "--config-file", str(path), f"train.output_dir={out}",
                "train.max_iter=2", "train.model_ema.extra_decays=[0.9]",
-               "train.model_ema.posthoc.enabled=True"])
+               "train.model_ema.posthoc.enabled=True", "train.model_ema.posthoc.period=1"])
     assert rc == 0
     assert "ema_0.9/bbox" in capsys.readouterr().out
     ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)

@@ -76,3 +76,34 @@ def test_more_gpus_than_the_machine_has(monkeypatch):
     args = argparse.Namespace(num_gpus=4, num_machines=1, machine_rank=0, eval_only=False)
     with pytest.raises(UsageError, match="--num-gpus 4, but this machine has 2 CUDA devices"):
         _check_launch(args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mode runs where there is no GPU")
+def test_two_machines_on_this_host_through_loopback(yaml_config, tmp_path):
+    """``--num-machines 2 --machine-rank 0/1 --dist-url tcp://127.0.0.1:PORT``: two d2ema
+    commands, one gloo process each, join as detectron2's launcher lets them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from detectron2.engine.launch import _find_free_port
+
+    url = f"tcp://127.0.0.1:{_find_free_port()}"
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "d2ema.cli", "train", "--config-file", str(yaml_config),
+         "--num-machines", "2", "--machine-rank", str(rank), "--dist-url", url,
+         "SOLVER.MAX_ITER", "1", "MODEL_EMA.ENABLED", "True", "DATASETS.TEST", "()",
+         "OUTPUT_DIR", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for rank in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
+    assert "World size: 2" in (out / "log.txt").read_text()
+    assert torch.load(out / "model_final.pth", weights_only=False)["ema_meta"]["step"] == 1

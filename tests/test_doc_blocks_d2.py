@@ -85,7 +85,7 @@ def test_lazyconfig_block_and_command(project, capsys):
         run(argv, capsys)
     meta = checkpoint(project.root / "lazy_run/output/model_final.pth")["ema_meta"]
     assert meta["step"] == 2
-    assert meta["schedule"]["name"] == "yolov5" and meta["schedule"]["decay"] == 0.9998
+    assert meta["schedule"]["name"] == "sigma_rel" and meta["schedule"]["sigma_rel"] == 0.07
     forget("lazy_docs_train", "lazy_docs_val")
 
 

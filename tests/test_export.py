@@ -184,3 +184,27 @@ def test_refuses_to_overwrite_its_input(trained, tmp_path, capsys):
     copy.write_bytes(checkpoint.read_bytes())
     assert main(["export", str(copy), "-o", str(copy)]) == 2
     assert "is the input checkpoint" in capsys.readouterr().err
+
+
+def test_lazy_run_config_with_python_objects_exports_and_says_how(trained, tmp_path, capsys):
+    """A LazyConfig run whose saved config.yaml holds Python objects: the weights are written,
+    and the advice fits a LazyConfig user (the .py with train.init_checkpoint)."""
+    _, _, checkpoint = trained
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  _target_: !!python/name:builtins.dict ''\ntrain:\n"
+                      "  output_dir: out\n  model_ema: {enabled: true}\n")
+    out = tmp_path / "ema.pth"
+    assert main(["export", str(checkpoint), "-o", str(out), "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert out.is_file() and not out.with_suffix(".yaml").exists()
+    assert f"train.init_checkpoint={out.resolve()}" in printed
+
+
+def test_unreadable_yacs_config_is_refused_before_anything_is_written(trained, tmp_path, capsys):
+    _, _, checkpoint = trained
+    config = tmp_path / "config.yaml"
+    config.write_text("MODEL: [unclosed\n")
+    out = tmp_path / "ema.pth"
+    assert main(["export", str(checkpoint), "-o", str(out), "--config", str(config)]) == 2
+    assert "as plain YAML" in capsys.readouterr().err
+    assert not out.exists()  # no half export

@@ -18,6 +18,7 @@ detectron2).
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .errors import D2EMAError, EMAStateError
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ __all__ = [
     "Schedule",
     "ShardedEMA",
     "Target",
+    "__version__",
     "make_schedule",
     "unwrap_model",
 ]
-__version__ = "0.1.0"

@@ -105,7 +105,8 @@ class _Recorder:
     and even a Ctrl-C or SIGTERM."""
 
     def __init__(self, f: IO[bytes]):
-        self.f, self.error = f, None
+        self.f = f
+        self.error: BaseException | None = None
 
     def write(self, data) -> int:
         try:
@@ -215,9 +216,9 @@ def atomic_write_files(files: list[tuple[str | os.PathLike[str], Any]]) -> None:
         for output, obj in files:
             if isinstance(obj, str):
                 data = obj.encode("utf-8")
-                staged.append(_stage(output, lambda f, d=data: f.write(d)))
+                staged.append(_stage(output, lambda f, d=data: f.write(d)))  # type: ignore[misc]
             else:
-                staged.append(_stage(output, lambda f, o=obj: torch.save(o, f)))
+                staged.append(_stage(output, lambda f, o=obj: torch.save(o, f)))  # type: ignore[misc]
     except BaseException:
         for tmp, _ in staged:
             with contextlib.suppress(OSError):

@@ -26,6 +26,7 @@ from torch import nn
 from .errors import ConfigError
 from .schedules import Schedule
 from .state import Slot, unwrap_model
+from .versions import require_torch
 
 __all__ = ["check_ema_arguments", "check_slots", "check_step", "compile_patterns"]
 
@@ -70,6 +71,7 @@ def check_ema_arguments(
 
     ``flags`` are the boolean arguments (``include_frozen``, ``skip_nonfinite``, ...).
     """
+    require_torch("d2ema's EMA")
     if not isinstance(model, nn.Module):
         raise _fail("model", type(model).__name__, "is not a torch.nn.Module; pass the model "
                     "whose weights to average (DDP and torch.compile wrappers are fine)")

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset my_val=val.json:images/ DATASETS.TRAIN \"('my_train',)\" "
         "DATASETS.TEST \"('my_val',)\"\n"
         "  d2ema train --config-file cfg.yaml --eval-only MODEL.WEIGHTS out/model_final.pth "
-        "MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY True\n"
+        "MODEL_EMA.ENABLED True MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY True\n"
         "  d2ema train --config-file cfg.py train.model_ema.enabled=True",
     )
     train.add_argument("--config-file", required=True, metavar="FILE",
@@ -123,8 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-machines", type=int, default=1, help="number of machines")
     train.add_argument("--machine-rank", type=int, default=0, help="rank of this machine")
     port = 2**15 + 2**14 + hash(os.getuid() if sys.platform != "win32" else 1) % 2**14
-    train.add_argument("--dist-url", default=f"tcp://127.0.0.1:{port}",
-                       help="URL of the distributed process group ('auto': a free local port)")
+    train.add_argument("--dist-url", default=None,
+                       help=f"URL of the distributed process group (default tcp://127.0.0.1:{port}"
+                       "; 'auto': a free local port; with --num-machines, machine 0's address, "
+                       "or 127.0.0.1 for 'machines' on this host)")
+    train.set_defaults(default_dist_url=f"tcp://127.0.0.1:{port}")
     _add_tail(train, cmd_train, "config overrides: 'KEY VALUE' pairs (YAML) or key=value (.py)")
 
     export = sub.add_parser(
@@ -176,7 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _quiet_warnings()
             return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
-        print(f"{prog}: interrupted{f' by {e}' if str(e) else ''}", file=sys.stderr)
+        resume = ("; the checkpoints so far are kept: run it again with --resume to continue"
+                  if prog == f"{PROG} train" else "")
+        print(f"{prog}: interrupted{f' by {e}' if str(e) else ''}{resume}", file=sys.stderr)
         return exit_status(e)
     except D2EMAError as e:
         if verbose:
@@ -222,9 +227,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          f"after {' '.join(args.opts[:late])!r}; e.g. d2ema train --config-file "
                          "CFG --dataset NAME=ANN.json:IMAGES --resume KEY VALUE ...")
 
-    if args.trust_pickle:
-        trust_pickles()
-    return train_main(args, prepare=register_for_config, known_datasets=tuple(DATASETS))
+    with trust_pickles(args.trust_pickle):
+        return train_main(args, prepare=register_for_config, known_datasets=tuple(DATASETS))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ def confined(folder: str | os.PathLike[str], name: object, source: str) -> Path:
     elif "\x00" in name or "/" in name or "\\" in name or name in (".", ".."):
         bad = "is not a plain file name in the folder (it has a folder part)"
     if bad is None:
-        path = folder / name
+        path = folder / name  # type: ignore[operator]  # a str: checked above
         if (path.exists() or path.is_symlink()) and escapes(folder, path):
             bad = f"is a symbolic link to {os.path.realpath(path)}, outside the folder"
     if bad is not None:
@@ -66,8 +66,8 @@ def no_links_out(folder: str | os.PathLike[str], what: str, depth: int = 3) -> N
         except OSError:
             continue
         for entry in entries:
-            if entry.is_dir():
-                if level + 1 < depth:
+            if entry.is_dir():  # a linked folder (say, data on another disk) is not scanned
+                if level + 1 < depth and not entry.is_symlink():
                     todo.append((Path(entry.path), level + 1))
             elif entry.is_symlink() and escapes(sub, entry.path):
                 raise OutsideFolderError(

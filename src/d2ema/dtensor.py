@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ def reshard(model: nn.Module) -> bool:
 
 
 def to_dtensors(
-    tensors: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor], like: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
     """Local shards as DTensors laid out like the DTensors ``like[name]`` (others unchanged)."""
     if not like:
@@ -49,7 +50,7 @@ def to_dtensors(
 
 
 def to_local_shards(
-    tensors: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor], like: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
     """Each ``tensors[name]`` cut to this rank's shard of the DTensor ``like[name]``.
 

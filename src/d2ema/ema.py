@@ -184,10 +184,10 @@ class EMA:
                 self._bind(target)
         if self._registrations_seen != registration_count():
             check_structure([s for b in self._bindings for s in b.slots],
-                            self._options.slots(self._bound_to), self._expected_state())
+                            self._options.slots(self._bound_to), self._expected_state())  # type: ignore[arg-type]
             self._registrations_seen = registration_count()
         if not all(b.is_current() for b in self._bindings):
-            self._bind(self._bound_to)
+            self._bind(self._bound_to)  # type: ignore[arg-type]  # bound above
         self._last_arg = weakref.ref(model)
         return self._bindings
 
@@ -246,7 +246,9 @@ class EMA:
         self.synchronize()
         return self._nonfinite.first_step(self.groups, self.step)
 
-    nonfinite_after = property(lambda self: self._nonfinite.last_finite_step)
+    @property
+    def nonfinite_after(self) -> int:
+        return self._nonfinite.last_finite_step
 
     @staticmethod
     def _all_finite(bindings: list[Binding]) -> bool:
@@ -379,7 +381,8 @@ class EMA:
             )
         return self._own_part(tensors), meta
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
+    def load_state_dict(self, state_dict: Mapping[str, Any],
+                        strict: bool = True) -> nn.modules.module._IncompatibleKeys:
         """Load our format, or a plain name->tensor dict (D2Go's and the seed's ``ema_state``).
 
         Names, shapes and dtypes are checked before anything is written; on any mismatch an

@@ -114,7 +114,8 @@ def nonfinite_message(step: int, where: str = "", after: int | None = None) -> s
     last step at which it was seen finite, when the step is known only as a range."""
     at = f" ({where})" if where else ""
     exact = after is None or after >= step - 1
-    since = f"since step {step}" if exact else f"since one of steps {after + 1}..{step}"
+    since = (f"since step {step}" if exact or after is None
+             else f"since one of steps {after + 1}..{step}")
     first = step if after is None else after + 1
     return (
         f"the EMA has held NaN/Inf {since}{at}: a NaN/Inf weight then poisoned the average, "

@@ -18,8 +18,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import PickleRefusedError
@@ -47,9 +49,20 @@ def trusted() -> bool:
     return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def trust_pickles() -> None:
-    """Opt in for this process and the workers it starts (what ``--trust-pickle`` does)."""
-    os.environ[TRUST_ENV] = "1"
+@contextlib.contextmanager
+def trust_pickles(enabled: bool = True) -> Iterator[None]:
+    """Within the block, opt in for this process and the workers it starts (what
+    ``--trust-pickle`` does); the environment is restored after it."""
+    before = os.environ.get(TRUST_ENV)
+    if enabled:
+        os.environ[TRUST_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TRUST_ENV, None)
+        else:
+            os.environ[TRUST_ENV] = before
 
 
 def add_trust_pickle(parser) -> None:

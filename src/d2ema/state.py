@@ -14,12 +14,16 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Collection, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 from torch import nn
 
 from .errors import EMAStateError
 from .format import compare
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "Slot",
@@ -47,15 +51,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
+        elif isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
+            model = inner
         elif type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module"):
-            model = model.module
+            model = cast(nn.Module, model.module)
         else:
             return model
 
 
-def is_dtensor(t: object) -> bool:
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters are)."""
     return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
 
@@ -82,12 +86,12 @@ class Slot:
     def tensor(self) -> torch.Tensor:
         """The tensor as registered (the DTensor itself for a local slot)."""
         table = self.module._parameters if self.is_param else self.module._buffers
-        return table[self.attr]
+        return cast(torch.Tensor, table[self.attr])
 
     def get(self) -> torch.Tensor:
         """The tensor the EMA averages: the registered one, or this rank's shard of it."""
         t = self.tensor()
-        return t._local_tensor if self.local else t
+        return cast(Any, t)._local_tensor if self.local else t  # local: t is a DTensor
 
 
 def tracked_slots(
@@ -161,8 +165,8 @@ def _averaged(dtype: torch.dtype) -> bool:
 
 def ema_dtype_for(dtype: torch.dtype, master_dtype: torch.dtype | None) -> torch.dtype:
     """fp32 master copy for reduced-precision floats: ``(1-d)*w`` vanishes in bf16 at d=0.9999."""
-    reduced = dtype.is_floating_point and master_dtype is not None
-    if reduced and dtype.itemsize < master_dtype.itemsize:
+    if (dtype.is_floating_point and master_dtype is not None
+            and dtype.itemsize < master_dtype.itemsize):
         return master_dtype
     return dtype
 

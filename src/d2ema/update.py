@@ -80,7 +80,8 @@ def flat_view(
             return None
         expected += t.numel()
     with torch.no_grad():
-        return first.new_empty(0).set_(first.untyped_storage(), offset, (expected - offset,))
+        return first.new_empty(0).set_(  # type: ignore[call-overload]  # torch's stubs
+            first.untyped_storage(), offset, (expected - offset,))
 
 
 def _synchronize(device: torch.device) -> None:

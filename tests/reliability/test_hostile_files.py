@@ -26,7 +26,7 @@ from d2ema.errors import D2EMAError, OutsideFolderError, PickleRefusedError, one
 from d2ema.posthoc import Target, plan, reconstruct
 from d2ema.posthoc.snapshots import SnapshotWriter
 from d2ema.resume import find_resume_checkpoint
-from d2ema.safe_pickle import TRUST_ENV, load_pickle
+from d2ema.safe_pickle import TRUST_ENV, load_pickle, trust_pickles
 
 pytestmark = pytest.mark.usefixtures("restore_loggers")
 
@@ -118,7 +118,7 @@ def test_the_run_fixture_is_good(run, capsys):
 ESCAPES = {
     "absolute": lambda run: str(run.parent / "OUTSIDE" / "sigma0.05_step00000009.pth"),
     "dotdot": lambda run: "../../OUTSIDE/sigma0.05_step00000009.pth",
-    "symlink": lambda run: "sigma0.05_step00000009.pth",
+    "symlink": lambda run: "sigma0.1_step00000009.pth",  # the name the entry's snapshot has
 }
 
 
@@ -137,6 +137,7 @@ def test_planted_index_entry_deletes_and_reads_nothing_outside(run, kind, tally,
         with pytest.raises(D2EMAError) as info:
             writer.sync(resume_at)
         assert "snapshot entry 8" in one_line(info.value)
+        assert ("symbolic link" in one_line(info.value)) == (kind == "symlink")
     tally["refused_cleanly"] += 1
     _refused_cli(tally, capsys, ["posthoc", str(run), "--sigma-rel", "0.07"], "entry 8")
     _untouched(tally, run.parent / "OUTSIDE", before_out)
@@ -169,15 +170,21 @@ def test_escaping_checkpoint_links_are_never_resume_candidates(run, tmp_path):
 
 
 # ----------------------------------------------------------------------------- pickles
-def test_the_marker_pickle_really_runs_code_when_trusted(tmp_path, monkeypatch):
-    """The refusals below are not vacuous: trusted, the same file creates its marker."""
+def test_the_marker_pickle_really_runs_code_when_trusted(tmp_path):
+    """The refusals below are not vacuous: trusted (--trust-pickle), the same file creates its
+    marker; the opt-in ends with the command."""
+    from d2ema.cli import build_parser
+
     path = evil_pickle(tmp_path / "w.pkl", tmp_path / "marker")
     with pytest.raises(PickleRefusedError, match="pathlib"):
         load_pickle(path)
     assert not (tmp_path / "marker").exists()
-    monkeypatch.setenv(TRUST_ENV, "1")
-    load_pickle(path)
-    assert (tmp_path / "marker").exists()
+    with trust_pickles(True):
+        load_pickle(path)
+    assert (tmp_path / "marker").exists() and TRUST_ENV not in os.environ
+    for command in (["train", "--config-file", "c.yaml"], ["posthoc", "run"]):
+        assert build_parser().parse_args([*command, "--trust-pickle"]).trust_pickle
+        assert not build_parser().parse_args(command).trust_pickle
 
 
 def _zoo_files(folder: Path) -> dict[str, Path]:

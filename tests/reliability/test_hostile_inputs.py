@@ -83,6 +83,9 @@ INDEX_CASES = {
     "dtype_unknown": (_edit("dtype", "int8"), "dtype = 'int8'"),
     "file_not_a_snapshot": (_edit("file", "config.yaml"), "file = 'config.yaml'"),
     "file_number": (_edit("file", 3), "file = 3"),
+    # a forged entry at a later step naming a kept snapshot: a resume would delete that file
+    "file_of_another_step": (_edit("file", "sigma0.05_step00000001.pth"),
+                             "but its snapshot is named"),
     "field_missing": (lambda d: d["snapshots"][2].pop("gamma"), "has fields"),
     "field_extra": (lambda d: d["snapshots"][2].update(cmd="x"), "has fields"),
     "entry_not_object": (lambda d: d["snapshots"].__setitem__(2, [1, 2]), "has fields list"),
@@ -155,6 +158,16 @@ def test_bad_snapshot_content_refused(series, tmp_path, case, tally):
              victim)
 
 
+def test_a_rebuild_of_another_shape_is_not_broadcast_into_the_model(tally):
+    from d2ema.posthoc import load_tensors
+
+    model = _kill_child.ReliabilityTinyNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _refused(tally, lambda: load_tensors(model, {"conv.bias": torch.zeros(1)}),
+             "conv.bias has shape (1,)")  # copy_ would have filled all 8 with 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 # ----------------------------------------------------------------------------- settings
 def test_changed_sigma_rels_never_delete_the_series(series, tmp_path, tally):
     folder = _copy(series, tmp_path)
@@ -204,6 +217,9 @@ def _opt(c):
 
 
 RESUME_CASES = {
+    "iteration_string": (lambda c: c.__setitem__("iteration", "1"), "iteration is '1'"),
+    "iteration_negative": (lambda c: c["trainer"].__setitem__("iteration", -7),
+                           "trainer.iteration is -7"),
     "model_lacks_key": (lambda c: c["model"].pop("conv.bias"), "lacks 1 tensors (conv.bias)"),
     "model_wrong_shape": (lambda c: c["model"].__setitem__("head.bias", torch.zeros(5)),
                           "head.bias has shape (5,)"),

@@ -92,6 +92,12 @@ def parse_targets(sigma_rels: str | None, decays: str | None) -> tuple[list[Targ
     return list(dict.fromkeys(targets)), True
 
 
+LEGEND = ("misfit: how far the snapshots' combination is from the target's averaging profile "
+          "(relative error); sum|x|: the sum of the combination's absolute weights, how much "
+          "it amplifies the snapshots' rounding (1 for a snapshot or a plain average; large: "
+          "less exact)")
+
+
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
@@ -130,6 +136,7 @@ def run_posthoc(options: PostHocOptions, stream: TextIO | None = None) -> PostHo
         _evaluate(options, folder, fits, step, report, say)
     report.lines = table(report.rows, options.evaluate)
     print("\n".join(report.lines), file=stream, flush=True)
+    print(LEGEND, file=stream, flush=True)
     if report.best is not None:
         test = (f" on {options.select_on}; on the test set AP {report.best['test_AP']:.1f}"
                 if options.select_on else "")

@@ -49,9 +49,9 @@ def _run(args: argparse.Namespace) -> int:
     from ..safe_pickle import trust_pickles
     from .posthoc import PostHocOptions, run_posthoc
 
-    if args.trust_pickle:
-        trust_pickles()
-    run_posthoc(PostHocOptions(args.output_dir, args.sigma_rel, args.decay, args.step, args.eval,
-                               args.export_best, args.snapshots, args.config_file, args.verbose,
-                               datasets=tuple(args.dataset), select_on=args.select_on))
+    with trust_pickles(args.trust_pickle):
+        run_posthoc(PostHocOptions(args.output_dir, args.sigma_rel, args.decay, args.step,
+                                   args.eval, args.export_best, args.snapshots, args.config_file,
+                                   args.verbose, datasets=tuple(args.dataset),
+                                   select_on=args.select_on))
     return 0

@@ -23,6 +23,7 @@ from .datasets import register_coco_dataset
 from .evaluation import build_evaluator, evaluate_with_ema
 from .family import EMAFamily, get_ema_family, get_extra_emas
 from .hooks import EMAHook
+from .run_setup import setup_run
 from .trainer import EMATrainer, EMATrainerMixin
 
 __all__ = [
@@ -48,4 +49,5 @@ __all__ = [
     "get_model_ema",
     "lazy_model_ema_defaults",
     "register_coco_dataset",
+    "setup_run",
 ]

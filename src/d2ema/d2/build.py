@@ -12,6 +12,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ..distributed import ShardedEMA
@@ -25,7 +27,7 @@ __all__ = ["ATTRIBUTE", "build_model_ema", "get_model_ema"]
 ATTRIBUTE = "ema_state"
 
 
-def build_model_ema(cfg, model: nn.Module) -> EMA | None:
+def build_model_ema(cfg: Any, model: nn.Module) -> EMA | None:
     """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA`
     (a :class:`~d2ema.distributed.ShardedEMA` with ``SHARDED``), and build the extra and post-hoc
     EMAs the config asks for (:mod:`d2ema.d2.family`).

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
 
 from ..atomic import atomic_save, atomic_write_text
 from ..confined import confined
@@ -226,7 +227,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
 class EMACheckpointer(AtomicCheckpointer):
     """A ``DetectionCheckpointer`` that saves and loads the EMA, checking it before the model."""
 
-    def __init__(self, model, save_dir: str = "", *, ema: EMA, **checkpointables: Any):
+    def __init__(self, model: nn.Module, save_dir: str = "", *, ema: EMA,
+                 **checkpointables: Any):
         self._ema = ema
         family = get_ema_family(model)  # extra and post-hoc EMAs: keys ema_extras, ema_posthoc
         checkpointables = {**(family.states if family else {}), **checkpointables}

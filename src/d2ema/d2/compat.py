@@ -68,6 +68,7 @@ class EMAState:
         self.ema: EMA | None = None
         self._pending: dict[str, torch.Tensor] | None = None
         self._pending_meta: dict[str, Any] | None = None
+        self._incoming_meta: dict[str, Any] | None = None  # from the checkpoint's ema_meta
         self._ema_kwargs: dict[str, Any] = {}
 
     @classmethod
@@ -166,6 +167,9 @@ class EMAState:
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
         """A plain name->tensor dict, or d2ema's ``{"ema_state": ..., "ema_meta": ...}``."""
+        meta, self._incoming_meta = self._incoming_meta, None
+        if meta is not None and "ema_state" not in state_dict:  # a checkpointer's two entries
+            state_dict = {"ema_state": state_dict, "ema_meta": meta}
         if self.ema is not None:
             return self.ema.load_state_dict(state_dict, strict=strict)
         tensors, meta = split_state(state_dict)
@@ -242,7 +246,23 @@ def may_get_ema_checkpointer(cfg, model: nn.Module) -> dict[str, Any]:
     if not ema_settings(cfg).enabled:
         return {}
     state = get_model_ema_state(model)
-    return ema_checkpointables(lambda: state)
+    if not isinstance(state, EMAState):
+        return ema_checkpointables(lambda: state)
+    # D2Go code calls checkpointables["ema_state"].apply_to(model): the EMAState itself
+    return {"ema_meta": _EMAStateMeta(state), "ema_state": state}
+
+
+class _EMAStateMeta:
+    """``ema_meta`` of an :class:`EMAState`, loaded first and applied with its tensors."""
+
+    def __init__(self, state: EMAState):
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state.meta()
+
+    def load_state_dict(self, meta: Mapping[str, Any]) -> None:
+        self._state._incoming_meta = dict(meta)
 
 
 def _resolve(model: nn.Module, state: EMAState | EMA | None) -> EMA:

@@ -1,10 +1,10 @@
 """EMA settings from a detectron2 config: yacs ``MODEL_EMA.*`` or LazyConfig ``train.model_ema``.
 
-One table, :data:`KEYS`, defines every setting once; the yacs keys are its upper-case names (the
-seed's and D2Go's: ``ENABLED``, ``DECAY``, ``DEVICE``, ...) and the LazyConfig keys its lower-case
-names (detrex's ``train.model_ema.enabled/decay/device/use_ema_weights_for_eval_only``). Values
-are checked when the trainer is built, and a bad one raises :class:`ConfigError` naming the key,
-the value and what is allowed.
+One table, :data:`d2ema.d2.keys.KEYS`, defines every setting once; the yacs keys are its
+upper-case names (the seed's and D2Go's: ``ENABLED``, ``DECAY``, ``DEVICE``, ...) and the
+LazyConfig keys its lower-case names (detrex's ``train.model_ema.enabled/decay/device/...``).
+Values are checked when the trainer is built, and a bad one raises :class:`ConfigError` naming
+the key, the value and what is allowed.
 
 Example::
 
@@ -28,6 +28,7 @@ from ..checks import compile_patterns
 from ..errors import ConfigError
 from ..schedules import SCHEDULES, Schedule, TFWarmup, make_schedule
 from .family_keys import NUMBER_LISTS, PostHocSettings, several_emas
+from .keys import KEYS
 from .yacs_numbers import accept_integers_for_floats
 
 __all__ = [
@@ -42,61 +43,6 @@ __all__ = [
     "lazy_model_ema_defaults",
 ]
 
-
-# name: (default, help). Upper-case for yacs, lower-case for LazyConfig.
-KEYS: dict[str, tuple[Any, str]] = {
-    "ENABLED": (False, "keep an EMA of the model's weights"),
-    "DECAY": (0.999, "decay d in [0, 1] (ceiling of ramping schedules)"),
-    "DEVICE": ("", "device of the EMA; '' = the model's (MODEL.DEVICE)"),
-    "INCLUDE_FROZEN": (True, "also average parameters with requires_grad=False"),
-    "INCLUDE_BUFFER": (True, "also average buffers (BN running statistics)"),
-    "USE_EMA_WEIGHTS_FOR_EVAL_ONLY": (False, "--eval-only evaluates the EMA weights"),
-    "USE_LERP": (False, "accepted for D2Go configs; the update is always a fused lerp"),
-    "AFTER_BACKWARD": (
-        False,
-        "accepted for D2Go configs; d2ema always updates after optimizer.step(), since "
-        "an update after backward averages the previous step's weights",
-    ),
-    "DECAY_WARM_UP_FACTOR": (-1.0, ">= 1 selects the 'tf' schedule with this warm-up factor"),
-    "SCHEDULE": ("constant", f"decay schedule: one of {sorted(SCHEDULES)}"),
-    "TAU": (2000.0, "yolov5 schedule: ramp time constant in steps"),
-    "INV_GAMMA": (1.0, "power schedule: inv_gamma"),
-    "POWER": (2.0 / 3.0, "power schedule: power"),
-    "MIN_DECAY": (0.0, "power schedule: floor of the decay"),
-    "SIGMA_REL": (0.05, "sigma_rel schedule: relative width of the averaging profile"),
-    "UPDATE_EVERY": (1, "update every N iterations with decay**N"),
-    "START_ITER": (0, "before this iteration the EMA copies the weights"),
-    "MASTER_DTYPE": ("float32", "dtype of the EMA of bf16/fp16 weights; 'none' keeps theirs"),
-    "SKIP_NONFINITE": (False, "skip (and count) updates whose weights hold NaN/Inf"),
-    "EXCLUDE": ([], "regular expressions of tensor names not to track"),
-    "FLAT": (
-        None,
-        "re-point model tensors into one buffer per group (single-op update); None: on where "
-        "the EMA is built before the optimizer and DDP (build_model_ema: EMATrainer, d2ema "
-        "train), off elsewhere (the seed/D2Go API)",
-    ),
-    "EVAL_BOTH": (True, "evaluate the raw and the EMA weights at each evaluation"),
-    "EXTRA_DECAYS": ([], "more EMAs like the primary (its SCHEDULE), one per decay: ema_<d>/"),
-    "EXTRA_SIGMA_RELS": ([], "more power EMAs, one per sigma_rel: ema_sigma<s>/..."),
-    "POSTHOC.ENABLED": (False, "snapshot power EMAs for d2ema posthoc (length chosen after)"),
-    "POSTHOC.SIGMA_RELS": ([0.05, 0.10], "widths of the power EMAs snapshotted"),
-    "POSTHOC.PERIOD": (0, "snapshot every N iterations (0: MAX_ITER / 100) and at the last"),
-    "POSTHOC.DTYPE": ("float32", "snapshot precision: float32, float16 or bfloat16"),
-    "POSTHOC.DIR": ("", "snapshot folder inside OUTPUT_DIR, relative to it ('' = ema_snapshots)"),
-    "POSTHOC.SELECT": (False, "at the end: choose the best EMA length, write model_final_posthoc"),
-    "POSTHOC.SELECT_SIGMA_RELS": ([], "the lengths SELECT tries ([] = 0.01 .. 0.25)"),
-    "POSTHOC.SELECT_ON": ("", "dataset SELECT chooses on ('' = DATASETS.TEST[0], optimistic)"),
-    "DISCARD_ON_RESUME": (
-        False,
-        "with ENABLED False: resume from a checkpoint that has an EMA and drop that EMA "
-        "(refused otherwise, so that no checkpoint loses its EMA silently)",
-    ),
-    "SHARDED": (
-        False,
-        "multi-GPU (DDP): each of N ranks stores and updates 1/N of the EMA, gathered only to "
-        "evaluate and to save (see d2ema.distributed.ShardedEMA)",
-    ),
-}
 
 # Schedule parameters, and the schedule that uses each (set for another, they do nothing).
 _SCHEDULE_OF = {"TAU": "yolov5", "INV_GAMMA": "power", "POWER": "power", "MIN_DECAY": "power"}
@@ -121,7 +67,7 @@ _RANGE_TEXT = {
 }
 
 
-def add_model_ema_configs(cfg) -> None:
+def add_model_ema_configs(cfg: Any) -> None:
     """Add ``cfg.MODEL_EMA`` with every key of :data:`KEYS` at its default (idempotent)."""
     from detectron2.config import CfgNode as CN
 
@@ -352,7 +298,7 @@ def _check_consistency(v: dict[str, Any], key: Callable[[str], str], schedule: s
             )
 
 
-def ema_settings(cfg) -> EMASettings:
+def ema_settings(cfg: Any) -> EMASettings:
     """Read and validate the EMA settings of a yacs or LazyConfig config."""
     v, prefix, model_device = _read(cfg)
 

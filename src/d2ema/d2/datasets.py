@@ -222,7 +222,8 @@ def dataset_names_in_config(cfg, tests_only: bool = False) -> list[tuple[str, st
         return names
     from omegaconf import DictConfig, OmegaConf
 
-    container = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    container: Any = (OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig)
+                      else cfg)
     names = _lazy_names(container.get("dataloader", {}), "dataloader")
     return [(n, where) for n, where in names
             if not tests_only or where.startswith(("dataloader.test", "dataloader.evaluator"))]
@@ -272,3 +273,58 @@ def check_datasets_known(cfg, provided: Collection[str] = (), tests_only: bool =
             f"key {key}, or in code with d2ema.d2.register_coco_dataset (or detectron2's "
             "register_coco_instances)"
         )
+
+
+def _missing_files(name: str) -> str | None:
+    """The first file or folder a registered dataset's metadata names that is not there."""
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(name)
+    for key in ("json_file", "image_root"):
+        value = meta.get(key, None)
+        if isinstance(value, str) and not os.path.exists(value):
+            return value
+    return None
+
+
+def _names_advice(cfg, names: list[str]) -> str:
+    """The overrides that point the config's training and test sets at ``names``."""
+    train = [n for n in names if "train" in n.lower()] or names[:1]
+    test = [n for n in names if n not in train] or train
+    if _is_lazy(cfg):
+        return (f"dataloader.train.dataset.names={','.join(train)} "
+                f"dataloader.test.dataset.names={','.join(test)}")
+    as_tuple = lambda ns: "(" + "".join(f"'{n}'," for n in ns) + ")"  # noqa: E731
+    return f'DATASETS.TRAIN "{as_tuple(train)}" DATASETS.TEST "{as_tuple(test)}"'
+
+
+def check_datasets_used(cfg, specs: Collection[str] = (), tests_only: bool = False) -> None:
+    """Before training: raise :class:`DatasetError` for a dataset the config names that is
+    registered (one of detectron2's builtins, say ``coco_2017_train`` from a model-zoo
+    ``_BASE_``) but whose files are not here, saying which override uses the ``--dataset``
+    names (``specs``) instead; ``--dataset`` names the config does not use are warned about."""
+    import logging
+
+    from detectron2.data import DatasetCatalog
+
+    given = [parse_coco_dataset(s, check_files=False).name for s in specs]
+    used = dataset_names_in_config(cfg, tests_only)
+    unused = [n for n in dict.fromkeys(given) if n not in {name for name, _ in used}]
+    registered = set(DatasetCatalog.list()) - set(given)
+    for name, where in used:
+        missing = _missing_files(name) if name in registered else None
+        if missing is None:
+            continue
+        fix = (f"name yours instead: {_names_advice(cfg, unused)}" if unused else
+               f"register yours with --dataset NAME=ANNOTATIONS.json:IMAGE_DIR and name it in "
+               f"{where}")
+        raise DatasetError(
+            f"the config's dataset {name!r} ({where}) is detectron2's builtin, whose file "
+            f"{missing} is not here (set $DETECTRON2_DATASETS to where detectron2's datasets "
+            f"are); {fix}")
+    if unused:
+        logging.getLogger(__name__).warning(
+            "--dataset %s: the config does not use %s (it names %s); to use them: %s",
+            ", ".join(unused), "it" if len(unused) == 1 else "them",
+            ", ".join(dict.fromkeys(n for n, _ in used)) or "no dataset",
+            _names_advice(cfg, unused))

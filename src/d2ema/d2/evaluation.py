@@ -31,6 +31,7 @@ from ..distributed import all_reduce_mean_
 from ..ema import EMA
 from ..health import nonfinite_message
 from ..state import unwrap_model
+from .eval_outputs import adapt_evaluator, evaluating_as, has_compiled_ops
 from .family import get_extra_emas
 from .safety import require_average
 
@@ -48,16 +49,7 @@ logger = logging.getLogger(__name__)
 EMA_PREFIX = "ema/"
 
 
-def has_compiled_ops() -> bool:
-    """Whether detectron2's C++/CUDA ops are built (not d2ema's stand-in ``_C`` module)."""
-    try:
-        import detectron2._C as compiled
-    except ImportError:
-        return False
-    return not getattr(compiled, "D2EMA_STUB", False)
-
-
-def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None):
+def build_evaluator(cfg: Any, dataset_name: str, output_folder: str | None = None) -> Any:
     """The evaluator for ``dataset_name``, chosen by its ``evaluator_type`` metadata.
 
     COCO-style datasets (``register_coco_instances`` sets ``evaluator_type="coco"``) get a
@@ -84,7 +76,7 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None):
             COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops())
         )
     if kind == "lvis":
-        return LVISEvaluator(dataset_name, output_dir=output_folder)
+        return adapt_evaluator(LVISEvaluator(dataset_name, output_dir=output_folder))
     if kind == "pascal_voc":
         return PascalVOCDetectionEvaluator(dataset_name)
     if not evaluators:
@@ -92,7 +84,8 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None):
             f"no evaluator for dataset {dataset_name!r} (evaluator_type {kind!r}); register it "
             "with detectron2's register_coco_instances, or override build_evaluator"
         )
-    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+    return adapt_evaluator(evaluators[0] if len(evaluators) == 1
+                           else DatasetEvaluators(evaluators))
 
 
 def precise_bn(model: nn.Module, batches: Iterable[Any], num_iter: int) -> None:
@@ -147,14 +140,17 @@ def evaluate_with_ema(
         require_average(ema)  # before any evaluation runs
     results = OrderedDict()
     if raw or ema is None:
-        results.update(test(model) or {})
+        if ema is not None:
+            logger.info("Evaluating the raw (trained) weights: results without a prefix")
+        with evaluating_as(""):
+            results.update(test(model) or {})
     if ema is not None:
-        logger.info("Evaluating the EMA weights")
+        logger.info("Evaluating the EMA weights: results under %s", prefix)
         if ema.nonfinite_step is not None:
             logger.warning(
                 nonfinite_message(ema.nonfinite_step, "evaluating it", ema.nonfinite_after)
             )
-        with ema.swapped(model):
+        with ema.swapped(model), evaluating_as(prefix):
             if before_ema_test is not None:
                 before_ema_test(model)
             ema_results = test(model) or {}

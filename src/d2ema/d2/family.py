@@ -46,6 +46,7 @@ __all__ = [
     "POSTHOC_KEY",
     "EMAFamily",
     "build_ema_family",
+    "check_posthoc_space",
     "get_ema_family",
     "get_extra_emas",
 ]
@@ -109,7 +110,7 @@ class EMAFamily:
         if self.posthoc is not None:
             # a checkpoint at step S resumes the series at S: every snapshot up to S must be on
             # disk by then (a kill after the save would otherwise leave a gap in the series)
-            self.states[POSTHOC_KEY] = EMAGroupState(lambda: self.posthoc.emas, POSTHOC_KEY,
+            self.states[POSTHOC_KEY] = EMAGroupState(lambda: self.posthoc.emas, POSTHOC_KEY,  # type: ignore[union-attr]
                                                      before_save=self.posthoc.writer.flush)
 
     def before_train(self, model: nn.Module, max_iter: int | None, start_iter: int = 0) -> None:
@@ -124,6 +125,8 @@ class EMAFamily:
                            start_iter)
         if self.posthoc is not None:
             if self.posthoc.writer.enabled:
+                self.posthoc.writer.check_space(self.posthoc.snapshot_every, max_iter or 0,
+                                                start_iter)
                 logger.info(self.posthoc.writer.describe(self.posthoc.snapshot_every,
                                                          max_iter or 0))
             self.posthoc.sync()
@@ -179,6 +182,15 @@ def build_ema_family(cfg, model: nn.Module, settings: EMASettings,
     family = EMAFamily(extras, posthoc)
     _FAMILIES[unwrap_model(model)] = family
     return family
+
+
+def check_posthoc_space(model: nn.Module, max_iter: int, start_iter: int = 0) -> None:
+    """Before training: refuse (:class:`~d2ema.posthoc.PostHocError`, one line) a post-hoc
+    snapshot series larger than the free space of its disk (also checked in ``before_train``,
+    for trainers of your own)."""
+    family = get_ema_family(model)
+    if family is not None and family.posthoc is not None:
+        family.posthoc.writer.check_space(family.posthoc.snapshot_every, max_iter, start_iter)
 
 
 def get_ema_family(model: nn.Module) -> EMAFamily | None:

@@ -20,6 +20,7 @@ from ..schedules import SigmaRel
 
 __all__ = ["NUMBER_LISTS", "PostHocSettings", "several_emas"]
 
+MIN_AUTO_PERIOD = 10  # iterations between snapshots at POSTHOC.PERIOD 0, at least
 NUMBER_LISTS = ("EXTRA_DECAYS", "EXTRA_SIGMA_RELS", "POSTHOC.SIGMA_RELS",
                 "POSTHOC.SELECT_SIGMA_RELS")  # checked here
 
@@ -29,7 +30,7 @@ class PostHocSettings:
     """``MODEL_EMA.POSTHOC.*``, validated."""
 
     sigma_rels: tuple[float, ...]
-    period: int  # 0: about max_iter / 100
+    period: int  # 0: automatic, see period_for
     dtype: str
     dir: str
     select: bool = False  # choose the length at the end of training (d2.posthoc_select)
@@ -37,7 +38,11 @@ class PostHocSettings:
     select_on: str = ""  # "": DATASETS.TEST[0]
 
     def period_for(self, max_iter: int) -> int:
-        return self.period or max(1, round(max_iter / 100))
+        """``PERIOD``, or for 0: about 100 snapshots in a run, never closer than
+        :data:`MIN_AUTO_PERIOD` iterations. Each snapshot costs two fp32 copies of the model
+        on disk; snapshots a few iterations apart hold almost the same averages, so a short
+        run gains nothing from more (a 30-iteration run: 3 snapshots, not 30)."""
+        return self.period or max(min(MIN_AUTO_PERIOD, max_iter), round(max_iter / 100), 1)
 
 
 

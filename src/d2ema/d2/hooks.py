@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from detectron2.engine import HookBase
 from torch import nn
@@ -36,13 +37,17 @@ from ..distributed import ShardedEMA, averaged_buffers
 from ..ema import EMA
 from .family import get_ema_family
 
+if TYPE_CHECKING:
+    from .checkpoint import EMACheckpointer
+
 __all__ = ["EMAHook"]
 
 logger = logging.getLogger(__name__)
 
 
 class EMAHook(HookBase):
-    def __init__(self, ema: EMA, model: nn.Module, checkpointer=None, checkpoint_period: int = 0):
+    def __init__(self, ema: EMA, model: nn.Module, checkpointer: EMACheckpointer | None = None,
+                 checkpoint_period: int = 0):
         """``checkpointer``: an :class:`~d2ema.d2.checkpoint.EMACheckpointer`, if any, to tell
         whether the EMA was loaded from a checkpoint (then it is kept as loaded).
         ``checkpoint_period``: the ``PeriodicCheckpointer``'s period (for a sharded EMA)."""

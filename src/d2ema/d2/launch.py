@@ -100,5 +100,5 @@ def _cpu_ddp(create_ddp_model: Callable) -> Callable:
             kwargs["device_ids"] = None
         return create_ddp_model(model, **kwargs)
 
-    wrapper._d2ema_cpu = True
+    wrapper._d2ema_cpu = True  # type: ignore[attr-defined]
     return wrapper

@@ -27,7 +27,7 @@ from ..errors import ExportError
 from ..export import export_ema
 
 __all__ = ["export_with_config", "find_run_config", "plain_config_path", "plain_config_text",
-           "write_plain_config"]
+           "plain_output_dir", "write_plain_config"]
 
 RUN_CONFIG = "config.yaml"
 
@@ -54,16 +54,25 @@ def plain_config_path(weights: str | os.PathLike[str]) -> Path:
     return path if path != weights else weights.with_name(weights.name + ".config.yaml")
 
 
+def plain_output_dir(weights: str | os.PathLike[str]) -> str:
+    """The output folder of the plain config: beside the export, never the run's folder
+    (detectron2's ``default_setup`` would replace the run's ``config.yaml``)."""
+    weights = Path(weights)
+    return str(weights.with_name(weights.stem + "_output"))
+
+
 def _strip(data: dict[str, Any], weights: str) -> dict[str, Any]:
     if "MODEL" in data or "MODEL_EMA" in data:  # yacs
         data.pop("MODEL_EMA", None)
         if isinstance(data.get("DATASETS"), dict):
             data["DATASETS"].pop("COCO_INSTANCES", None)
         data.setdefault("MODEL", {})["WEIGHTS"] = weights
+        data["OUTPUT_DIR"] = plain_output_dir(weights)
     elif isinstance(data.get("train"), dict):  # LazyConfig
         for key in ("model_ema", "coco_instances"):
             data["train"].pop(key, None)
         data["train"]["init_checkpoint"] = weights
+        data["train"]["output_dir"] = plain_output_dir(weights)
     else:
         raise ExportError("is neither a detectron2 yacs config (MODEL, ...) nor a LazyConfig "
                           "(model, train, ...)")
@@ -110,6 +119,17 @@ def write_plain_config(
     return output
 
 
+def _lazy_python_objects(config: Path) -> bool:
+    """A LazyConfig's saved config.yaml that holds Python objects plain YAML does not read."""
+    from .train_inputs import is_lazy
+
+    try:
+        text = config.read_text(errors="replace")
+    except OSError:
+        return False
+    return is_lazy(str(config)) and "!!python/" in text
+
+
 def export_with_config(
     checkpoint: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -127,13 +147,25 @@ def export_with_config(
     config = Path(config) if config is not None else find_run_config(checkpoint)
     weights, path = str(Path(output).resolve()), plain_config_path(output)
     # both files written as a pair: if the config cannot be, the weights are not replaced
-    extra = [] if config is None else [(path, plain_config_text(config, weights))]
+    extra, note = [], None
+    if config is not None:
+        try:
+            extra = [(path, plain_config_text(config, weights))]
+        except ExportError:
+            if not _lazy_python_objects(config):
+                raise
+            note = (f"no plain config written: {config} is a LazyConfig saved with Python "
+                    f"objects; with plain detectron2 use your LazyConfig .py with "
+                    f"train.init_checkpoint={weights} (as lazyconfig_train_net.py --eval-only)")
     lines = [export_ema(checkpoint, output, allow_nonfinite=allow_nonfinite, extra=extra,
                         **export_kwargs).describe()]
     if config is None:
         lines.append(f"no {RUN_CONFIG} beside {checkpoint}: pass --config RUN_CONFIG.yaml to "
                      "also write a config for plain detectron2")
         return lines
-    lines.append(f"wrote {path}: {config} without d2ema's keys, weights {weights}; plain "
-                 f"detectron2 reads it (e.g. tools/train_net.py --config-file {path} --eval-only)")
+    if note is not None:
+        return [*lines, note]
+    lines.append(f"wrote {path}: {config} without d2ema's keys, weights {weights}, output "
+                 f"folder {plain_output_dir(weights)} (not the run's); plain detectron2 reads "
+                 f"it (e.g. tools/train_net.py --config-file {path} --eval-only)")
     return lines

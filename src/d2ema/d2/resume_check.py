@@ -89,6 +89,12 @@ def check_exact_resume(model, checkpointables: Mapping[str, Any],
     """Raise :class:`CheckpointError` unless ``checkpoint`` fits ``model`` and the optimizer
     among ``checkpointables`` exactly (see the module doc); loads nothing."""
     problems = _model_problems(model, checkpoint.get("model"))
+    trainer_state = checkpoint.get("trainer")
+    for where, it in (("iteration", checkpoint.get("iteration", 0)),
+                      ("trainer.iteration", trainer_state.get("iteration", 0)
+                       if isinstance(trainer_state, Mapping) else 0)):
+        if type(it) is not int or not -1 <= it <= 10**12:
+            problems.append(f"its {where} is {it!r}, not a step number")
     if "optimizer" in checkpointables:
         problems += _optimizer_problems(checkpointables["optimizer"], checkpoint.get("optimizer"))
     else:  # detectron2's trainers: trainer.optimizer, or trainer._trainer.optimizer

@@ -123,8 +123,10 @@ class RunEvaluator:
                                  "evaluated on its dataloader.test only")
             from detectron2.config import instantiate
 
+            from .eval_outputs import adapt_evaluator
+
             loader = instantiate(self.cfg.dataloader.test)
-            evaluator = instantiate(self.cfg.dataloader.evaluator)
+            evaluator = adapt_evaluator(instantiate(self.cfg.dataloader.evaluator))
         else:
             from detectron2.data import build_detection_test_loader
 

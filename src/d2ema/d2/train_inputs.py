@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from ..confined import no_links_out
 from ..errors import UsageError
 
-__all__ = ["check_lazy_keys", "check_output_dir", "check_readable", "check_weights", "is_lazy"]
+__all__ = ["check_lazy_keys", "check_output_dir", "check_readable", "check_weights", "is_lazy",
+           "unknown_key_hint"]
 
 _LAZY_ROOTS = ("train", "model", "dataloader")
 
@@ -86,6 +88,27 @@ def check_lazy_keys(cfg, args) -> None:
         )
 
 
+def _yacs_keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in node.items():
+        keys.append(prefix + name)
+        if isinstance(value, dict):
+            keys += _yacs_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def unknown_key_hint(cfg, error: BaseException) -> str:
+    """For yacs's ``Non-existent config key: MODEL_EMA.DECAYY``: `` (did you mean
+    MODEL_EMA.DECAY?)``, the closest existing key; else ``""``."""
+    import difflib
+
+    found = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(error))
+    if not found:
+        return ""
+    close = difflib.get_close_matches(found.group(1), _yacs_keys(cfg), n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _writable(folder: Path, key: str) -> None:
     """``folder`` is a folder this user can write, or can be made (its nearest existing parent
     is a writable folder)."""
@@ -104,7 +127,7 @@ def check_output_dir(cfg, args) -> None:
     """The run's output folder (and its snapshot folder) can be written, and a training has
     steps to run: checked before any process starts or anything is written."""
     lazy = not hasattr(cfg, "OUTPUT_DIR")
-    train = cfg.get("train", {}) if lazy else None
+    train: Any = cfg.get("train", {}) if lazy else None
     key = "train.output_dir" if lazy else "OUTPUT_DIR"
     folder = str(train.get("output_dir", "") if lazy else cfg.OUTPUT_DIR)
     if folder and "://" not in folder:

@@ -34,7 +34,6 @@ import logging
 import math
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
-from urllib.parse import urlparse
 
 from ..errors import UsageError, one_line
 from .build import build_model_ema
@@ -44,13 +43,17 @@ from .datasets import (
     add_dataset_config,
     add_datasets_to_config,
     check_datasets_known,
+    check_datasets_used,
     register_config_datasets,
 )
 from .disk_full import disk_full_as_error
+from .eval_outputs import adapt_evaluator, python_coco_eval
 from .evaluation import evaluate_extra_emas, evaluate_with_ema
+from .family import check_posthoc_space
 from .hooks import EMAHook
 from .posthoc_select import check_selection
 from .run_lock import output_dir, run_lock
+from .run_setup import new_eval_dir, run_dir, setup_run
 from .safety import NoEMACheckpointer, check_resume_keeps_ema
 from .saved_config import check_saved_config, is_run_config
 from .train_inputs import (
@@ -59,6 +62,7 @@ from .train_inputs import (
     check_readable,
     check_weights,
     is_lazy,
+    unknown_key_hint,
 )
 from .trainer import EMATrainer
 
@@ -117,14 +121,16 @@ def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str
     except yaml.YAMLError as e:
         raise UsageError(f"config file {path} is not valid YAML ({one_line(str(e))})") from e
     except Exception as e:
-        raise UsageError(f"cannot use config file {path}: {_reason(e)}") from e
+        raise UsageError(f"cannot use config file {path}: {_reason(e)}"
+                         f"{unknown_key_hint(cfg, e)}") from e
     if len(opts) % 2:
         raise UsageError(f"config overrides must be KEY VALUE pairs; got {len(opts)} words: "
                          f"{' '.join(opts)}")
     try:
         cfg.merge_from_list(opts)
     except Exception as e:
-        raise UsageError(f"invalid config override in {' '.join(opts)!r}: {_reason(e)}") from e
+        raise UsageError(f"invalid config override in {' '.join(opts)!r}: {_reason(e)}"
+                         f"{unknown_key_hint(cfg, e)}") from e
     check_device("MODEL.DEVICE", cfg.MODEL.DEVICE, " ")
     ema_settings(cfg)  # ConfigError names the key, the value and what is allowed
     if not add_datasets_to_config(cfg, datasets):
@@ -144,12 +150,14 @@ def _check_launch(args, cfg=None) -> None:
                          f"must be at least 1, and --machine-rank {args.machine_rank} must be in "
                          f"0..{args.num_machines - 1}")
     world = args.num_gpus * args.num_machines
-    url = str(getattr(args, "dist_url", "auto"))
-    local = url == "auto" or urlparse(url).hostname in ("localhost", "127.0.0.1", "::1")
-    if args.num_machines > 1 and local:
+    url = getattr(args, "dist_url", None)
+    # 'auto' or no URL cannot join machines; an explicit loopback address joins "machines" on
+    # this host, as detectron2's launcher allows
+    if args.num_machines > 1 and url in (None, "auto"):
         raise UsageError(f"--num-machines {args.num_machines} needs --dist-url "
                          "tcp://ADDRESS:PORT with the address of machine 0 as every machine "
-                         f"reaches it; {url} only works on one machine")
+                         "reaches it (tcp://127.0.0.1:PORT for processes on this host); "
+                         f"{'auto' if url else 'the default'} only works on one machine")
     gpus, cores = torch.cuda.device_count(), os.cpu_count()
     if world > 1 and gpus and args.num_gpus > gpus:
         raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has {gpus} CUDA "
@@ -184,9 +192,14 @@ def train_main(
     check_output_dir(cfg, args)  # writable, not a file, steps to run
     if args.resume and not args.eval_only:  # before config.yaml is rewritten
         check_resume_keeps_ema(cfg)
+    check_datasets_used(cfg, _datasets(args), tests_only=args.eval_only)
     check_datasets_known(cfg, known_datasets)
     check_selection(cfg)
     _check_launch(args, cfg)
+    if getattr(args, "dist_url", None) is None:
+        args.dist_url = getattr(args, "default_dist_url", "auto")
+    if args.eval_only:  # one folder for every rank; the run's config.yaml stays as it is
+        args.eval_dir = new_eval_dir(run_dir(cfg))
     from .launch import launch
 
     in_process = args.num_gpus * args.num_machines == 1  # launch() then calls the worker here
@@ -247,23 +260,21 @@ def _warn_no_ema(path: str) -> None:
 
 # ----------------------------------------------------------------------------- yacs
 def _yacs_main(cfg, args, prepare: Prepare | None):
-    from detectron2.engine import default_setup
     from detectron2.evaluation import verify_results
     from detectron2.utils import comm
 
     from .build import get_model_ema
 
-    cfg.freeze()
-    default_setup(cfg, args)
+    run = setup_run(cfg, args)
     if prepare is not None:
         prepare(cfg)
     if args.eval_only:
         model = EMATrainer.build_model(cfg)
         ema = get_model_ema(model)
         if ema is not None:
-            checkpointer = EMACheckpointer(model, cfg.OUTPUT_DIR, ema=ema)
+            checkpointer = EMACheckpointer(model, run, ema=ema)
         else:
-            checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+            checkpointer = AtomicCheckpointer(model, save_dir=run)
         # load(), not resume_or_load(resume=False): the latter loads the model only, not the EMA
         path = cfg.MODEL.WEIGHTS
         if args.resume and checkpointer.has_checkpoint():
@@ -283,6 +294,7 @@ def _yacs_main(cfg, args, prepare: Prepare | None):
         return results
     trainer = EMATrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    check_posthoc_space(trainer.model, trainer.max_iter, trainer.start_iter)
     trainer.train()  # with MODEL_EMA.POSTHOC.SELECT, then chooses the EMA length
     results = getattr(trainer, "_last_eval_results", None)
     if results:
@@ -299,7 +311,8 @@ def _lazy_test(cfg, model) -> dict[str, Any]:
     if "evaluator" not in cfg.dataloader:
         return {}
     ret = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        model, instantiate(cfg.dataloader.test),
+        adapt_evaluator(instantiate(cfg.dataloader.evaluator)),
     )
     print_csv_format(ret)
     return dict(ret or {})
@@ -319,13 +332,13 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
         AMPTrainer,
         SimpleTrainer,
         create_ddp_model,
-        default_setup,
         default_writers,
         hooks,
     )
     from detectron2.utils import comm
 
-    default_setup(cfg, args)
+    run = setup_run(cfg, args)
+    python_coco_eval(cfg)  # before training, not at the first evaluation after it
     if prepare is not None:
         prepare(cfg)
     settings = ema_settings(cfg)
@@ -336,7 +349,7 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
 
     if args.eval_only:
         model = create_ddp_model(model)
-        checkpointer = _lazy_checkpointer(model, ema, train.output_dir, settings)
+        checkpointer = _lazy_checkpointer(model, ema, run, settings)
         checkpointer.load(train.init_checkpoint)
         use_ema = ema is not None and settings.use_ema_weights_for_eval_only
         if use_ema and not checkpointer.ema_loaded:
@@ -381,6 +394,7 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
     ])
     checkpointer.resume_or_load(train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    check_posthoc_space(model, train.max_iter, start_iter)
     trainer.train(start_iter, train.max_iter)
     if last_results:
         _say(f"final evaluation: {_summary(last_results)}")

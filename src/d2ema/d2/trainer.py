@@ -34,13 +34,16 @@ from __future__ import annotations
 
 import inspect
 import logging
+from typing import Any
 
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import DefaultTrainer, HookBase, hooks
+from torch import nn
 
 from ..ema import EMA
 from .build import build_model_ema, get_model_ema
 from .checkpoint import EMACheckpointer
 from .config import ema_settings
+from .eval_outputs import adapt_evaluator
 from .evaluation import EMA_PREFIX, build_evaluator, evaluate_with_ema, precise_bn
 from .family import get_extra_emas
 from .hooks import EMAHook
@@ -71,12 +74,12 @@ class EMATrainerMixin:
         check_trainer_bases(cls, EMATrainerMixin)
 
     @classmethod
-    def build_model(cls, cfg):
+    def build_model(cls, cfg: Any) -> nn.Module:
         model = super().build_model(cfg)
         build_model_ema(cfg, model)
         return model
 
-    def build_hooks(self):
+    def build_hooks(self) -> list[HookBase]:
         ema = get_model_ema(self.model)
         old = self.checkpointer
         if ema is None:  # a resume must not drop a checkpoint's EMA unnoticed
@@ -96,7 +99,7 @@ class EMATrainerMixin:
         return ret
 
     @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+    def build_evaluator(cls, cfg: Any, dataset_name: str, output_folder: str | None = None) -> Any:
         """The trainer's own ``build_evaluator`` when a class after the mixin has one; else COCO
         for COCO-style datasets (see :func:`d2ema.d2.evaluation.build_evaluator`)."""
         parent = super().build_evaluator
@@ -108,17 +111,26 @@ class EMATrainerMixin:
             return build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
-    def test_with_ema(cls, cfg, model, ema: EMA | None, *, raw: bool, evaluators=None,
-                      prefix: str = EMA_PREFIX):
+    def test_with_ema(cls, cfg: Any, model: nn.Module, ema: EMA | None, *, raw: bool,
+                      evaluators: Any = None, prefix: str = EMA_PREFIX) -> dict[str, Any]:
         """detectron2's plain ``test`` for the raw weights (if ``raw``) and for ``ema``'s
         weights (``prefix`` keys), with PreciseBN for the EMA weights when the config asks."""
-        plain_test = super().test
+        plain_test = super(EMATrainerMixin, _adapting(cls)).test
+        if evaluators is not None:
+            evaluators = list(evaluators) if isinstance(evaluators, (list, tuple)) else [
+                evaluators]
 
         def bn_stats(m) -> None:
             precise_bn(m, cls.build_train_loader(cfg), cfg.TEST.PRECISE_BN.NUM_ITER)
 
+        def adapted_test(m):
+            if evaluators is not None:  # each weights' own output folder
+                for e in evaluators:
+                    adapt_evaluator(e)
+            return plain_test(cfg, m, evaluators)
+
         return evaluate_with_ema(
-            lambda m: plain_test(cfg, m, evaluators),
+            adapted_test,
             model,
             ema,
             raw=raw,
@@ -127,7 +139,7 @@ class EMATrainerMixin:
         )
 
     @classmethod
-    def test(cls, cfg, model, evaluators=None):
+    def test(cls, cfg: Any, model: nn.Module, evaluators: Any = None) -> dict[str, Any]:
         """Raw weights (unless ``EVAL_BOTH`` is off), the EMA (``ema/``) and each extra EMA
         (``ema_0.99/``, ``ema_sigma0.1/``)."""
         ema = get_model_ema(model)
@@ -139,7 +151,8 @@ class EMATrainerMixin:
         return results
 
     @classmethod
-    def test_eval_only(cls, cfg, model, evaluators=None):
+    def test_eval_only(cls, cfg: Any, model: nn.Module,
+                       evaluators: Any = None) -> dict[str, Any]:
         """``--eval-only``: the EMA weights with ``USE_EMA_WEIGHTS_FOR_EVAL_ONLY``, else the raw
         ones (both if ``EVAL_BOTH`` and the EMA is used)."""
         ema = get_model_ema(model)
@@ -166,7 +179,7 @@ class EMATrainerMixin:
         if chosen is not results:
             self._last_eval_results = chosen
 
-    def resume_or_load(self, resume: bool = True):
+    def resume_or_load(self, resume: bool = True) -> None:
         resuming = resume and self.checkpointer.has_checkpoint()
         super().resume_or_load(resume=resume)
         checkpointer = self.checkpointer
@@ -180,15 +193,36 @@ class EMATrainerMixin:
         elif self.cfg.MODEL.WEIGHTS:
             logger.info("The EMA starts from the weights loaded from %s.", self.cfg.MODEL.WEIGHTS)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         ret = super().state_dict()
         ret.setdefault("_trainer", self._trainer.state_dict())
         return ret
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if not _SAVES_OPTIMIZER and "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+
+_ADAPTING: dict[type, type] = {}
+
+
+def _adapting(cls: type) -> type:
+    """``cls`` whose ``build_evaluator`` (the user's own, if any) returns
+    :func:`~d2ema.d2.eval_outputs.adapt_evaluator`'s evaluators: detectron2's ``test`` builds
+    them through ``cls``."""
+    if cls in _ADAPTING.values():
+        return cls
+    if cls not in _ADAPTING:
+        class Adapting(cls):
+            @classmethod
+            def build_evaluator(klass, cfg, dataset_name, *args, **kwargs):
+                return adapt_evaluator(super().build_evaluator(cfg, dataset_name, *args,
+                                                               **kwargs))
+
+        Adapting.__name__, Adapting.__qualname__ = cls.__name__, cls.__qualname__
+        _ADAPTING[cls] = Adapting
+    return _ADAPTING[cls]
 
 
 class EMATrainer(EMATrainerMixin, DefaultTrainer):

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,11 @@ from torch import nn
 from ..dtensor import reshard, to_dtensors, to_local_shards
 from ..format import STATE_KEY
 from ..state import is_dtensor, unwrap_model
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from ..ema import EMA
 
 __all__ = [
     "all_reduce_mean_",
@@ -60,14 +65,14 @@ __all__ = [
 ]
 
 
-def rank_and_world(group=None) -> tuple[int, int]:
+def rank_and_world(group: ProcessGroup | None = None) -> tuple[int, int]:
     """``(rank, world size)`` in ``group`` (default: the whole job); ``(0, 1)`` without one."""
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def comm_device(device: torch.device, group=None) -> torch.device:
+def comm_device(device: torch.device, group: ProcessGroup | None = None) -> torch.device:
     """Where a tensor of ``device`` must be to take part in a collective of ``group``.
 
     NCCL moves CUDA tensors only: an EMA kept on the CPU (``device="cpu"``) goes through the
@@ -79,7 +84,7 @@ def comm_device(device: torch.device, group=None) -> torch.device:
 
 
 @torch.no_grad()
-def all_reduce_mean_(tensors: list[torch.Tensor], group=None) -> None:
+def all_reduce_mean_(tensors: list[torch.Tensor], group: ProcessGroup | None = None) -> None:
     """Replace each floating tensor by its mean over the ranks of ``group``, in place.
 
     Summed in float64 and rounded once: tensors equal on every rank stay bit for bit equal,
@@ -108,7 +113,7 @@ def _floating_buffers(model: nn.Module) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def averaged_buffers(model: nn.Module, group=None) -> Iterator[nn.Module]:
+def averaged_buffers(model: nn.Module, group: ProcessGroup | None = None) -> Iterator[nn.Module]:
     """Inside, every floating buffer of ``model`` holds its mean over the ranks of ``group``.
 
     A collective: every rank of ``group`` enters it. The model's own buffers come back
@@ -131,7 +136,7 @@ def averaged_buffers(model: nn.Module, group=None) -> Iterator[nn.Module]:
             torch._foreach_copy_(buffers, saved)
 
 
-def full_state_dict(ema, *, cpu: bool = False) -> dict[str, Any]:
+def full_state_dict(ema: EMA, *, cpu: bool = False) -> dict[str, Any]:
     """``ema.state_dict()`` with every DTensor gathered into a plain full tensor.
 
     A collective where the EMA holds shards (FSDP2, :class:`~d2ema.distributed.ShardedEMA`): every

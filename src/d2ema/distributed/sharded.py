@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,9 @@ from ..state import Slot, TensorGroup, ema_dtype_for, plan_groups, unwrap_model
 from ..swap import swapped_bindings
 from ..update import Binding
 from .collectives import comm_device, rank_and_world
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["ShardedEMA", "assign_by_bytes"]
 
@@ -78,7 +81,8 @@ class ShardedEMA(EMA):
     whole job). Not for FSDP models: FSDP already shards, and the EMA follows its shards.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9998, *, group=None, **kwargs: Any):
+    def __init__(self, model: nn.Module, decay: float = 0.9998, *,
+                 group: ProcessGroup | None = None, **kwargs: Any):
         self.group = group
         self.rank, self.world = rank_and_world(group)
         self._owner: dict[str, int] = {}
@@ -125,11 +129,12 @@ class ShardedEMA(EMA):
         self._gathered = None
         super().reset(model)
 
-    def load_state_dict(self, state_dict, strict: bool = True):
+    def load_state_dict(self, state_dict: Mapping[str, Any],
+                        strict: bool = True) -> nn.modules.module._IncompatibleKeys:
         self._gathered = None
         return super().load_state_dict(state_dict, strict)
 
-    def _all_finite(self, bindings: list[Binding]) -> bool:
+    def _all_finite(self, bindings: list[Binding]) -> bool:  # type: ignore[override]
         """Skip on every rank if any rank's share holds NaN/Inf (as the unsharded EMA does)."""
         ok = super()._all_finite(bindings)
         if self.world == 1:
@@ -147,7 +152,8 @@ class ShardedEMA(EMA):
 
     def _bound_to_device(self) -> torch.device:
         model = self._bound_to
-        tensor = next(iter(model.parameters()), None) if model is not None else None
+        tensor: torch.Tensor | None = (next(iter(model.parameters()), None) if model is not None
+                                       else None)
         if tensor is None and model is not None:
             tensor = next(iter(model.buffers()), None)
         return tensor.device if tensor is not None else torch.device("cpu")
@@ -211,7 +217,7 @@ class ShardedEMA(EMA):
         """The full average by name: a collective (every rank calls it) with several ranks."""
         if self.world == 1:
             return self._views()
-        groups = self._gather_groups(None)
+        groups = self._gather_groups(None) or []  # dst None: a list on every rank
         return {n: t for g in groups for n, t in zip(g.names, g.tensors)}
 
     @contextlib.contextmanager
@@ -225,7 +231,7 @@ class ShardedEMA(EMA):
             return
         if self._swapped:
             raise RuntimeError("EMA.swapped() is already active for this EMA")
-        groups = self._gather_groups(None)
+        groups = self._gather_groups(None) or []  # dst None: a list on every rank
         target = unwrap_model(model)
         slots = {s.name: s for s in self._options.slots(target)}
         bindings = [Binding(g, [slots[n] for n in g.names]) for g in groups]

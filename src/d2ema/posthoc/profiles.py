@@ -32,12 +32,14 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import torch
 
 from ..errors import D2EMAError
 from ..schedules import sigma_rel_to_gamma
+
+Number: TypeAlias = float | torch.Tensor  # profile_dot broadcasts tensors
 
 __all__ = [
     "MAX_SIGMA_REL",
@@ -67,7 +69,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     return math.sqrt((gamma + 1.0) / ((gamma + 2.0) ** 2 * (gamma + 3.0)))
 
 
-def profile_dot(t_a, g_a, t_b, g_b) -> torch.Tensor:
+def profile_dot(t_a: Number, g_a: Number, t_b: Number, g_b: Number) -> torch.Tensor:
     """``<p_a, p_b>``: the L2 inner product of power profiles ending at ``t_a`` and ``t_b``.
 
     Both live on ``(0, min(t_a, t_b)]``; integrating gives
@@ -75,14 +77,14 @@ def profile_dot(t_a, g_a, t_b, g_b) -> torch.Tensor:
     end times and ``g_hi`` the exponent of the profile ending at ``hi`` (the power of a ratio
     <= 1 never overflows). Broadcasts; float64.
     """
-    t_a, g_a, t_b, g_b = torch.broadcast_tensors(
+    ta, ga, tb, gb = torch.broadcast_tensors(
         *(torch.as_tensor(v, dtype=_F64) for v in (t_a, g_a, t_b, g_b))
     )
-    a_ends_later = t_a >= t_b
-    hi = torch.where(a_ends_later, t_a, t_b)
-    lo = torch.where(a_ends_later, t_b, t_a)
-    g_hi = torch.where(a_ends_later, g_a, g_b)
-    return (g_a + 1) * (g_b + 1) / (g_a + g_b + 1) * torch.exp(g_hi * torch.log(lo / hi)) / hi
+    a_ends_later = ta >= tb
+    hi = torch.where(a_ends_later, ta, tb)
+    lo = torch.where(a_ends_later, tb, ta)
+    g_hi = torch.where(a_ends_later, ga, gb)
+    return (ga + 1) * (gb + 1) / (ga + gb + 1) * torch.exp(g_hi * torch.log(lo / hi)) / hi
 
 
 @functools.lru_cache(maxsize=4)

@@ -115,7 +115,7 @@ def plan(
                            f"{steps[0]}..{steps[-1]} (e.g. {', '.join(map(str, steps[-4:]))})")
     times, gammas = [e.t for e in entries], [e.gamma for e in entries]
     fits = solve(times, gammas, targets, at=at[0])
-    limits = {} if max_residual is None else {"max_residual": max_residual}
+    limits: dict[str, Any] = {} if max_residual is None else {"max_residual": max_residual}
     kept = []
     for fit in fits:
         try:

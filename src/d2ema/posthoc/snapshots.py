@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -134,7 +133,6 @@ def read_index(folder: str | os.PathLike[str]) -> list[SnapshotEntry]:
     return sorted(entries, key=lambda e: (e.t, e.sigma_rel))
 
 
-_FILE = re.compile(r"sigma[0-9.e+-]+_step\d{8,}\.pth")
 _MAX_STEP = 10**12  # far beyond any training; larger means a damaged or forged index
 _INT_FIELDS = {"t": 1, "step": 1, "bytes": 0}
 
@@ -166,10 +164,11 @@ def _entry(folder: Path, index: Path, i: int, raw: Any) -> SnapshotEntry:
                   f"{raw['sigma_rel']!r}")
     if raw["dtype"] not in _DTYPES:
         raise bad(f"has dtype = {raw['dtype']!r}, not one of {sorted(_DTYPES)}")
-    if not isinstance(raw["file"], str) or not _FILE.fullmatch(raw["file"]):
-        raise bad(f"has file = {raw['file']!r}, not a snapshot file name (sigmaS_stepNNNNNNNN.pth)")
+    expected = f"sigma{raw['sigma_rel']:g}_step{raw['step']:08d}.pth"  # what write() names it
+    if raw["file"] != expected:
+        raise bad(f"has file = {raw['file']!r}, but its snapshot is named {expected!r}")
     confined(folder, raw["file"], f"{index} (snapshot entry {i})")
-    return SnapshotEntry(**{k: float(v) if k in ("sigma_rel", "gamma", "rounding") else v
+    return SnapshotEntry(**{k: float(v) if k in ("sigma_rel", "gamma", "rounding") else v  # type: ignore[arg-type]
                             for k, v in raw.items()})
 
 
@@ -246,6 +245,26 @@ class SnapshotWriter:
         return (f"post-hoc EMA: snapshots of power EMAs sigma_rel {sigmas} every {period} steps "
                 f"and at step {total_steps} to {self.folder} ({str(self.dtype)[6:]}): "
                 f"{per / 1e6:.1f} MB per snapshot, about {count * per / 1e9:.2f} GB for the run")
+
+    def check_space(self, period: int, total_steps: int, start_step: int = 0) -> int:
+        """The bytes the snapshots from ``start_step`` to ``total_steps`` will take; raises
+        :class:`PostHocError` when that exceeds the free space of the folder's disk."""
+        import shutil
+
+        count = (total_steps // period - start_step // period
+                 + (total_steps % period != 0)) if period else 1
+        need = max(count, 0) * self.bytes_per_snapshot
+        where = self.folder.absolute()
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        if self.enabled and need > free:
+            raise PostHocError(
+                f"post-hoc EMA: {count} snapshots of {self.bytes_per_snapshot / 1e6:.1f} MB "
+                f"would take {need / 1e9:.2f} GB in {self.folder}, but its disk has "
+                f"{free / 1e9:.2f} GB free; set MODEL_EMA.POSTHOC.PERIOD to a larger period, "
+                "POSTHOC.DTYPE float16, or POSTHOC.DIR on a larger disk")
+        return need
 
     # ------------------------------------------------------------------ series
     def sync(self, step: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,12 @@ def load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Mo
     if missing:
         raise PostHocError(f"the reconstruction has tensors the model lacks: {missing[:5]}; "
                            "load it into the model the snapshots were taken from")
+    wrong = [n for n, v in tensors.items() if tuple(v.shape) != tuple(state[n].shape)]
+    if wrong:  # copy_ would broadcast a smaller tensor silently
+        n = wrong[0]
+        raise PostHocError(f"the reconstruction's {n} has shape {tuple(tensors[n].shape)}, the "
+                           f"model's {tuple(state[n].shape)} ({len(wrong)} such tensors); load it "
+                           "into the model the snapshots were taken from")
     with torch.no_grad():
         for name, value in tensors.items():
             state[name].copy_(value)
@@ -92,7 +99,7 @@ class PostHocEMA:
         self._synced = False
 
     @property
-    def folder(self):
+    def folder(self) -> Path:
         return self.writer.folder
 
     @property
@@ -164,7 +171,7 @@ class PostHocEMA:
         """A deep copy of ``model`` holding the EMA of one ``sigma_rel`` or ``decay``."""
         if (sigma_rel is None) == (decay is None):
             raise PostHocError("give exactly one of sigma_rel= and decay=")
-        target = Target("sigma_rel", sigma_rel) if sigma_rel is not None else Target("decay", decay)
+        target = Target("sigma_rel", sigma_rel) if sigma_rel is not None else Target("decay", decay)  # type: ignore[arg-type]
         rec = next(self.reconstruct([target], step))
         clone = copy.deepcopy(unwrap_model(model), memo={id(self): None})
         return load_tensors(clone, rec.tensors)

@@ -147,7 +147,8 @@ def samples(spec: DatasetSpec) -> Iterator[Sample]:
 
 def _coco_dict(spec: DatasetSpec, records: Iterable[tuple[str, Sample]]) -> dict:
     """COCO detection json for ``records`` of (file name, sample); category ids are 1..K."""
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for image_id, (file_name, sample) in enumerate(records, start=1):
         height, width = sample.image.shape[:2]
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})

@@ -66,7 +66,7 @@ def _shape_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
         cv2.circle(mask, (cx, cy), round(radius * scale), 1, -1, cv2.LINE_8, _SHIFT)
     else:
         points = (_polygon(kind, rng, radius) + centre) * (1 << _SHIFT)
-        points = np.round(points).astype(np.int32).reshape(-1, 1, 2)
+        points = np.round(points).astype(np.int32).reshape(-1, 1, 2)  # type: ignore[assignment]
         cv2.fillPoly(mask, [points], 1, cv2.LINE_8, _SHIFT)
     return mask.astype(bool)
 

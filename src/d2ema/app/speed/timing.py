@@ -45,9 +45,11 @@ __all__ = [
     "time_round_robin",
 ]
 
-# benchmarks/results/ of the source checkout d2ema runs from (else of the working directory).
+# benchmarks/results/ of the source checkout d2ema runs from; an installed d2ema writes into
+# the user's cache folder (never into whatever folder the command runs in)
 _ROOT = Path(__file__).resolve().parents[4]
-RESULTS = (_ROOT if (_ROOT / "benchmarks").is_dir() else Path()) / "benchmarks" / "results"
+_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "d2ema" / "bench"
+RESULTS = _ROOT / "benchmarks" / "results" if (_ROOT / "benchmarks").is_dir() else _CACHE
 # Automatic repetitions: as many as fit this many seconds per model, within these bounds.
 SECONDS = 40.0
 MIN_REPS, MAX_REPS = 30, 200

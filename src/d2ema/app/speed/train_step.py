@@ -38,6 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -102,8 +103,8 @@ def _batches(size: int, batch: int, num_classes: int, n: int = 4) -> list[list[d
 class Variant:
     name: str
     note: str
-    trainer: object
-    ema: object | None
+    trainer: Any  # a detectron2 trainer
+    ema: Any  # an EMA or None
 
     def step(self, it: int) -> None:
         t = self.trainer

@@ -256,6 +256,8 @@ def run(
             out += [f"## {MODEL_TITLES[name]} (`{name}`)", "", f"Skipped: {e}.", ""]
             continue
         setup = build_methods(model, decay, peers)
+        log(f"[bench] {name}: timing {len(setup.methods)} methods round robin "
+            f"({'5 repetitions' if quick else f'about {seconds:.0f} s'}; progress per model)")
         timing = time_round_robin(setup.methods, reps, device, warmup=warmup, inner=inner,
                                   seconds=seconds)
         log(f"[bench] {name}: {len(timing.times[0])} of {timing.rounds} repetitions kept")
