@@ -9,7 +9,6 @@ Subcommands::
                  [--dist-url URL] [KEY VALUE ... | key=value ...]
     d2ema export CHECKPOINT -o OUT.pth [--config RUN_CONFIG.yaml] [--allow-nonfinite]
     d2ema posthoc OUTPUT_DIR [--sigma-rel S,..] [--decay D,..] [--eval] [--export-best OUT]
-                 [--select-on NAME]
     d2ema bench  [arguments of the update-speed benchmark]
 
 ``train`` is detectron2's ``tools/train_net.py`` (YAML configs) and

@@ -208,9 +208,7 @@ def select_after_training(trainer, results: Mapping[str, Any] | None) -> Mapping
         inner.load_state_dict(raw)
     if not main:
         return results
-    with _FileLog(cfg.OUTPUT_DIR) as log:
-        return _write(trainer, results, {**outcome, "folder": folder}, test, select_on,
-                      report_on, log)
+    return _write(trainer, results, {**outcome, "folder": folder}, test, select_on, report_on)
 
 
 def _choose(trainer, folder, settings, select_on: str, main: bool) -> dict[str, Any]:
@@ -253,8 +251,9 @@ def _choose(trainer, folder, settings, select_on: str, main: bool) -> dict[str, 
             "selection_results": scored[label]}
 
 
-def _write(trainer, results, outcome, test: dict, select_on: str, report_on: str, log):
-    """Files, scalars and the summary line (main process)."""
+def _write(trainer, results, outcome, test: dict, select_on: str, report_on: str):
+    """Files, scalars and the summary line (main process; the lines go to the ``d2ema``
+    logger: the console and ``log.txt`` under ``d2ema train``)."""
     from detectron2.evaluation.testing import flatten_results_dict
 
     from .plain_config import export_with_config
@@ -286,17 +285,19 @@ def _write(trainer, results, outcome, test: dict, select_on: str, report_on: str
                                          "posthoc/chosen": test}))
     scalars["posthoc/chosen_sigma_rel"] = sel.sigma_rel
     _log_scalars(cfg, scalars)
-    log.lines([*lines, *export])
+    log = logging.getLogger(__name__)
+    for line in [*lines, *export]:
+        log.info(line)
     where = (f"{select_on}, the test set itself" if optimistic else f"{select_on} (held out)")
     summary = (f"post-hoc EMA: chose {outcome['label']} on {where}: AP {chosen['AP']:.2f}; on "
                f"{report_on}: raw AP {test_ap['raw']:.2f}, EMA AP {test_ap['ema']:.2f}, chosen "
                f"EMA AP {test_ap['chosen']:.2f}{' (optimistic)' if optimistic else ''}; "
                f"weights {out / SELECTED}, table and plot in {out / FOLDER}")
     if optimistic:
-        log.say(f"warning: {report_on} both chose the EMA length and reports its AP, so that "
+        log.warning(f"{report_on} both chose the EMA length and reports its AP, so that "
                 f"AP is optimistic (the best of {len(rows) - 1} scores of one set); set "
-                f"{_KEY}SELECT_ON to a held-out dataset for an unbiased one", logging.WARNING)
-    log.say(summary)
+                f"{_KEY}SELECT_ON to a held-out dataset for an unbiased one")
+    log.info(summary)
     merged = OrderedDict(results or {})
     merged.update((f"posthoc/{k}", v) for k, v in test.items())
     return merged
@@ -317,31 +318,3 @@ def _log_scalars(cfg, scalars: Mapping[str, float]) -> None:
         for writer in (JSONWriter(os.path.join(out, "metrics.json")), TensorboardXWriter(out)):
             writer.write()
             writer.close()
-
-
-class _FileLog:
-    """Lines for ``OUTPUT_DIR/log.txt`` (appended, as detectron2 writes it) and, with
-    :meth:`say`, for the console too; the file handler is removed on exit."""
-
-    def __init__(self, output_dir: str):
-        self.logger = logging.getLogger(__name__)
-        self.handler = logging.FileHandler(os.path.join(output_dir, "log.txt"), mode="a")
-        self.handler.setFormatter(logging.Formatter(
-            "[%(asctime)s] d2ema.posthoc %(levelname)s: %(message)s", "%m/%d %H:%M:%S"))
-
-    def __enter__(self) -> _FileLog:
-        self.logger.addHandler(self.handler)
-        self.logger.setLevel(logging.INFO)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.logger.removeHandler(self.handler)
-        self.handler.close()
-
-    def lines(self, lines) -> None:
-        for line in lines:
-            self.logger.info(line)
-
-    def say(self, text: str, level: int = logging.INFO) -> None:
-        self.logger.log(level, text)
-        print(f"[d2ema train] {text}", flush=True)
