@@ -31,7 +31,7 @@ __all__ = ["fit_row", "plot_ap_vs_length", "primary_ap", "result_metrics", "tabl
            "write_results"]
 
 RESULTS, PLOT, TABLE = "results.json", "ap_vs_length.png", "table.txt"
-_RAW_STYLE = {"color": "0.35", "linestyle": "--"}
+_RAW_STYLE: dict[str, Any] = {"color": "0.35", "linestyle": "--"}
 _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
@@ -123,8 +123,8 @@ def plot_ap_vs_length(
     ax = fig.subplots()
     power = sorted((r["sigma_rel"], r["AP"]) for r in rows if r["kind"] == "sigma_rel")
     if power:
-        xs, ys = zip(*power)
-        ax.plot(xs, ys, color=_COLOURS[0], marker="o", label="power EMA (sigma_rel)")
+        xs, curve = zip(*power)
+        ax.plot(xs, curve, color=_COLOURS[0], marker="o", label="power EMA (sigma_rel)")
     for colour, r in zip(_COLOURS[1:] * 8, [r for r in rows if r["kind"] == "decay"]):
         ax.plot([r["sigma_rel"]], [r["AP"]], marker="s", linestyle="", color=colour,
                 label=f"{r['target']} (~sigma_rel {r['sigma_rel']:.3f})")

@@ -95,7 +95,7 @@ def select(
     ``progress(done, total)`` is called after each target is scored.
     """
     named = targets is not None
-    targets = list(targets) if named else sweep_targets()[0]
+    targets = list(targets) if targets is not None else sweep_targets()[0]
     skip = (not named) if skip_unrepresentable is None else skip_unrepresentable
     _, fits, step = plan(folder, targets, step, skip_unrepresentable=skip)
     if not fits:
