@@ -15,11 +15,18 @@
    blocks of 2K iterations alternate between writing one snapshot and writing none; the extra
    wall and CPU time per snapshot over K iterations is the cost at the default K.
 
+5. **Selection in the run** (``--parts 5``, a section of its own in the report): a training
+   run with ``MODEL_EMA.POSTHOC.SELECT`` choosing on a held-out split of ``shapes`` (another
+   seed), every length also scored on the test set: the gap between the chosen length's test
+   AP and the best test AP of the sweep, against choosing on the test set itself.
+
 Writes ``benchmarks/results/posthoc.md`` and ``posthoc.png``; work files (about 10 GB of
 snapshots, deleted at the end unless ``--keep``) go to ``output/posthoc_bench``::
 
     PYTHONPATH=src .venv/bin/python benchmarks/posthoc.py           # ~45 min on 2 busy cores
     PYTHONPATH=src .venv/bin/python benchmarks/posthoc.py --iters 60 --pairs 2 --val 20  # smoke
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/posthoc.py --parts 5 \
+        --iters 300 --work output/posthoc_select     # part 5 alone, into the existing report
 """
 
 from __future__ import annotations
@@ -270,6 +277,72 @@ def _timed(obj, method: str) -> dict:
     return stats
 
 
+# ----------------------------------------------------------------------------- 5. selection
+SELECT_SET = "shapes_select"  # a held-out split: shapes images of another seed than val/train
+
+
+def register_select_set(size: int) -> None:
+    from dataclasses import replace
+
+    from d2ema.app.data import registry
+
+    registry.DATASETS[SELECT_SET] = replace(registry.DATASETS["shapes_val"], name=SELECT_SET,
+                                            seed=5, num_images=size)
+    registry.register_datasets(names=[SELECT_SET])
+
+
+def selection_run(args, work: Path) -> list[str]:
+    """``MODEL_EMA.POSTHOC.SELECT`` with ``SELECT_ON`` a held-out split, in the training run
+    itself; then every length of the sweep scored on the test set too (``d2ema posthoc``'s
+    evaluator), so that both choices can be read off: on the held-out split, on the test set."""
+    from d2ema.d2.run_eval import RunEvaluator, primary_ap
+    from d2ema.posthoc import DEFAULT_SIGMA_RELS
+
+    out = work / "select"
+    cfg = bench_config(args, out, extras=False)
+    cfg.MODEL_EMA.POSTHOC.SELECT = True
+    cfg.MODEL_EMA.POSTHOC.SELECT_ON = SELECT_SET
+    cfg.DATASETS.TEST = ("shapes_val",)
+    cfg.freeze()
+    trainer = trainer_class()(cfg)
+    trainer.resume_or_load(resume=False)
+    timed = _timed(trainer, "select_posthoc")
+    started = time.perf_counter()
+    trainer.train()  # then select_posthoc()
+    selected = timed["seconds"]
+    trained = time.perf_counter() - started - selected
+    chosen = json.loads((out / "posthoc" / "results.json").read_text())
+    held = {r["target"]: r["AP"] for r in chosen["rows"] if r["kind"] == "sigma_rel"}
+    run = RunEvaluator(cfg, False, out, work / "select_test")
+    test = {}
+    for rec in reconstruct(out / "ema_snapshots", [Target("sigma_rel", s) for s in
+                                                   DEFAULT_SIGMA_RELS], skip_unrepresentable=True):
+        with contextlib.redirect_stdout(io.StringIO()):
+            test[rec.fit.target.label] = primary_ap(run.evaluate(rec.tensors))
+    by_held = max(held, key=lambda k: held[k])
+    by_test = max(test, key=lambda k: test[k])
+    best = test[by_test]
+    lines = ["## 5. Choosing the length in the run: on a held-out split vs on the test set", "",
+             f"`MODEL_EMA.POSTHOC.SELECT True`, `SELECT_ON {SELECT_SET}` ({args.select} shapes "
+             f"images of another seed), test set shapes_val ({args.val} images); {args.iters} "
+             f"iterations ({trained / 60:.1f} min), selection {selected / 60:.1f} min. Every "
+             "length of the sweep was also scored on the test set to find the best there.", "",
+             "| chosen on | chosen length | its AP there | its test AP | best test AP of the "
+             "sweep | gap |", "|---|---|--:|--:|--:|--:|",
+             f"| {SELECT_SET} (held out) | {by_held} | {held[by_held]:.1f} | "
+             f"{test[by_held]:.1f} | {best:.1f} | {test[by_held] - best:+.1f} |",
+             f"| shapes_val (the test set) | {by_test} | {best:.1f} | {best:.1f} (optimistic) "
+             f"| {best:.1f} | {0.0:+.1f} |", "",
+             "| sigma_rel | AP held out | AP test |", "|--:|--:|--:|"]
+    for label in test:
+        lines.append(f"| {label.split()[-1]} | {held.get(label, math.nan):.1f} | "
+                     f"{test[label]:.1f} |")
+    lines += ["", f"In the run: raw test AP {chosen['test_AP']['raw']:.1f}, primary EMA "
+              f"{chosen['test_AP']['ema']:.1f}, chosen EMA {chosen['test_AP']['chosen']:.1f} "
+              f"({chosen['chosen']['target']}).", ""]
+    return lines
+
+
 # ----------------------------------------------------------------------------- 3. cost
 def cost_run(args, work: Path) -> list[str]:
     from detectron2.engine import HookBase
@@ -353,6 +426,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "posthoc.md"))
     parser.add_argument("--parts", default="1,2,4")
     parser.add_argument("--keep", action="store_true", help="keep the snapshots in --work")
+    parser.add_argument("--select", type=int, default=100,
+                        help="images of the held-out selection split (part 5)")
     args = parser.parse_args(argv)
     from d2ema.app.data import register_datasets
     from d2ema.app.demo.run import choose_threads
@@ -377,7 +452,17 @@ def main(argv=None) -> int:
         lines += more
     if "4" in parts:
         lines += cost_run(args, work)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    if "5" in parts:
+        register_select_set(args.select)
+        lines += selection_run(args, work)
+    if parts == ["5"] and Path(args.out).is_file():  # one section, into the existing report
+        kept = Path(args.out).read_text().split("\n## 5. ")[0].rstrip("\n")
+        section = "\n".join(lines[lines.index("## 5. Choosing the length in the run: on a "
+                                              "held-out split vs on the test set"):])
+        command = lines[2] + " " + lines[3]
+        Path(args.out).write_text(f"{kept}\n\n{section}\nCommand: {command}\n")
+    else:
+        Path(args.out).write_text("\n".join(lines) + "\n")
     if rows:
         from d2ema.app.plotting import plot_ap_vs_length
 

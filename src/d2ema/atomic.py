@@ -33,6 +33,7 @@ import torch
 
 __all__ = [
     "atomic_save",
+    "atomic_write_bytes",
     "atomic_write_files",
     "atomic_write_text",
     "check_target",
@@ -237,5 +238,9 @@ def atomic_save(obj: Any, output: str | os.PathLike[str]) -> None:
 
 def atomic_write_text(text: str, output: str | os.PathLike[str]) -> None:
     """Write ``text`` (UTF-8) to ``output`` atomically, like :func:`atomic_save`."""
-    data = text.encode("utf-8")
+    atomic_write_bytes(text.encode("utf-8"), output)
+
+
+def atomic_write_bytes(data: bytes, output: str | os.PathLike[str]) -> None:
+    """Write ``data`` to ``output`` atomically, like :func:`atomic_save` (e.g. a PNG)."""
     _write_atomically(output, lambda f: f.write(data))

@@ -152,8 +152,14 @@ def export_ema(
     *,
     allow_nonfinite: bool = False,
     extra: Sequence[tuple[str | os.PathLike[str], str]] = (),
+    ema: Mapping[str, torch.Tensor] | None = None,
+    info: Mapping[str, Any] | None = None,
 ) -> ExportSummary:
     """Write ``output``: a detectron2 checkpoint whose ``model`` holds the EMA of ``checkpoint``.
+
+    ``ema``: other EMA tensors to export with ``checkpoint``'s model (e.g. a post-hoc EMA
+    rebuilt from snapshots), instead of its ``ema_state``; ``info``: more entries for the
+    file's ``d2ema_export`` record (e.g. ``step``, ``posthoc``).
 
     Raises :class:`ExportError` for a missing/unreadable checkpoint, one without ``ema_state``,
     an EMA that does not fit the model or holds NaN/Inf (unless ``allow_nonfinite``), or an
@@ -173,13 +179,13 @@ def export_ema(
             raise ExportError(f"output {output} is the input checkpoint; write another file "
                               "(the export holds the EMA only, no optimizer or raw weights)")
     data = _load(source)
+    if ema is not None:
+        data = {"model": data.get("model"), STATE_KEY: dict(ema)}
     state, replaced, kept, ema_only = ema_model_state(data, f"checkpoint {source}")
     if not allow_nonfinite:
         _check_finite(data, source)
-    step = _step(data)
-    exported = {
-        "model": state,
-        EXPORT_KEY: {"source": str(source), "step": step, "format": "d2ema EMA export, v1"},
-    }
+    record = {"source": str(source), "step": _step(data), "format": "d2ema EMA export, v1",
+              **(info or {})}
+    exported = {"model": state, EXPORT_KEY: record}
     _write(exported, output, [(Path(p), text) for p, text in extra])
-    return ExportSummary(source, output, replaced, kept, ema_only, step)
+    return ExportSummary(source, output, replaced, kept, ema_only, record["step"])

@@ -1,4 +1,5 @@
-"""Plots of evaluation curves: AP over iterations for the raw weights and each EMA.
+"""Plots of evaluation curves: AP over iterations for the raw weights and each EMA, and AP
+against EMA length for post-hoc EMAs.
 
 Uses matplotlib's object API (no ``pyplot``), so it needs no display and changes no global
 backend setting.
@@ -75,34 +76,11 @@ def plot_ap_vs_length(
     path: str | os.PathLike[str],
     *,
     title: str = "",
+    chosen: Mapping[str, Any] | None = None,
 ) -> str:
-    """COCO AP against EMA length (``sigma_rel``, log scale) for post-hoc EMAs.
+    """COCO AP against EMA length for post-hoc EMAs: see
+    :func:`d2ema.d2.posthoc_report.plot_ap_vs_length` (shared with the end-of-training
+    selection); returns the path written."""
+    from ..d2.posthoc_report import plot_ap_vs_length as plot
 
-    ``rows`` hold ``kind`` (``"sigma_rel"``, ``"decay"`` or ``"raw"``), ``sigma_rel``, ``AP``
-    and ``target`` (a label). Power EMAs are joined by a line, constant decays are marked at
-    their width at that step, and the raw weights are a dashed horizontal line.
-    """
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2), dpi=100, layout="constrained")
-    ax = fig.subplots()
-    power = sorted((r["sigma_rel"], r["AP"]) for r in rows if r["kind"] == "sigma_rel")
-    if power:
-        xs, ys = zip(*power)
-        ax.plot(xs, ys, color=_EMA_COLOURS[0], marker="o", label="power EMA (sigma_rel)")
-    for colour, r in zip(_EMA_COLOURS[1:] * 8, [r for r in rows if r["kind"] == "decay"]):
-        ax.plot([r["sigma_rel"]], [r["AP"]], marker="s", linestyle="", color=colour,
-                label=f"{r['target']} (~sigma_rel {r['sigma_rel']:.3f})")
-    for r in rows:
-        if r["kind"] == "raw":
-            ax.axhline(r["AP"], label="raw weights", **{**_RAW_STYLE, "marker": None})  # type: ignore[arg-type]
-    ax.set_xscale("log")
-    ax.set_xlabel("EMA length: sigma_rel (std of the averaging profile / training length)")
-    ax.set_ylabel("COCO AP (%)")
-    ax.grid(True, alpha=0.3, which="both")
-    ax.legend(loc="best", fontsize="small")
-    if title:
-        ax.set_title(title)
-    path = os.fspath(path)
-    fig.savefig(path)
-    return path
+    return os.fspath(plot(rows, path, title=title, chosen=chosen))

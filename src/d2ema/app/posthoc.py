@@ -3,9 +3,12 @@
 Reads the snapshots a run with ``MODEL_EMA.POSTHOC.ENABLED`` wrote (``OUTPUT_DIR/ema_snapshots``),
 fits each asked-for EMA (``--sigma-rel`` widths, ``--decay`` classic constant decays) and prints
 how well the snapshots represent it. With ``--eval`` each EMA is rebuilt (streamed from disk)
-and scored on the run's test set, next to the raw weights; a table, ``results.json`` and a PNG
-of AP against EMA length go to ``OUTPUT_DIR/posthoc``, and ``--export-best OUT.pth`` writes the
-best EMA as a plain detectron2 checkpoint (``MODEL.WEIGHTS``).
+and scored on the run's test set (or on ``--select-on NAME``, a held-out set; the best is then
+also scored on the test set), next to the raw weights; a table, ``results.json`` and a PNG of
+AP against EMA length go to ``OUTPUT_DIR/posthoc``, and ``--export-best OUT.pth`` writes the
+best EMA as a plain detectron2 checkpoint (``MODEL.WEIGHTS``) with a plain config beside it.
+The rows, the table and the files are :mod:`d2ema.d2.posthoc_report`'s, the sweep and the
+choice :func:`d2ema.posthoc.select`'s, shared with ``MODEL_EMA.POSTHOC.SELECT``.
 
 Example::
 
@@ -18,20 +21,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..confined import no_links_out
 from ..errors import UsageError
-from ..posthoc import Fit, PostHocError, Target, plan, reconstruct
+from ..posthoc import DEFAULT_SIGMA_RELS, Fit, PostHocError, Target, plan, select
 
 __all__ = ["DEFAULT_SIGMA_RELS", "PostHocOptions", "PostHocReport", "parse_targets",
            "run_posthoc"]
-
-DEFAULT_SIGMA_RELS = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25)
 
 
 @dataclasses.dataclass
@@ -49,6 +48,7 @@ class PostHocOptions:
     verbose: bool = False
     datasets: tuple[str, ...] = ()  # NAME=ANNOTATIONS.json:IMAGE_DIR, as for d2ema train
     batch: int = 4  # targets rebuilt per pass over the snapshots (memory: batch + 1 models)
+    select_on: str | None = None  # choose on this dataset, report the best on the test set
 
 
 @dataclasses.dataclass
@@ -59,6 +59,7 @@ class PostHocReport:
     best: dict[str, Any] | None = None
     plot: Path | None = None
     exported: Path | None = None
+    export_lines: list[str] = dataclasses.field(default_factory=list)
 
 
 def _numbers(text: str, flag: str) -> list[float]:
@@ -91,32 +92,10 @@ def parse_targets(sigma_rels: str | None, decays: str | None) -> tuple[list[Targ
     return list(dict.fromkeys(targets)), True
 
 
-def _row(fit: Fit) -> dict[str, Any]:
-    return {"target": fit.target.label, "kind": fit.target.kind, "value": fit.target.value,
-            "sigma_rel": fit.sigma_rel, "misfit": fit.residual, "l1": fit.l1,
-            "snapshots": fit.used}
-
-
 LEGEND = ("misfit: how far the snapshots' combination is from the target's averaging profile "
           "(relative error); sum|x|: the sum of the combination's absolute weights, how much "
           "it amplifies the snapshots' rounding (1 for a snapshot or a plain average; large: "
           "less exact)")
-
-
-def _table(rows: list[dict[str, Any]], evaluated: bool) -> list[str]:
-    head = f"{'EMA':<18}{'~sigma_rel':>11}{'misfit':>9}{'sum|x|':>8}"
-    head += f"{'AP':>7}{'AP50':>7}" if evaluated else ""
-    lines = [head]
-    for r in rows:
-        if r["kind"] == "raw":
-            line = f"{r['target']:<18}{'':>11}{'':>9}{'':>8}"
-        else:
-            line = (f"{r['target']:<18}{r['sigma_rel']:>11.3f}{r['misfit']:>9.2%}"
-                    f"{r['l1']:>8.2f}")
-        if evaluated:
-            line += f"{r.get('AP', math.nan):>7.1f}{r.get('AP50', math.nan):>7.1f}"
-        lines.append(line)
-    return lines
 
 
 def _progress(total: int, enabled: bool):
@@ -128,12 +107,16 @@ def _progress(total: int, enabled: bool):
 
 def run_posthoc(options: PostHocOptions, stream: TextIO | None = None) -> PostHocReport:
     """Fit (and with ``evaluate`` rebuild and score) every target; see the module docstring."""
+    from ..d2.posthoc_report import fit_row, table
+
     stream = stream or sys.stdout
     out = Path(options.output_dir)
     if not out.is_dir():
         raise UsageError(f"{out} is not a folder; pass the OUTPUT_DIR of a training run")
     if options.export_best and not options.evaluate:
         raise UsageError("--export-best needs --eval (the best EMA is the one with the best AP)")
+    if options.select_on and not options.evaluate:
+        raise UsageError("--select-on needs --eval (it names the set the EMAs are scored on)")
     folder = Path(options.snapshots) if options.snapshots else out / "ema_snapshots"
     targets, named = parse_targets(options.sigma_rels, options.decays)
     entries, fits, step = plan(folder, targets, options.step, skip_unrepresentable=not named)
@@ -147,24 +130,27 @@ def run_posthoc(options: PostHocOptions, stream: TextIO | None = None) -> PostHo
     skipped = [t.label for t in targets if t not in {f.target for f in fits}]
     if skipped:
         say(f"left out (the snapshots cannot represent them): {', '.join(skipped)}")
-    rows = [_row(f) for f in fits]
+    rows = [fit_row(f) for f in fits]
     report = PostHocReport(rows, [], step)
     if options.evaluate:
         _evaluate(options, folder, fits, step, report, say)
-    report.lines = _table(report.rows, options.evaluate)
+    report.lines = table(report.rows, options.evaluate)
     print("\n".join(report.lines), file=stream, flush=True)
     print(LEGEND, file=stream, flush=True)
     if report.best is not None:
-        say(f"best: {report.best['target']} (AP {report.best['AP']:.1f}); results and plot in "
-            f"{report.plot.parent}")
-    if report.exported is not None:
-        say(f"wrote {report.exported}: use it as MODEL.WEIGHTS {report.exported}")
+        test = (f" on {options.select_on}; on the test set AP {report.best['test_AP']:.1f}"
+                if options.select_on else "")
+        say(f"best: {report.best['target']} (AP {report.best['AP']:.1f}{test}); results and plot "
+            f"in {report.plot.parent}")
+    for line in report.export_lines:
+        say(line)
     return report
 
 
 def _evaluate(options, folder: Path, fits: list[Fit], step: int, report: PostHocReport,
               say) -> None:
-    from ..d2.run_eval import RunEvaluator, primary_ap
+    from ..d2.posthoc_report import result_metrics, write_results
+    from ..d2.run_eval import RunEvaluator
     from .data import register_for_config
 
     out = Path(options.output_dir)
@@ -173,57 +159,64 @@ def _evaluate(options, folder: Path, fits: list[Fit], step: int, report: PostHoc
     results_dir.mkdir(parents=True, exist_ok=True)
     run = RunEvaluator.load(out, options.config_file, prepare=register_for_config,
                             inference_dir=results_dir, datasets=options.datasets)
+    select_on = _selection_set(options.select_on, run)
+    report_on = "the test set" if run.lazy else run.cfg.DATASETS.TEST[0]
     quiet = contextlib.nullcontext() if options.verbose else contextlib.redirect_stdout(
         io.StringIO())  # pycocotools prints every summary
-    say(f"evaluating {len(fits)} EMAs and the raw weights ({run.checkpoint.name}); EMAs are "
+    on = f" on {select_on} (the best is then scored on {report_on})" if select_on else ""
+    say(f"evaluating {len(fits)} EMAs and the raw weights ({run.checkpoint.name}){on}; EMAs are "
         "rebuilt from the snapshots, a few at a time")
-    best_tensors = None
+    rows = {r["target"]: r for r in report.rows}
     with _progress(len(fits) + 1, sys.stderr.isatty()) as bar:
         with quiet:
-            raw = run.evaluate(None)
+            raw = run.evaluate(None, select_on)
         bar.update(1)
-        report.rows.append({"target": "raw weights", "kind": "raw", **_metrics(raw, primary_ap)})
-        recs = reconstruct(folder, [f.target for f in fits], step, batch=options.batch,
-                           skip_unrepresentable=True)
-        for row, rec in zip(report.rows[: len(fits)], recs):
+        report.rows.append({"target": "raw weights", "kind": "raw", **result_metrics(raw)})
+
+        def score(rec) -> float:
+            row = rows[rec.fit.target.label]
             with quiet:
-                row.update(_metrics(run.evaluate(rec.tensors), primary_ap))
+                row.update(result_metrics(run.evaluate(rec.tensors, select_on)))
             bar.update(1)
             say(f"{row['target']}: AP {row['AP']:.1f}")
-            if report.best is None or row["AP"] > report.best["AP"]:
-                report.best, best_tensors = row, rec.tensors
-    (results_dir / "results.json").write_text(json.dumps(
-        {"step": step, "snapshots": str(folder), "rows": report.rows}, indent=1))
-    from .plotting import plot_ap_vs_length
+            return row["AP"]
 
-    report.plot = Path(plot_ap_vs_length(report.rows, results_dir / "ap_vs_length.png",
-                                         title=f"{out.name}: EMA length chosen after training "
-                                         f"(step {step})"))
+        sel = select(folder, score, [f.target for f in fits], step, batch=options.batch,
+                     skip_unrepresentable=True)
+    report.best = rows[sel.target.label]
+    if select_on:
+        with quiet:
+            report.best["test_AP"] = result_metrics(run.evaluate(sel.tensors))["AP"]
+    report.plot = write_results(
+        results_dir, {"step": step, "snapshots": str(folder), "select_on": select_on or
+                      report_on, "report_on": report_on, "rows": report.rows}, report.rows,
+        chosen=report.best, title=f"{out.name}: EMA length chosen after training (step {step})"
+        + (f" on {select_on}" if select_on else ""))
     if options.export_best:
-        report.exported = _export(run.checkpoint, best_tensors, report.best, step,
-                                  Path(options.export_best))
+        from ..d2.plain_config import export_with_config
+
+        report.export_lines = export_with_config(
+            run.checkpoint, options.export_best, ema=sel.tensors,
+            info={"step": step, "posthoc": sel.target.label, "select_on": select_on or report_on,
+                  "format": "d2ema post-hoc EMA export, v1"})
+        report.exported = Path(options.export_best)
 
 
-def _metrics(results: dict, primary_ap) -> dict[str, float]:
-    box = results.get("bbox", {})
-    ap50 = float(box.get("AP50", math.nan))
-    return {"AP": primary_ap(results), "AP50": 0.0 if math.isnan(ap50) else ap50}
+def _selection_set(name: str | None, run) -> str | None:
+    """``--select-on NAME``: a registered dataset (d2ema's demo sets are generated)."""
+    if not name:
+        return None
+    from detectron2.data import DatasetCatalog
 
+    from ..errors import DatasetError
+    from .data import DATASETS, register_datasets
 
-def _export(checkpoint: Path, tensors, best: dict, step: int, output: Path) -> Path:
-    from ..atomic import atomic_save
-    from ..export import EXPORT_KEY, ema_model_state
-    from ..format import STATE_KEY
-    from ..resume import read_checkpoint
-
-    raw = read_checkpoint(checkpoint)  # weights_only; one line if it cannot be read
-    raw = raw if isinstance(raw, dict) else {}
-    state, *_ = ema_model_state({STATE_KEY: tensors, "model": raw.get("model", {})},
-                                f"checkpoint {checkpoint}")
-    try:
-        atomic_save({"model": state, EXPORT_KEY: {
-            "source": str(checkpoint), "step": step, "posthoc": best["target"],
-            "format": "d2ema post-hoc EMA export, v1"}}, output)
-    except OSError as e:
-        raise UsageError(f"cannot write {output}: {e.strerror or e}") from e
-    return output
+    if run.lazy:
+        raise UsageError("--select-on works with yacs configs; a LazyConfig run is evaluated on "
+                         "its dataloader.test only")
+    if name in DATASETS and name not in DatasetCatalog.list():
+        register_datasets(names=[name])
+    if name not in DatasetCatalog.list():
+        raise DatasetError(f"--select-on {name}: no dataset of that name is registered; add it "
+                           f"with --dataset {name}=ANNOTATIONS.json:IMAGE_DIR")
+    return name

@@ -27,6 +27,8 @@ def add_posthoc_parser(sub, add_verbose: Callable[[argparse.ArgumentParser], Non
         ("--export-best", "OUT.pth", "with --eval: write the best EMA as a MODEL.WEIGHTS file"),
         ("--snapshots", "DIR", "snapshot folder (default: OUTPUT_DIR/ema_snapshots)"),
         ("--config-file", "FILE", "the run's config (default: OUTPUT_DIR/config.yaml)"),
+        ("--select-on", "NAME", "with --eval: score the EMAs on this dataset (held out) and the "
+         "best on the test set too; default: the test set both chooses and reports"),
     ):
         posthoc.add_argument(flag, default=None, metavar=metavar, help=text)
     posthoc.add_argument("--dataset", action="append", default=[],
@@ -50,5 +52,6 @@ def _run(args: argparse.Namespace) -> int:
     with trust_pickles(args.trust_pickle):
         run_posthoc(PostHocOptions(args.output_dir, args.sigma_rel, args.decay, args.step,
                                    args.eval, args.export_best, args.snapshots, args.config_file,
-                                   args.verbose, datasets=tuple(args.dataset)))
+                                   args.verbose, datasets=tuple(args.dataset),
+                                   select_on=args.select_on))
     return 0

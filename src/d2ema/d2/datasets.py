@@ -215,7 +215,11 @@ def dataset_names_in_config(cfg, tests_only: bool = False) -> list[tuple[str, st
     tests on)."""
     if not _is_lazy(cfg):
         keys = ("TEST",) if tests_only else ("TRAIN", "TEST")
-        return [(n, f"DATASETS.{k}") for k in keys for n in cfg.DATASETS[k]]
+        found = [(n, f"DATASETS.{k}") for k in keys for n in cfg.DATASETS[k]]
+        select = cfg.get("MODEL_EMA", {}).get("POSTHOC", {})  # a held-out set, evaluated
+        if select.get("SELECT", False) and select.get("SELECT_ON", ""):
+            found.append((select.SELECT_ON, "MODEL_EMA.POSTHOC.SELECT_ON"))
+        return found
     from omegaconf import DictConfig, OmegaConf
 
     container: Any = (OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig)

@@ -1,5 +1,7 @@
 """``MODEL_EMA.EXTRA_DECAYS``, ``EXTRA_SIGMA_RELS`` and ``POSTHOC.*``: read and checked for
-:func:`~d2ema.d2.config.ema_settings` (the EMAs themselves are built in :mod:`d2ema.d2.family`).
+:func:`~d2ema.d2.config.ema_settings` (the EMAs themselves are built in :mod:`d2ema.d2.family`;
+``POSTHOC.SELECT`` runs in :mod:`d2ema.d2.posthoc_select`, which also checks, before training,
+the selection set and that the snapshots will represent the ``SELECT_SIGMA_RELS``).
 
 Example::
 
@@ -19,7 +21,8 @@ from ..schedules import SigmaRel
 __all__ = ["NUMBER_LISTS", "PostHocSettings", "several_emas"]
 
 MIN_AUTO_PERIOD = 10  # iterations between snapshots at POSTHOC.PERIOD 0, at least
-NUMBER_LISTS = ("EXTRA_DECAYS", "EXTRA_SIGMA_RELS", "POSTHOC.SIGMA_RELS")  # checked here
+NUMBER_LISTS = ("EXTRA_DECAYS", "EXTRA_SIGMA_RELS", "POSTHOC.SIGMA_RELS",
+                "POSTHOC.SELECT_SIGMA_RELS")  # checked here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +33,9 @@ class PostHocSettings:
     period: int  # 0: automatic, see period_for
     dtype: str
     dir: str
+    select: bool = False  # choose the length at the end of training (d2.posthoc_select)
+    select_sigma_rels: tuple[float, ...] = ()  # (): the default sweep
+    select_on: str = ""  # "": DATASETS.TEST[0]
 
     def period_for(self, max_iter: int) -> int:
         """``PERIOD``, or for 0: about 100 snapshots in a run, never closer than
@@ -83,6 +89,7 @@ def several_emas(v: dict[str, Any], key: Callable[[str], str], schedule) -> dict
                           f"{key('SCHEDULE')} is 'sigma_rel' (which has no decay); list the "
                           f"widths in {key('EXTRA_SIGMA_RELS')} instead")
     sigmas = widths("POSTHOC.SIGMA_RELS", 0.0, 12**-0.5)  # all checked, used or not
+    select_sigmas = widths("POSTHOC.SELECT_SIGMA_RELS", 0.0, 12**-0.5)
     period = v["POSTHOC.PERIOD"]
     if isinstance(period, bool) or not isinstance(period, int) or period < 0:
         raise ConfigError(f"{key('POSTHOC.PERIOD')} = {period!r} must be an integer >= 0 "
@@ -94,7 +101,12 @@ def several_emas(v: dict[str, Any], key: Callable[[str], str], schedule) -> dict
     if v["POSTHOC.ENABLED"]:
         if not sigmas:
             raise ConfigError(f"{key('POSTHOC.SIGMA_RELS')} is empty; use e.g. [0.05, 0.1]")
-        out["posthoc"] = PostHocSettings(sigmas, period, dtype, _inside_output(v, key))
+        out["posthoc"] = PostHocSettings(sigmas, period, dtype, _inside_output(v, key),
+                                         v["POSTHOC.SELECT"], select_sigmas,
+                                         v["POSTHOC.SELECT_ON"])
+    elif v["POSTHOC.SELECT"]:
+        raise ConfigError(f"{key('POSTHOC.SELECT')} = True chooses among post-hoc EMAs, but "
+                          f"{key('POSTHOC.ENABLED')} is False; set POSTHOC.ENABLED True")
     if not v["ENABLED"] and (out["extra_decays"] or out["extra_sigma_rels"] or "posthoc" in out):
         raise ConfigError(f"{key('EXTRA_DECAYS')}/{key('EXTRA_SIGMA_RELS')}/{key('POSTHOC')} "
                           f"need {key('ENABLED')} True")

@@ -82,6 +82,22 @@ KEYS: dict[str, tuple[Any, str]] = {
     "POSTHOC.DTYPE": ("float32", "snapshot precision: float32, float16 or bfloat16"),
     "POSTHOC.DIR": (
         "", "snapshot folder inside `OUTPUT_DIR`, relative to it ('' = `ema_snapshots`)"),
+    "POSTHOC.SELECT": (
+        False,
+        "at the end of training, rebuild a sweep of EMA lengths, evaluate each on `SELECT_ON` "
+        "and write the best as `OUTPUT_DIR/model_final_posthoc.pth` (+ a plain detectron2 "
+        "`.yaml`); see [ema-length.md](ema-length.md)",
+    ),
+    "POSTHOC.SELECT_SIGMA_RELS": (
+        [],
+        "the lengths `SELECT` tries; [] = 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25 "
+        "(those the snapshots can represent)",
+    ),
+    "POSTHOC.SELECT_ON": (
+        "",
+        "the dataset `SELECT` chooses on (held out); '' = `DATASETS.TEST[0]`, which then also "
+        "reports (optimistic). The chosen EMA is reported on `DATASETS.TEST[0]`",
+    ),
     "DISCARD_ON_RESUME": (
         False,
         "with `ENABLED` False: resume from a checkpoint that has an EMA and drop that EMA "

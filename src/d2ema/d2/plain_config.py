@@ -140,9 +140,11 @@ def export_with_config(
     config: str | os.PathLike[str] | None = None,
     *,
     allow_nonfinite: bool = False,
+    **export_kwargs: Any,
 ) -> list[str]:
-    """:func:`~d2ema.export.export_ema`, then the plain config (``config``, else the run's
-    ``config.yaml`` beside ``checkpoint``) beside ``output``; returns the lines to print."""
+    """:func:`~d2ema.export.export_ema` (``export_kwargs``: its ``ema=`` and ``info=``), then
+    the plain config (``config``, else the run's ``config.yaml`` beside ``checkpoint``) beside
+    ``output``; returns the lines to print."""
     if config is not None and not Path(config).is_file():
         raise ExportError(f"config {config} does not exist; pass the run's config.yaml "
                           "(OUTPUT_DIR/config.yaml), or leave --config out")
@@ -159,8 +161,8 @@ def export_with_config(
             note = (f"no plain config written: {config} is a LazyConfig saved with Python "
                     f"objects; with plain detectron2 use your LazyConfig .py with "
                     f"train.init_checkpoint={weights} (as lazyconfig_train_net.py --eval-only)")
-    lines = [export_ema(checkpoint, output, allow_nonfinite=allow_nonfinite,
-                        extra=extra).describe()]
+    lines = [export_ema(checkpoint, output, allow_nonfinite=allow_nonfinite, extra=extra,
+                        **export_kwargs).describe()]
     if config is None:
         lines.append(f"no {RUN_CONFIG} beside {checkpoint}: pass --config RUN_CONFIG.yaml to "
                      "also write a config for plain detectron2")

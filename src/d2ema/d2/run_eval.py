@@ -3,8 +3,9 @@
 :class:`RunEvaluator` reads the run's config (``OUTPUT_DIR/config.yaml``, which detectron2's
 ``default_setup`` writes for YAML and LazyConfig runs alike), builds its model once, loads its
 last checkpoint (so tensors that no EMA tracks keep their trained values) and evaluates any
-weights given by name on the config's first test set with the run's evaluator
-(:func:`~d2ema.d2.build_evaluator`, or ``dataloader.evaluator`` of a LazyConfig).
+weights given by name on the config's first test set, or on another registered dataset (yacs
+configs), with the run's evaluator (:func:`~d2ema.d2.build_evaluator`, or
+``dataloader.evaluator`` of a LazyConfig).
 
 Example::
 
@@ -16,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,22 +25,11 @@ import torch
 
 from ..errors import UsageError, one_line
 from ..posthoc import load_tensors
+from .posthoc_report import primary_ap
 
 __all__ = ["RunEvaluator", "primary_ap"]
 
 logger = logging.getLogger(__name__)
-
-
-def primary_ap(results: Mapping[str, Any]) -> float:
-    """The headline AP of detectron2 results: ``bbox/AP``, else the first task's ``AP``; NaN
-    (COCO's "no detections") counts as 0."""
-    tasks = [results["bbox"]] if "bbox" in results else list(results.values())
-    for task in tasks:
-        if isinstance(task, Mapping) and "AP" in task:
-            ap = float(task["AP"])
-            return 0.0 if math.isnan(ap) else ap
-    raise UsageError(f"the evaluation gave no AP (results: {sorted(results)}); d2ema posthoc "
-                     "--eval needs a detection or segmentation test set")
 
 
 def _checkpoint(output_dir: Path) -> Path:
@@ -70,7 +59,8 @@ class RunEvaluator:
         AtomicCheckpointer(self.model).load(str(self.checkpoint))
         self.raw = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.eval()
-        self._test = self._tester(folder)
+        self.folder = folder
+        self._tests: dict[str | None, Callable[[], dict]] = {}
 
     @classmethod
     def load(cls, output_dir: str | Path, config_file: str | Path | None = None,
@@ -124,10 +114,13 @@ class RunEvaluator:
                 "d2ema.posthoc.reconstruct and d2ema.posthoc.load_tensors (docs/ema-length.md: "
                 "'post-hoc EMA in your own script'), or leave out --eval for the table") from e
 
-    def _tester(self, folder: Path) -> Callable[[], dict]:
+    def _tester(self, dataset: str | None) -> Callable[[], dict]:
         from detectron2.evaluation import inference_on_dataset
 
         if self.lazy:
+            if dataset is not None:
+                raise UsageError(f"cannot evaluate on {dataset!r}: a LazyConfig run is "
+                                 "evaluated on its dataloader.test only")
             from detectron2.config import instantiate
 
             from .eval_outputs import adapt_evaluator
@@ -139,14 +132,19 @@ class RunEvaluator:
 
             from .evaluation import build_evaluator
 
-            name = self.cfg.DATASETS.TEST[0]
+            name = dataset or self.cfg.DATASETS.TEST[0]
             loader = build_detection_test_loader(self.cfg, name)
-            evaluator = build_evaluator(self.cfg, name, str(folder / "inference"))
+            inference = self.folder / "inference" / (dataset or "")
+            evaluator = build_evaluator(self.cfg, name, str(inference))
         return lambda: dict(inference_on_dataset(self.model, loader, evaluator) or {})
 
-    def evaluate(self, tensors: Mapping[str, torch.Tensor] | None) -> dict:
-        """Results for the run's raw weights with ``tensors`` in place (None: raw only)."""
+    def evaluate(self, tensors: Mapping[str, torch.Tensor] | None,
+                 dataset: str | None = None) -> dict:
+        """Results for the run's raw weights with ``tensors`` in place (None: raw only), on
+        ``dataset`` (default: the config's first test set)."""
+        if dataset not in self._tests:
+            self._tests[dataset] = self._tester(dataset)
         self.model.load_state_dict(self.raw)
         if tensors is not None:
             load_tensors(self.model, tensors)
-        return self._test()
+        return self._tests[dataset]()

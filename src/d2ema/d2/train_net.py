@@ -51,6 +51,7 @@ from .eval_outputs import adapt_evaluator, python_coco_eval
 from .evaluation import evaluate_extra_emas, evaluate_with_ema
 from .family import check_posthoc_space
 from .hooks import EMAHook
+from .posthoc_select import check_selection
 from .run_lock import output_dir, run_lock
 from .run_setup import new_eval_dir, run_dir, setup_run
 from .safety import NoEMACheckpointer, check_resume_keeps_ema
@@ -193,6 +194,7 @@ def train_main(
         check_resume_keeps_ema(cfg)
     check_datasets_used(cfg, _datasets(args), tests_only=args.eval_only)
     check_datasets_known(cfg, known_datasets)
+    check_selection(cfg)
     _check_launch(args, cfg)
     if getattr(args, "dist_url", None) is None:
         args.dist_url = getattr(args, "default_dist_url", "auto")
@@ -293,7 +295,7 @@ def _yacs_main(cfg, args, prepare: Prepare | None):
     trainer = EMATrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     check_posthoc_space(trainer.model, trainer.max_iter, trainer.start_iter)
-    trainer.train()
+    trainer.train()  # with MODEL_EMA.POSTHOC.SELECT, then chooses the EMA length
     results = getattr(trainer, "_last_eval_results", None)
     if results:
         _say(f"final evaluation: {_summary(results)}")

@@ -16,6 +16,8 @@ What the mixin changes, each in the method that owns it:
   ``TEST.PRECISE_BN.ENABLED`` BN statistics are recomputed for the EMA weights too;
 * ``state_dict`` / ``load_state_dict`` carry the optimizer state on detectron2 v0.6 as well (main
   already does), so a resumed run keeps its SGD momentum;
+* ``train`` ends, with ``MODEL_EMA.POSTHOC.SELECT``, by choosing the EMA length on held-out data
+  and writing it as ``model_final_posthoc.pth`` (:mod:`d2ema.d2.posthoc_select`);
 * ``resume_or_load`` warns once when the checkpoint it resumes from has no EMA; the EMA then
   restarts from the loaded weights, as it does for a new training from ``MODEL.WEIGHTS`` (whose
   EMA, if any, fvcore does not load: only a resume loads the whole training state).
@@ -30,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -44,6 +47,7 @@ from .eval_outputs import adapt_evaluator
 from .evaluation import EMA_PREFIX, build_evaluator, evaluate_with_ema, precise_bn
 from .family import get_extra_emas
 from .hooks import EMAHook
+from .posthoc_select import select_after_training
 from .safety import NoEMACheckpointer, check_trainer_bases
 
 __all__ = ["EMATrainer", "EMATrainerMixin"]
@@ -52,6 +56,12 @@ logger = logging.getLogger(__name__)
 
 # detectron2 main saves the inner trainer (optimizer) in DefaultTrainer.state_dict; v0.6 does not.
 _SAVES_OPTIMIZER = "state_dict" in vars(DefaultTrainer)
+
+
+def _takes_folder(build_evaluator) -> bool:
+    """Whether a ``build_evaluator(cfg, dataset_name, ...)`` accepts a third argument."""
+    params = list(inspect.signature(build_evaluator).parameters.values())
+    return len(params) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
 class EMATrainerMixin:
@@ -92,10 +102,11 @@ class EMATrainerMixin:
     def build_evaluator(cls, cfg: Any, dataset_name: str, output_folder: str | None = None) -> Any:
         """The trainer's own ``build_evaluator`` when a class after the mixin has one; else COCO
         for COCO-style datasets (see :func:`d2ema.d2.evaluation.build_evaluator`)."""
+        parent = super().build_evaluator
         try:  # DefaultTrainer's raises NotImplementedError; a user's may not take output_folder
-            if output_folder is None:
-                return super().build_evaluator(cfg, dataset_name)
-            return super().build_evaluator(cfg, dataset_name, output_folder)
+            if output_folder is None or not _takes_folder(parent):  # (v0.6's does not)
+                return parent(cfg, dataset_name)
+            return parent(cfg, dataset_name, output_folder)
         except NotImplementedError:
             return build_evaluator(cfg, dataset_name, output_folder)
 
@@ -151,6 +162,22 @@ class EMATrainerMixin:
         return cls.test_with_ema(
             cfg, model, ema, raw=settings.eval_both, evaluators=evaluators
         )
+
+    def train(self):
+        """detectron2's ``train``; then, with ``MODEL_EMA.POSTHOC.SELECT``, the choice of the
+        EMA length (:meth:`select_posthoc`)."""
+        ret = super().train()
+        self.select_posthoc()
+        return ret
+
+    def select_posthoc(self) -> None:
+        """With ``MODEL_EMA.POSTHOC.SELECT``: rebuild, evaluate and choose the EMA length, write
+        ``OUTPUT_DIR/model_final_posthoc.pth`` (:mod:`d2ema.d2.posthoc_select`); the chosen
+        EMA's test results join ``_last_eval_results`` under ``posthoc/``. Else nothing."""
+        results = getattr(self, "_last_eval_results", None)
+        chosen = select_after_training(self, results)
+        if chosen is not results:
+            self._last_eval_results = chosen
 
     def resume_or_load(self, resume: bool = True) -> None:
         resuming = resume and self.checkpointer.has_checkpoint()

@@ -2,11 +2,12 @@
 
 Karras et al. (EDM2) keep two power-function EMAs during training and save snapshots of them
 every few steps; after training, a least-squares mix of the snapshots rebuilds an EMA of any
-length in between. The package holds the four pieces, one floor above the core EMA:
+length in between. The package holds five pieces, one floor above the core EMA:
 
 * :mod:`~d2ema.posthoc.profiles`: the math (profiles, the least-squares fit, what is representable);
 * :mod:`~d2ema.posthoc.snapshots`: the snapshot series on disk (writer, index, validation);
 * :mod:`~d2ema.posthoc.rebuild`: rebuild the EMA of a target length from a series;
+* :mod:`~d2ema.posthoc.select`: rebuild a sweep of lengths, score each, keep the best;
 * :mod:`~d2ema.posthoc.tracker`: :class:`PostHocEMA`, the training-loop object tying them together.
 
 Example::
@@ -20,6 +21,7 @@ Example::
     ph.snapshot()
     ph.close()
     ema_model = ph.model_copy(model, sigma_rel=0.07)   # any length, chosen now
+    best = ph.select(validation_score, model=model)   # or the length a held-out score picks
 """
 
 from .profiles import (
@@ -34,16 +36,19 @@ from .profiles import (
     solve,
 )
 from .rebuild import Reconstruction, plan, reconstruct
+from .select import DEFAULT_SIGMA_RELS, Selection, select, sweep_targets
 from .snapshots import INDEX, SnapshotEntry, SnapshotWriter, read_index, snapshot_dtype
 from .tracker import PostHocEMA, load_tensors
 
 __all__ = [
+    "DEFAULT_SIGMA_RELS",
     "INDEX",
     "MAX_SIGMA_REL",
     "Fit",
     "PostHocEMA",
     "PostHocError",
     "Reconstruction",
+    "Selection",
     "SnapshotEntry",
     "SnapshotWriter",
     "Target",
@@ -55,6 +60,8 @@ __all__ = [
     "read_index",
     "reconstruct",
     "representable_range",
+    "select",
     "snapshot_dtype",
     "solve",
+    "sweep_targets",
 ]

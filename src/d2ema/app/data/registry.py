@@ -287,6 +287,7 @@ def datasets_in_config(cfg) -> list[str]:
     """Names of the embedded datasets a yacs config (``DATASETS``) or a LazyConfig mentions."""
     if hasattr(cfg, "DATASETS"):
         names = [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
+        names.append(cfg.get("MODEL_EMA", {}).get("POSTHOC", {}).get("SELECT_ON", ""))
     else:
         from omegaconf import OmegaConf
 

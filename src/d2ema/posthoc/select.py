@@ -1,0 +1,118 @@
+"""Choose the EMA length by a score: rebuild a sweep of lengths, score each, keep the best.
+
+:func:`select` streams the sweep from a snapshot folder (:func:`~d2ema.posthoc.reconstruct`,
+a few targets per pass over the files), calls ``score_fn`` on each rebuilt EMA and returns a
+:class:`Selection`: the best length, its score, every length's score and the best one's tensors.
+A tie goes to the length closest (in log sigma_rel) to ``prefer``, e.g. the run's primary EMA,
+else to the first in sweep order. ``d2ema posthoc --eval``, the end-of-training selection of
+``MODEL_EMA.POSTHOC.SELECT`` and :meth:`d2ema.PostHocEMA.select` all go through it.
+
+Score on data the model was not tuned on: the best of a sweep scored on the test set is an
+optimistic estimate of that set's score (the maximum of noisy numbers).
+
+Example::
+
+    sel = select("out/ema_snapshots", lambda rec: validate(rec.tensors))
+    print(sel.sigma_rel, sel.score, sel.scores)      # e.g. 0.03, 31.7, {0.01: 29.8, ...}
+    model.load_state_dict(sel.tensors, strict=False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .profiles import Fit, PostHocError, Target
+from .rebuild import Reconstruction, plan, reconstruct
+
+__all__ = ["DEFAULT_SIGMA_RELS", "Selection", "select", "sweep_targets"]
+
+DEFAULT_SIGMA_RELS = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25)
+
+
+@dataclasses.dataclass
+class Selection:
+    """The best EMA of a sweep: its ``target`` and width ``sigma_rel`` (a decay's at the step),
+    its ``score``, ``scores`` (target label -> score, in sweep order), the ``fits`` of the
+    sweep, the training ``step`` the EMAs stand for, and the chosen EMA's ``tensors``."""
+
+    target: Target
+    sigma_rel: float
+    score: float
+    scores: dict[str, float]
+    fits: list[Fit]
+    step: int
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def by_sigma_rel(self) -> dict[float, float]:
+        """``{sigma_rel: score}`` for the power-EMA targets of the sweep."""
+        return {f.target.value: self.scores[f.target.label] for f in self.fits
+                if f.target.kind == "sigma_rel" and f.target.label in self.scores}
+
+
+def sweep_targets(sigma_rels: Sequence[float] | None = None) -> tuple[list[Target], bool]:
+    """The targets for ``sigma_rels`` (None or empty: :data:`DEFAULT_SIGMA_RELS`), and whether
+    they were named (then one the snapshots cannot represent is refused, not left out)."""
+    if not sigma_rels:
+        return [Target("sigma_rel", s) for s in DEFAULT_SIGMA_RELS], False
+    return list(dict.fromkeys(Target("sigma_rel", float(s)) for s in sigma_rels)), True
+
+
+def _better(score: float, sigma: float, best: tuple[float, float] | None,
+            prefer: float | None) -> bool:
+    if best is None:
+        return True
+    if score != best[0]:
+        return score > best[0]
+    if prefer is None:
+        return False
+    distance = lambda s: abs(math.log(s / prefer))  # noqa: E731
+    return distance(sigma) < distance(best[1])
+
+
+def select(
+    folder: str | os.PathLike[str],
+    score_fn: Callable[[Reconstruction], float],
+    targets: Sequence[Target] | None = None,
+    step: int | None = None,
+    *,
+    prefer: float | None = None,
+    batch: int = 4,
+    skip_unrepresentable: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Selection:
+    """Rebuild each of ``targets`` (default: :data:`DEFAULT_SIGMA_RELS`, leaving out the widths
+    the snapshots cannot represent) at ``step``, score it with ``score_fn`` (higher is better;
+    NaN counts as the worst) and return the best (see the module docstring).
+
+    ``skip_unrepresentable`` (default: only for the default sweep) leaves out the targets the
+    snapshots cannot represent instead of raising :class:`PostHocError` before any is rebuilt.
+    ``progress(done, total)`` is called after each target is scored.
+    """
+    named = targets is not None
+    targets = list(targets) if targets is not None else sweep_targets()[0]
+    skip = (not named) if skip_unrepresentable is None else skip_unrepresentable
+    _, fits, step = plan(folder, targets, step, skip_unrepresentable=skip)
+    if not fits:
+        raise PostHocError(f"none of {[t.label for t in targets]} can be reconstructed from the "
+                           f"snapshots in {folder}; name widths inside the stored ones")
+    scores: dict[str, float] = {}
+    best: tuple[float, float] | None = None
+    chosen: Reconstruction | None = None
+    for rec in reconstruct(folder, [f.target for f in fits], step, batch=batch,
+                           skip_unrepresentable=skip):
+        score = float(score_fn(rec))
+        scores[rec.fit.target.label] = score
+        ranked = -math.inf if math.isnan(score) else score
+        if _better(ranked, rec.fit.sigma_rel, best, prefer):
+            best, chosen = (ranked, rec.fit.sigma_rel), rec
+        if progress is not None:
+            progress(len(scores), len(fits))
+    assert chosen is not None
+    return Selection(chosen.fit.target, chosen.fit.sigma_rel, scores[chosen.fit.target.label],
+                     scores, fits, step, chosen.tensors)
