@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 
 
 @contextlib.contextmanager
@@ -13,6 +14,7 @@ def loggers_restored():
     names = ("detectron2", "fvcore", "d2ema")
     saved = {n: list(logging.getLogger(n).handlers) for n in names}
     flags = {n: (logging.getLogger(n).level, logging.getLogger(n).propagate) for n in names}
+    _forget_setup_logger_calls()
     try:
         yield
     finally:
@@ -21,3 +23,12 @@ def loggers_restored():
             for h in [h for h in logger.handlers if h not in handlers]:
                 logger.removeHandler(h)
             logger.level, logger.propagate = flags[name]
+        _forget_setup_logger_calls()
+
+
+def _forget_setup_logger_calls() -> None:
+    """detectron2's setup_logger is memoised on its arguments: a second run in this process with
+    the same relative OUTPUT_DIR ("output") would otherwise get no log.txt in its own folder."""
+    d2_logger = sys.modules.get("detectron2.utils.logger")
+    if d2_logger is not None:
+        d2_logger.setup_logger.cache_clear()

@@ -57,6 +57,7 @@ def checkpoint(path):
 def test_own_dataset_command(project, capsys):
     """docs/detectron2.md: the datasets given with --dataset and named by overrides."""
     project.write("my/retinanet_R50.yaml", child_yaml("unused_train", "unused_val"))  # tiny R18
+    forget("my_train", "my_val")  # a new process: names an earlier test registered are gone
     with inside(project.root):
         (argv,) = doc_commands("own-dataset-command")
         run(argv, capsys)

@@ -163,7 +163,7 @@ class EMATrainerMixin:
             cfg, model, ema, raw=settings.eval_both, evaluators=evaluators
         )
 
-    def train(self):
+    def train(self) -> Any:
         """detectron2's ``train``; then, with ``MODEL_EMA.POSTHOC.SELECT``, the choice of the
         EMA length (:meth:`select_posthoc`)."""
         ret = super().train()
