@@ -27,8 +27,10 @@ def loggers_restored():
 
 
 def _forget_setup_logger_calls() -> None:
-    """detectron2's setup_logger is memoised on its arguments: a second run in this process with
-    the same relative OUTPUT_DIR ("output") would otherwise get no log.txt in its own folder."""
+    """detectron2's setup_logger and its log-file streams are memoised on their (relative) paths:
+    a second run in this process with OUTPUT_DIR "output" in another folder would otherwise write
+    its log.txt into the first run's folder."""
     d2_logger = sys.modules.get("detectron2.utils.logger")
     if d2_logger is not None:
         d2_logger.setup_logger.cache_clear()
+        d2_logger._cached_log_stream.cache_clear()
