@@ -209,3 +209,85 @@ def test_public_api_is_annotated():
 def test_py_typed_is_declared_package_data():
     assert (SRC / "py.typed").is_file()
     assert re.search(r'd2ema = \["py.typed"\]', (ROOT / "pyproject.toml").read_text())
+
+
+# What an import, an EMA and d2ema's own config merges leave behind: nothing process-wide.
+_GLOBALS_SCRIPT = r'''
+import gc
+import torch
+import torch.nn.modules.module as modules
+import torch.optim.optimizer as optimizers
+import yacs.config as yacs_config
+
+def hooks():
+    return {f"{m.__name__}.{n}": dict(getattr(m, n)) for m in (modules, optimizers)
+            for n in dir(m) if n.startswith("_global_") and "hooks" in n}
+
+def yacs_functions():
+    return dict(vars(yacs_config))
+
+before, yacs_before = hooks(), yacs_functions()
+assert any("registration" in n for n in before) and any("optimizer" in n for n in before)
+import d2ema, d2ema.d2, d2ema.compat, d2ema.posthoc, d2ema.distributed
+from d2ema import EMA
+assert hooks() == before, "import"
+
+model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+ema = EMA(model)
+grown = {n for n in before if len(hooks()[n]) > len(before[n])}
+assert sorted(grown) == [f"torch.nn.modules.module._global_{k}_registration_hooks"
+                         for k in ("buffer", "module", "parameter")], grown
+second = EMA(model)
+del ema
+gc.collect()
+assert {n for n in before if len(hooks()[n]) > len(before[n])} == grown, "one EMA still lives"
+second.update(model)
+model[1].running_mean = torch.zeros(3)  # a registration the live EMA must see
+del second
+gc.collect()
+assert hooks() == before, "EMA collected"
+
+# an EMA updated in the background (a CUDA model's CPU EMA) hooks optimizer steps
+import d2ema.averaging.offload as offload
+class AsyncCopy(offload._SyncCopy):
+    asynchronous = True
+offload._copier_for = lambda device: AsyncCopy()
+ema = EMA(model, overlap=True)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+assert len(optimizers._global_optimizer_pre_hooks) == 1 + len(before[
+    "torch.optim.optimizer._global_optimizer_pre_hooks"])
+ema.update(model); optimizer.step(); ema.update(model); ema.synchronize()
+del ema
+gc.collect()
+assert hooks() == before, "background EMA collected"
+
+from detectron2.config import get_cfg
+from d2ema.d2 import add_model_ema_configs
+from d2ema.d2.config.yacs_numbers import integers_for_floats
+cfg = get_cfg()
+add_model_ema_configs(cfg)
+with integers_for_floats():
+    cfg.merge_from_list(["MODEL_EMA.TAU", "5"])
+assert type(cfg.MODEL_EMA.TAU) is float and cfg.MODEL_EMA.TAU == 5.0
+try:
+    cfg.merge_from_list(["MODEL_EMA.TAU", "6"])  # plain yacs again
+except ValueError as e:
+    assert "Type mismatch" in str(e), e
+else:
+    raise AssertionError("yacs accepted an int for a float key outside d2ema's merges")
+after = yacs_functions()
+assert after.keys() == yacs_before.keys()
+assert all(after[k] is yacs_before[k] for k in after), [k for k in after
+                                                       if after[k] is not yacs_before[k]]
+print("ok")
+'''
+
+
+def test_importing_and_using_d2ema_changes_nothing_process_wide():
+    """``import d2ema, d2ema.d2`` registers no torch hook and leaves yacs' functions as they
+    are; the module-registration hooks live as long as an EMA does, the optimizer-step hook as
+    long as a background EMA does; integers for floats only inside d2ema's own merges."""
+    pytest.importorskip("detectron2")
+    out = subprocess.run([sys.executable, "-c", _GLOBALS_SCRIPT], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -54,7 +54,7 @@ from d2ema.averaging.state import (
     unwrap_model,
 )
 from d2ema.averaging.swap import swapped_bindings
-from d2ema.averaging.update import Binding, registration_count, update_all
+from d2ema.averaging.update import REGISTRATIONS, Binding, registration_count, update_all
 from d2ema.checks import check_ema_arguments, check_slots, check_step
 from d2ema.errors import EMAStateError
 from d2ema.io.format import (
@@ -154,6 +154,7 @@ class EMA:
         self._last_arg: Callable[[], nn.Module | None] = lambda: None  # weakref of the last model
         self._backups: dict = {}
         self._swapped = False
+        REGISTRATIONS.hold(self)  # torch's module-registration hooks, while this EMA lives
         self._bind(unwrap_model(model), slots_by_group)
 
     # ------------------------------------------------------------------ binding to a model

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from d2ema.averaging.update import Binding
+from d2ema.averaging.update import Binding, GlobalHooks
 
 __all__ = ['Offload', 'split_offload', 'wants_overlap']
 
@@ -59,9 +59,6 @@ _worker_lock = threading.Lock()
 
 # Offloads copying from CUDA: the optimizer-step hook tells each of them.
 _live: weakref.WeakSet = weakref.WeakSet()
-
-
-_optimizer_hook: Any = None
 
 
 def wants_overlap(bindings: Sequence[Binding]) -> bool:
@@ -97,10 +94,8 @@ def _before_optimizer_step(optimizer, args, kwargs) -> None:
         offload.optimizer_step()
 
 
-def _install_optimizer_hook() -> None:
-    global _optimizer_hook
-    if _optimizer_hook is None:
-        _optimizer_hook = register_optimizer_step_pre_hook(_before_optimizer_step)
+# Installed while an Offload copying from CUDA lives.
+OPTIMIZER_STEPS = GlobalHooks(lambda: [register_optimizer_step_pre_hook(_before_optimizer_step)])
 
 
 class _ForwardFence:
@@ -220,7 +215,7 @@ class Offload:
         self._stepped = False  # a torch.optim step since the last update
         self._trust_optimizer = False  # the last interval had one: fence there, not at forward
         if self.copier.asynchronous:
-            _install_optimizer_hook()
+            OPTIMIZER_STEPS.hold(self)
             _live.add(self)
             handle = model.register_forward_pre_hook(_ForwardFence(weakref.ref(self)))
             weakref.finalize(self, handle.remove)

@@ -23,22 +23,72 @@ constant.
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from d2ema.averaging.state import Slot, TensorGroup, gatherable, same_layout, views
 
-__all__ = ['Binding', 'flat_view', 'registration_count', 'update_all']
+__all__ = [
+    'REGISTRATIONS', 'Binding', 'GlobalHooks', 'flat_view', 'registration_count', 'update_all',
+]
 
 
 # ATen's at::internal::GRAIN_SIZE: a cat below it runs serially as plain memcpys.
 _CAT_CHUNK = 32768
 
 
+class GlobalHooks:
+    """Process-wide torch hooks that exist only while an object needs them.
+
+    torch offers some hooks only for every module or optimizer of the process
+    (``register_module_buffer_registration_hook``, ``register_optimizer_step_pre_hook``). They
+    are installed when the first object that needs them is made and removed when the last one is
+    garbage-collected, so that importing d2ema, or an EMA that is gone, leaves torch as it was.
+
+    Example::
+
+        WATCH = GlobalHooks(lambda: [register_optimizer_step_pre_hook(before_step)])
+        WATCH.hold(self)          # in __init__: installed while self lives
+    """
+
+    def __init__(self, install: Callable[[], list[RemovableHandle]]):
+        self._install = install
+        self._handles: list[RemovableHandle] = []
+        self._users = 0
+        # Reentrant: a collection inside install() may run a release in this thread.
+        self._lock = threading.RLock()
+
+    def hold(self, owner: object) -> weakref.finalize:
+        """Keep the hooks installed while ``owner`` lives; calling the result releases them
+        earlier (once)."""
+        with self._lock:
+            if not self._users:
+                self._handles = self._install()
+            self._users += 1
+        return weakref.finalize(owner, self._release)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if not self._users:
+                for handle in self._handles:
+                    handle.remove()
+                self._handles = []
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+
 # Counts parameter, buffer and submodule (re-)registrations in every module of the process
 # (``module.running_mean = torch.zeros(3)``, ``module.weight = nn.Parameter(...)``,
-# ``model.head = nn.Linear(...)``), so that tensors and names are re-checked only after such an
-# event, not on every step.
+# ``model.head = nn.Linear(...)``) while an EMA lives, so that its tensors and names are
+# re-checked only after such an event, not on every step.
 _registrations = 0
 
 
@@ -47,17 +97,16 @@ def _count_registration(module, name, value) -> None:
     _registrations += 1
 
 
-nn.modules.module.register_module_buffer_registration_hook(_count_registration)
-
-
-nn.modules.module.register_module_parameter_registration_hook(_count_registration)
-
-
-nn.modules.module.register_module_module_registration_hook(_count_registration)
+REGISTRATIONS = GlobalHooks(lambda: [
+    nn.modules.module.register_module_buffer_registration_hook(_count_registration),
+    nn.modules.module.register_module_parameter_registration_hook(_count_registration),
+    nn.modules.module.register_module_module_registration_hook(_count_registration),
+])
 
 
 def registration_count() -> int:
-    """How many registrations happened so far (compare two readings to detect one)."""
+    """How many registrations happened so far while :data:`REGISTRATIONS` was held (compare two
+    readings made while holding it to detect one)."""
     return _registrations
 
 

@@ -179,8 +179,11 @@ def demo_config(options: DemoOptions, preset: DemoPreset | None = None):
     cfg.OUTPUT_DIR = os.fspath(options.output)
     cfg.SEED = int(options.seed)
     if options.opts:
+        from d2ema.d2.config.yacs_numbers import integers_for_floats
+
         try:
-            cfg.merge_from_list(list(options.opts))
+            with integers_for_floats():
+                cfg.merge_from_list(list(options.opts))
         except (KeyError, ValueError, AssertionError) as e:
             raise DemoError(f"config override {' '.join(options.opts)!r}: {e}") from e
     return cfg

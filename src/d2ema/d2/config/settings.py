@@ -37,7 +37,6 @@ import torch
 
 from d2ema.checks import compile_patterns
 from d2ema.d2.config.keys import KEYS
-from d2ema.d2.config.yacs_numbers import accept_integers_for_floats
 from d2ema.errors import ConfigError
 from d2ema.schedules import SCHEDULES, Schedule, SigmaRel, TFWarmup, make_schedule
 
@@ -87,8 +86,6 @@ def add_model_ema_configs(cfg: Any) -> None:
     """Add ``cfg.MODEL_EMA`` with every key of :data:`KEYS` at its default (idempotent)."""
     from detectron2.config import CfgNode as CN
 
-    # MODEL_EMA.TAU 5 in a file or an override, as people write it
-    accept_integers_for_floats(f"MODEL_EMA.{k}" for k, (d, _) in KEYS.items() if type(d) is float)
     was_frozen = cfg.is_frozen()
     cfg.defrost()
     if "MODEL_EMA" not in cfg:

@@ -1,47 +1,59 @@
-"""Integers where ``MODEL_EMA`` expects floats, in yacs configs: ``TAU: 5``, ``DECAY 1``.
+"""Integers where ``MODEL_EMA`` expects floats, in the yacs configs d2ema merges: ``TAU: 5``.
 
 yacs checks every merged value against the type of the default and refuses an ``int`` for a
 ``float`` key ("Type mismatch (float vs int)"), in files (``merge_from_file``, ``_BASE_``
 included) and command-line overrides (``merge_from_list``) alike. For the float keys of
 ``MODEL_EMA`` (``DECAY``, ``TAU``, ``INV_GAMMA``, ``POWER``, ``MIN_DECAY``, ...) an integer is
-what people write, so :func:`accept_integers_for_floats` lets yacs take it, as a float. Every
-other key, and every other type (a bool, a string) is checked by yacs as before.
+what people write, so the merges d2ema makes itself (``d2ema train``, ``d2ema demo``) run inside
+:func:`integers_for_floats`, which lets yacs take one, as a float. Every other key, and every other
+type (a bool, a string), is checked by yacs as before.
 
-yacs makes this check in one module-level function used by both merge paths; it is wrapped once,
-and the wrapper passes everything but those keys through unchanged.
+Why a context manager around a private yacs function: yacs makes this check in one module-level
+function that both merge paths call with the key and its default, and offers no per-config hook
+(a ``MODEL_EMA`` node of another class fails yacs' own type check of the node itself). Converting
+the values before the merge would mean redoing detectron2's ``_BASE_`` and version handling. So
+the function is wrapped only while d2ema's own merge runs, and put back after: importing d2ema,
+or ``add_model_ema_configs``, changes no config's rules, and a merge in your own script is plain
+yacs (write ``TAU: 5.0`` there, or merge inside ``integers_for_floats()``).
 
 Example::
 
-    cfg = get_cfg(); add_model_ema_configs(cfg)     # calls accept_integers_for_floats
-    cfg.merge_from_list(["MODEL_EMA.TAU", "5"])     # cfg.MODEL_EMA.TAU == 5.0
+    cfg = get_cfg(); add_model_ema_configs(cfg)
+    with integers_for_floats():
+        cfg.merge_from_list(["MODEL_EMA.TAU", "5"])     # cfg.MODEL_EMA.TAU == 5.0
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ['accept_integers_for_floats']
+__all__ = ['integers_for_floats']
 
 
-def accept_integers_for_floats(keys: Iterable[str]) -> None:
-    """Let yacs merge an ``int`` into the float keys ``keys`` (full names, e.g.
-    ``"MODEL_EMA.TAU"``); every call adds to the keys so accepted."""
+_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def integers_for_floats(prefix: str = "MODEL_EMA.") -> Iterator[None]:
+    """Inside, yacs merges an ``int`` into a float key whose full name starts with ``prefix``,
+    as a float; outside, yacs is as it was (the wrapper is put back on exit, also on error)."""
     import yacs.config as yacs_config
 
-    check = yacs_config._check_and_coerce_cfg_value_type
-    float_keys = getattr(check, "d2ema_float_keys", None)
-    if float_keys is None:
-        float_keys = set()
-        original = check
+    with _lock:  # one wrapper at a time; nested uses keep the outer one
+        original = yacs_config._check_and_coerce_cfg_value_type
 
         def check(replacement: Any, original_value: Any, key: str, full_key: str) -> Any:
-            if full_key in float_keys and type(original_value) is float and (
+            if full_key.startswith(prefix) and type(original_value) is float and (
                 type(replacement) is int
             ):
                 return float(replacement)
             return original(replacement, original_value, key, full_key)
 
-        check.d2ema_float_keys = float_keys  # type: ignore[attr-defined]
         yacs_config._check_and_coerce_cfg_value_type = check
-    float_keys.update(keys)
+        try:
+            yield
+        finally:
+            yacs_config._check_and_coerce_cfg_value_type = original

@@ -51,6 +51,7 @@ from d2ema.d2.checkpoint.checkpointers import (
 from d2ema.d2.config.saved import check_saved_config, is_run_config
 from d2ema.d2.config.settings import add_model_ema_configs, check_device, ema_settings
 from d2ema.d2.config.view import is_lazy
+from d2ema.d2.config.yacs_numbers import integers_for_floats
 from d2ema.d2.data.datasets import (
     add_dataset_config,
     add_datasets_to_config,
@@ -141,7 +142,8 @@ def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str
     add_model_ema_configs(cfg)
     add_dataset_config(cfg)
     try:
-        cfg.merge_from_file(str(path))
+        with integers_for_floats():  # MODEL_EMA.TAU 5, as people write it
+            cfg.merge_from_file(str(path))
     except yaml.YAMLError as e:
         raise UsageError(f"config file {path} is not valid YAML ({one_line(str(e))})") from e
     except Exception as e:
@@ -151,7 +153,8 @@ def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str
         raise UsageError(f"config overrides must be KEY VALUE pairs; got {len(opts)} words: "
                          f"{' '.join(opts)}")
     try:
-        cfg.merge_from_list(opts)
+        with integers_for_floats():
+            cfg.merge_from_list(opts)
     except Exception as e:
         raise UsageError(f"invalid config override in {' '.join(opts)!r}: {_reason(e)}"
                          f"{unknown_key_hint(cfg, e)}") from e
