@@ -19,7 +19,7 @@ from _d2_helpers import (
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import HookBase, hooks
 
-from d2ema.d2 import ConfigError, EMAHook, get_model_ema
+from d2ema.d2 import ConfigError, EMAUpdateHook, get_model_ema
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,8 +50,8 @@ def test_ema_matches_reference_after_each_step(arch, tmp_path):
     assert any(not torch.equal(raw[n], t) for n, t in ema.tensors().items())
     # the hook runs right after the timer, before checkpoint and evaluation hooks
     kinds = [type(h) for h in trainer._hooks]
-    assert kinds.index(EMAHook) == kinds.index(hooks.IterationTimer) + 1
-    assert kinds.index(EMAHook) < kinds.index(hooks.PeriodicCheckpointer)
+    assert kinds.index(EMAUpdateHook) == kinds.index(hooks.IterationTimer) + 1
+    assert kinds.index(EMAUpdateHook) < kinds.index(hooks.PeriodicCheckpointer)
 
 
 def test_resume_is_exact_with_warmup_schedule(tmp_path):
@@ -162,7 +162,7 @@ def test_checkpoint_without_ema_starts_from_loaded_weights(tmp_path, caplog):
     seen = {}
 
     class Check(HookBase):
-        def before_train(self):  # runs after EMAHook.before_train, before any step
+        def before_train(self):  # runs after EMAUpdateHook.before_train, before any step
             ema = get_model_ema(self.trainer.model).tensors()
             seen["ema_is_loaded"] = all(torch.equal(ema[k], v) for k, v in loaded.items())
 

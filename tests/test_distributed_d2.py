@@ -27,7 +27,7 @@ from d2ema import EMA
 from d2ema.averaging.state import unwrap_model
 from d2ema.d2 import EMACheckpointer, EMATrainer, get_model_ema
 from d2ema.d2.checkpoint.export import export_ema
-from d2ema.d2.engine.hooks import EMAHook
+from d2ema.d2.engine.hooks import EMAUpdateHook
 from d2ema.d2.engine.launch import prepare_cpu_process
 from d2ema.d2.evaluation.evaluator import evaluate_with_ema, precise_bn
 
@@ -72,7 +72,7 @@ def _train(rank: int, world: int, root: str, out_dir: str):
     sharded = get_model_ema(model)
     plain = EMA(unwrap_model(model), DECAY)  # the unsharded EMA, updated the same way
     record = _Record(world)
-    trainer.register_hooks([EMAHook(plain, model), record])
+    trainer.register_hooks([EMAUpdateHook(plain, model), record])
     trainer.resume_or_load(resume=False)
     trainer.train()
     periodic = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]

@@ -92,7 +92,7 @@ def config(out_dir: str, max_iter: int):
 
 
 class _Dump(HookBase):
-    """Right after the resume (after EMAHook.before_train): what training continues from."""
+    """Right after the resume (after EMAUpdateHook.before_train): what training continues from."""
 
     def __init__(self, path: str):
         self.path = path

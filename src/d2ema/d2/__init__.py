@@ -10,8 +10,14 @@ Example::
     trainer = EMATrainer(cfg); trainer.resume_or_load(resume=False); trainer.train()
 """
 
-from d2ema.d2.checkpoint.checkpointers import EMACheckpointer, ema_checkpointables
-from d2ema.d2.config.settings import (
+import warnings
+from typing import Any
+
+from d2ema.d2.checkpoint.checkpointers import (
+    EMACheckpointer,
+    ema_checkpointables,  # noqa: F401
+)
+from d2ema.d2.config.settings import (  # noqa: F401
     EMASettings,
     PostHocSettings,
     add_model_ema_configs,
@@ -19,41 +25,39 @@ from d2ema.d2.config.settings import (
     lazy_model_ema_defaults,
 )
 from d2ema.d2.data.datasets import register_coco_dataset
-from d2ema.d2.engine.build import (
+from d2ema.d2.engine.build import (  # noqa: F401
     EMAFamily,
     build_model_ema,
     get_ema_family,
     get_extra_emas,
     get_model_ema,
 )
-from d2ema.d2.engine.hooks import EMAHook
+from d2ema.d2.engine.hooks import EMAUpdateHook
 from d2ema.d2.engine.run_folder import setup_run
 from d2ema.d2.engine.trainer import EMATrainer, EMATrainerMixin
-from d2ema.d2.evaluation.evaluator import build_evaluator, evaluate_with_ema
-from d2ema.errors import ConfigError, DatasetError, EMANotLoadedError, TrainerError
+from d2ema.d2.evaluation.evaluator import build_evaluator, evaluate_with_ema  # noqa: F401
+from d2ema.errors import ConfigError, DatasetError, EMANotLoadedError, TrainerError  # noqa: F401
 
+# What the docs teach. The names marked noqa stay importable from here, as before 0.3.0
+# (internal code and older scripts use them), and are documented in their own modules.
 __all__ = [
-    "ConfigError",
-    "DatasetError",
     "EMACheckpointer",
-    "EMAFamily",
-    "EMAHook",
     "EMANotLoadedError",
-    "EMASettings",
     "EMATrainer",
     "EMATrainerMixin",
-    "PostHocSettings",
     "TrainerError",
     "add_model_ema_configs",
-    "build_evaluator",
-    "build_model_ema",
-    "ema_checkpointables",
-    "ema_settings",
-    "evaluate_with_ema",
-    "get_ema_family",
-    "get_extra_emas",
     "get_model_ema",
     "lazy_model_ema_defaults",
     "register_coco_dataset",
     "setup_run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EMAHook":  # renamed in 0.3.0; d2ema.compat.EMAHook is D2Go's (cfg, model) hook
+        warnings.warn("d2ema.d2.EMAHook is now d2ema.d2.EMAUpdateHook (the name EMAHook stays "
+                      "D2Go's, in d2ema.compat); the old name goes in 0.4.0",
+                      DeprecationWarning, stacklevel=2)
+        return EMAUpdateHook
+    raise AttributeError(f"module 'd2ema.d2' has no attribute {name!r}")

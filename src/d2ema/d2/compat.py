@@ -35,7 +35,7 @@ from d2ema.averaging.state import unwrap_model
 from d2ema.d2.checkpoint.checkpointers import ema_checkpointables
 from d2ema.d2.config.settings import add_model_ema_configs, d2go_schedule, ema_settings
 from d2ema.d2.engine.build import ATTRIBUTE, get_model_ema
-from d2ema.d2.engine.hooks import EMAHook as _EMAHook
+from d2ema.d2.engine.hooks import EMAUpdateHook
 from d2ema.ema import EMA
 from d2ema.io.format import split_state
 from d2ema.schedules import Constant
@@ -289,7 +289,7 @@ def apply_model_ema_and_restore(
         yield holder
 
 
-class EMAHook(_EMAHook):
+class EMAHook(EMAUpdateHook):
     """D2Go's ``EMAHook(cfg, model)``: builds the state in ``before_train``, updates after steps."""
 
     def __init__(self, cfg, model: nn.Module):

@@ -21,7 +21,7 @@ Example::
     state = full_state_dict(ema)                # every rank calls it (FSDP2: gathers shards)
 """
 
-from d2ema.distributed.collectives import (
+from d2ema.distributed.collectives import (  # noqa: F401
     all_reduce_mean_,
     averaged_buffers,
     comm_device,
@@ -31,17 +31,11 @@ from d2ema.distributed.collectives import (
     to_dtensors,
     to_local_shards,
 )
-from d2ema.distributed.sharded import ShardedEMA, assign_by_bytes
+from d2ema.distributed.sharded import (
+    ShardedEMA,
+    assign_by_bytes,  # noqa: F401
+)
 
-__all__ = [
-    "ShardedEMA",
-    "all_reduce_mean_",
-    "assign_by_bytes",
-    "averaged_buffers",
-    "comm_device",
-    "full_state_dict",
-    "rank_and_world",
-    "reshard",
-    "to_dtensors",
-    "to_local_shards",
-]
+# What a user calls; the collectives' helpers are importable from here and documented in
+# d2ema.distributed.collectives.
+__all__ = ["ShardedEMA", "averaged_buffers", "full_state_dict"]

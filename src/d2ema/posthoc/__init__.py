@@ -24,7 +24,7 @@ Example::
     best = ph.select(validation_score, model=model)   # or the length a held-out score picks
 """
 
-from d2ema.posthoc.profiles import (
+from d2ema.posthoc.profiles import (  # noqa: F401
     MAX_SIGMA_REL,
     Fit,
     PostHocError,
@@ -35,33 +35,30 @@ from d2ema.posthoc.profiles import (
     representable_range,
     solve,
 )
-from d2ema.posthoc.rebuild import Reconstruction, plan, reconstruct
-from d2ema.posthoc.select import DEFAULT_SIGMA_RELS, Selection, select, sweep_targets
-from d2ema.posthoc.snapshots import INDEX, SnapshotEntry, SnapshotWriter, read_index, snapshot_dtype
+from d2ema.posthoc.rebuild import (
+    Reconstruction,
+    plan,  # noqa: F401
+    reconstruct,
+)
+from d2ema.posthoc.select import DEFAULT_SIGMA_RELS, Selection, select, sweep_targets  # noqa: F401
+from d2ema.posthoc.snapshots import (  # noqa: F401
+    INDEX,
+    SnapshotEntry,
+    SnapshotWriter,
+    read_index,
+    snapshot_dtype,
+)
 from d2ema.posthoc.tracker import PostHocEMA, load_tensors
 
+# What a user calls; the rest (the math, the snapshot files) is importable from here and
+# documented in its module.
 __all__ = [
-    "DEFAULT_SIGMA_RELS",
-    "INDEX",
-    "MAX_SIGMA_REL",
-    "Fit",
     "PostHocEMA",
     "PostHocError",
     "Reconstruction",
     "Selection",
-    "SnapshotEntry",
-    "SnapshotWriter",
     "Target",
-    "check_fit",
-    "gamma_to_sigma_rel",
     "load_tensors",
-    "plan",
-    "profile_dot",
-    "read_index",
     "reconstruct",
-    "representable_range",
     "select",
-    "snapshot_dtype",
-    "solve",
-    "sweep_targets",
 ]

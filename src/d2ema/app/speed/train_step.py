@@ -2,7 +2,7 @@
 
 Variants, each with its own copy of the same model (same initial weights), its own SGD
 optimizer and the same synthetic batches, each iteration detectron2's ``SimpleTrainer.run_step``
-followed by the hooks' ``after_step`` (where :class:`~d2ema.d2.EMAHook` updates):
+followed by the hooks' ``after_step`` (where :class:`~d2ema.d2.EMAUpdateHook` updates):
 
 * ``off``: no EMA, the baseline;
 * ``default``: the EMA as :class:`~d2ema.d2.EMATrainer` builds it (``build_model_ema`` with the
@@ -121,7 +121,7 @@ def _build(name: str, cfg, init: dict, batches, device: torch.device) -> Variant
     from detectron2.solver import build_optimizer
 
     from d2ema import EMA
-    from d2ema.d2 import EMAHook, build_model_ema
+    from d2ema.d2 import EMAUpdateHook, build_model_ema
     from d2ema.d2.config.settings import ema_settings
 
     cfg = cfg.clone()
@@ -150,7 +150,7 @@ def _build(name: str, cfg, init: dict, batches, device: torch.device) -> Variant
     optimizer = build_optimizer(cfg, model)
     trainer = SimpleTrainer(model, itertools.cycle(batches), optimizer)
     if ema is not None:
-        trainer.register_hooks([EMAHook(ema, model)])
+        trainer.register_hooks([EMAUpdateHook(ema, model)])
     return Variant(name, note, trainer, ema)
 
 

@@ -118,7 +118,7 @@ class _EMATensors:
             raise D2EMAError(
                 f"the sharded EMA (step {ema.step}) is not gathered on this process, so it "
                 "cannot be saved here: checkpoints of a sharded EMA are written where "
-                "EMAHook gathered it (at its checkpoint_period and the last iteration); call "
+                "EMAUpdateHook gathered it (at its checkpoint_period and the last iteration); call "
                 "ema.gather(dst=0) on every rank before saving at another iteration"
             )
         return tensors

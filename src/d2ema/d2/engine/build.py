@@ -35,7 +35,7 @@ primary EMA (``MODEL_EMA.DECAY``, checkpoint key ``ema_state`` as D2Go writes it
   ``ema_posthoc`` so that a resumed run continues the series exactly.
 
 They form the model's :class:`EMAFamily`, built by :func:`~d2ema.d2.build_model_ema` and driven
-by :class:`~d2ema.d2.EMAHook` (one hook updates every EMA per step);
+by :class:`~d2ema.d2.EMAUpdateHook` (one hook updates every EMA per step);
 :class:`~d2ema.d2.EMACheckpointer` saves and checks them with the primary.
 
 Example::

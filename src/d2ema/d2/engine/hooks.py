@@ -1,4 +1,4 @@
-"""``EMAHook``: the detectron2 hook that keeps the EMA up to date during training.
+"""``EMAUpdateHook``: the detectron2 hook that keeps the EMA up to date during training.
 
 One job: after every iteration's optimizer step, fold the weights into the average, with the
 step counter taken from the trainer's iteration (``iter + 1``), so the decay schedule of a
@@ -21,7 +21,7 @@ gathered on the main process at the iterations where its ``PeriodicCheckpointer`
 
 Example::
 
-    trainer.register_hooks([EMAHook(ema, trainer.model, checkpointer=trainer.checkpointer)])
+    trainer.register_hooks([EMAUpdateHook(ema, trainer.model, checkpointer=trainer.checkpointer)])
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ if TYPE_CHECKING:
     from d2ema.d2.checkpoint.checkpointers import EMACheckpointer
 
 
-__all__ = ['EMAHook']
+__all__ = ['EMAUpdateHook']
 
 
 logger = logging.getLogger(__name__)
 
 
-class EMAHook(HookBase):
+class EMAUpdateHook(HookBase):
     def __init__(self, ema: EMA, model: nn.Module, checkpointer: EMACheckpointer | None = None,
                  checkpoint_period: int = 0):
         """``checkpointer``: an :class:`~d2ema.d2.checkpoint.checkpointers.EMACheckpointer`, if

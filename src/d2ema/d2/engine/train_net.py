@@ -3,7 +3,8 @@
 
 Both config systems go through the same pieces of this layer: :func:`~d2ema.d2.build_model_ema`
 attaches the EMA after the model is built (before the optimizer and DDP), an
-:class:`~d2ema.d2.EMACheckpointer` saves and checks it, an :class:`~d2ema.d2.EMAHook` updates it
+:class:`~d2ema.d2.EMACheckpointer` saves and checks it, an
+:class:`~d2ema.d2.EMAUpdateHook` updates it
 after every optimizer step, and :func:`~d2ema.d2.evaluate_with_ema` scores the raw and the EMA
 weights. Settings come from ``MODEL_EMA.*`` or ``train.model_ema.*``.
 
@@ -60,7 +61,7 @@ from d2ema.d2.data.datasets import (
     register_config_datasets,
 )
 from d2ema.d2.engine.build import build_model_ema, check_posthoc_space
-from d2ema.d2.engine.hooks import EMAHook
+from d2ema.d2.engine.hooks import EMAUpdateHook
 from d2ema.d2.engine.run_folder import (
     check_output_dir,
     disk_full_as_error,
@@ -410,7 +411,7 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
     checkpoint_args = dict(train.get("checkpointer", {"period": 5000}))
     trainer.register_hooks([
         hooks.IterationTimer(),
-        EMAHook(ema, model, checkpointer=checkpointer,
+        EMAUpdateHook(ema, model, checkpointer=checkpointer,
                 checkpoint_period=checkpoint_args.get("period", 0)) if ema is not None else None,
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **checkpoint_args)

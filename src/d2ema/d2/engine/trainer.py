@@ -5,7 +5,7 @@ What the mixin changes, each in the method that owns it:
 * ``build_model`` attaches the EMA (``model.ema_state``) when ``MODEL_EMA.ENABLED``, before
   the optimizer and DDP exist, so it uses flat mode unless ``MODEL_EMA.FLAT`` is False;
 * ``build_hooks`` makes the checkpointer an :class:`EMACheckpointer` (EMA saved with every
-  checkpoint, checked before anything loads) and adds :class:`EMAHook` right after the timer,
+  checkpoint, checked before anything loads) and adds :class:`EMAUpdateHook` right after the timer,
   so checkpoints and evaluations of an iteration see that iteration's EMA; without EMA, the
   checkpointer refuses to resume from a checkpoint that has one (``DISCARD_ON_RESUME``). Either
   way checkpoints are written atomically and a resume falls back to the newest complete
@@ -48,7 +48,7 @@ from d2ema.d2.checkpoint.checkpointers import (
 )
 from d2ema.d2.config.settings import ema_settings
 from d2ema.d2.engine.build import build_model_ema, get_extra_emas, get_model_ema
-from d2ema.d2.engine.hooks import EMAHook
+from d2ema.d2.engine.hooks import EMAUpdateHook
 from d2ema.d2.evaluation.evaluator import (
     EMA_PREFIX,
     adapt_evaluator,
@@ -122,7 +122,7 @@ class EMATrainerMixin:
         )
         ret = super().build_hooks()
         timer = next((i for i, h in enumerate(ret) if isinstance(h, hooks.IterationTimer)), -1)
-        hook = EMAHook(ema, self.model, checkpointer=self.checkpointer,
+        hook = EMAUpdateHook(ema, self.model, checkpointer=self.checkpointer,
                        checkpoint_period=self.cfg.SOLVER.CHECKPOINT_PERIOD)
         ret.insert(timer + 1, hook)
         return ret
