@@ -173,3 +173,27 @@ def test_d2go_ema_hook_test_as_d2go_writes_it(tmp_path):
     copy = model_ema.EMAState.FromModel(target)
     copy.load_state_dict(other.ema_state.state_dict())
     assert torch.equal(copy.state_dict()["0.weight"], target[0].weight)
+
+
+def test_compat_mistakes_are_d2ema_errors_and_still_what_d2go_raised():
+    """Each is a D2EMAError (one line from the command) and the builtin D2Go code catches."""
+    from d2ema.errors import EMANotBuiltError, EMANotLoadedError, ReservedAttributeError
+
+    model = _model()
+    with pytest.raises(EMANotBuiltError, match="may_build_model_ema") as err:
+        model_ema.get_model_ema_state(model)
+    assert isinstance(err.value, AttributeError)
+    with pytest.raises(EMANotBuiltError) as err:
+        model_ema.EMAHook(_cfg(), model)
+    assert isinstance(err.value, AttributeError)
+    model_ema.may_build_model_ema(_cfg(), model)
+    with pytest.raises(ReservedAttributeError, match="reserved") as err:
+        model_ema.may_build_model_ema(_cfg(), model)
+    assert isinstance(err.value, ValueError)
+    disabled = _cfg()
+    disabled.MODEL_EMA.ENABLED = False
+    with pytest.raises(ConfigError, match="MODEL_EMA.ENABLED"):
+        model_ema.EMAHook(disabled, model)
+    with pytest.raises(EMANotLoadedError) as err:
+        model_ema.EMAState().apply_to(_model())
+    assert isinstance(err.value, RuntimeError) and isinstance(err.value, D2EMAError)

@@ -232,3 +232,73 @@ def test_layout_page_names_every_module_and_no_other():
     named = _documented_modules()
     assert not on_disk - named, f"missing from docs/layout.md: {sorted(on_disk - named)}"
     assert not named - on_disk, f"docs/layout.md names what is not there: {sorted(named - on_disk)}"
+
+
+# Raise sites of builtin exceptions that stay builtin: (module path, exception, start of the
+# message) -> why. Everything else a user can meet derives from D2EMAError (see errors.py).
+BUILTIN_RAISES = {
+    ("__init__.py", "AttributeError", "module 'd2ema' has no attribute"):
+        "module __getattr__: Python's attribute protocol",
+    ("d2/__init__.py", "AttributeError", "module 'd2ema.d2' has no attribute"):
+        "module __getattr__: Python's attribute protocol",
+    ("schedules.py", "NotImplementedError", ""): "abstract method of Schedule",
+    ("ema.py", "RuntimeError", "EMA.update() called inside EMA.swapped()"):
+        "a caller's bug (update inside the swap block), not an input to fix",
+    ("ema.py", "RuntimeError", "EMA.swapped() is already active"): "a caller's bug (nested swap)",
+    ("distributed/sharded.py", "RuntimeError", "EMA.swapped() is already active"):
+        "a caller's bug (nested swap)",
+    ("io/atomic.py", "OSError", ""): "errno-carrying OSError, as open() would raise; every "
+        "caller turns OSError into its own D2EMAError naming the path",
+    ("io/atomic.py", "FileExistsError", "no free temporary file name"):
+        "internal invariant (random names exhausted)",
+    ("posthoc/rebuild.py", "KeyError", "tensors"): "caught at once and re-raised as PostHocError",
+    ("app/data/digits.py", "ValueError", "unknown digits split"):
+        "internal invariant: splits come from the fixed DATASETS table",
+    ("app/data/registry.py", "ValueError", "unknown dataset family"):
+        "internal invariant: families come from the fixed DATASETS table",
+    ("app/data/shapes.py", "ValueError", "unknown shape"): "internal invariant (CLASSES)",
+    ("app/model_configs.py", "ValueError", "unknown architecture"):
+        "a caller's bug: the commands pass one of ARCHITECTURES",
+    ("app/speed/train_step.py", "ValueError", "unknown arch"): "argparse choices guard it",
+    ("app/speed/update_speed.py", "ValueError", "unknown models"): "argparse choices guard it",
+}
+
+
+def _builtin_raises() -> dict[tuple[str, str, str], int]:
+    """(module path, builtin exception, message) of every ``raise Builtin(...)`` in src/d2ema."""
+    import builtins
+
+    found: dict[tuple[str, str, str], int] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Raise) or node.exc is None:
+                continue
+            call = node.exc
+            func = call.func if isinstance(call, ast.Call) else call
+            cls = getattr(builtins, func.id, None) if isinstance(func, ast.Name) else None
+            if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+                continue
+            message = ""
+            args = call.args if isinstance(call, ast.Call) else []
+            text = next((a for a in args if isinstance(a, (ast.Constant, ast.JoinedStr))), None)
+            if isinstance(text, ast.Constant) and isinstance(text.value, str):
+                message = text.value
+            elif isinstance(text, ast.JoinedStr):
+                message = "".join(v.value for v in text.values if isinstance(v, ast.Constant))
+            found[(path.relative_to(SRC).as_posix(), func.id, message)] = node.lineno
+    return found
+
+
+def test_every_raise_a_user_can_fix_is_a_d2ema_error():
+    """A ``raise ValueError(...)`` (or any builtin exception) is allowed only where listed in
+    BUILTIN_RAISES, with the reason; everything else raises a D2EMAError subclass."""
+    found = _builtin_raises()
+    assert len(found) >= 10  # the walk saw the raise sites
+    unlisted = [f"{path}:{line} {exc}({message!r})" for (path, exc, message), line in found.items()
+                if not any(path == p and exc == e and message.startswith(m)
+                           for p, e, m in BUILTIN_RAISES)]
+    assert not unlisted, ("raise a D2EMAError subclass (d2ema.errors), or list the site in "
+                          f"BUILTIN_RAISES with the reason it stays builtin: {unlisted}")
+    stale = [k for k in BUILTIN_RAISES if not any(
+        path == k[0] and exc == k[1] and message.startswith(k[2]) for path, exc, message in found)]
+    assert not stale, f"BUILTIN_RAISES lists sites that no longer exist: {stale}"

@@ -20,11 +20,14 @@ __all__ = [
     "ConfigError",
     "D2EMAError",
     "DatasetError",
+    "EMANotBuiltError",
     "EMANotLoadedError",
     "EMAStateError",
     "ExportError",
+    "NoEvaluatorError",
     "OutsideFolderError",
     "PickleRefusedError",
+    "ReservedAttributeError",
     "RunLockedError",
     "TrainerError",
     "UsageError",
@@ -78,6 +81,20 @@ class PickleRefusedError(D2EMAError):
 
 class RunLockedError(D2EMAError):
     """Another process is training into the same OUTPUT_DIR."""
+
+
+class EMANotBuiltError(D2EMAError, AttributeError):
+    """The model has no EMA attached (``model.ema_state``): build it first. An AttributeError
+    too, as D2Go raised."""
+
+
+class ReservedAttributeError(D2EMAError, ValueError):
+    """The model already has the attribute the EMA is attached as (``ema_state``)."""
+
+
+class NoEvaluatorError(D2EMAError, NotImplementedError):
+    """No evaluator for a dataset. A NotImplementedError too, which detectron2's
+    ``DefaultTrainer.test`` catches to skip the dataset, as for its own ``build_evaluator``."""
 
 
 def one_line(message: object) -> str:

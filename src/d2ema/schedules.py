@@ -219,7 +219,8 @@ def decay_over(schedule: Schedule | Callable[[int], float], n: int, every: int) 
         return float(schedule.decay_over(n, every))
     d = float(schedule(n))
     if not 0.0 <= d <= 1.0 or math.isnan(d):
-        raise ValueError(f"EMA schedule returned decay {d!r} at step {n}; it must be in [0, 1]")
+        raise ConfigError(f"EMA schedule returned decay {d!r} at step {n}; it must be in [0, 1]: "
+                          "fix the schedule callable")
     return d**every
 
 

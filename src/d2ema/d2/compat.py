@@ -37,6 +37,7 @@ from d2ema.d2.config.settings import add_model_ema_configs, d2go_schedule, ema_s
 from d2ema.d2.engine.build import ATTRIBUTE, get_model_ema
 from d2ema.d2.engine.hooks import EMAUpdateHook
 from d2ema.ema import EMA
+from d2ema.errors import ConfigError, EMANotBuiltError, EMANotLoadedError, ReservedAttributeError
 from d2ema.io.format import split_state
 from d2ema.schedules import Constant
 
@@ -178,7 +179,7 @@ class EMAState:
 
     def _require(self, model: nn.Module) -> EMA:
         if self.ema is None and not self._pending:
-            raise RuntimeError(
+            raise EMANotLoadedError(
                 "EMAState is empty: call save_from(model) or load_state_dict(...) first (or let "
                 "EMAHook fill it)"
             )
@@ -225,7 +226,8 @@ def may_build_model_ema(cfg, model: nn.Module) -> None:
         return
     model = unwrap_model(model)
     if hasattr(model, ATTRIBUTE):
-        raise ValueError(f"Name `{ATTRIBUTE}` is reserved for model ema.")
+        raise ReservedAttributeError(f"Name `{ATTRIBUTE}` is reserved for model ema: call "
+                                     "may_build_model_ema once per model")
     state = EMAState(settings.include_frozen, settings.include_buffer)
     state._ema_kwargs = settings.ema_kwargs()
     del state._ema_kwargs["include_frozen"], state._ema_kwargs["include_buffers"]
@@ -236,7 +238,7 @@ def get_model_ema_state(model: nn.Module) -> EMAState | EMA:
     """The ``ema_state`` attached to ``model``."""
     model = unwrap_model(model)
     if not hasattr(model, ATTRIBUTE):
-        raise AttributeError("the model has no EMA: call may_build_model_ema(cfg, model) first")
+        raise EMANotBuiltError("the model has no EMA: call may_build_model_ema(cfg, model) first")
     return getattr(model, ATTRIBUTE)
 
 
@@ -295,10 +297,10 @@ class EMAHook(EMAUpdateHook):
     def __init__(self, cfg, model: nn.Module):
         settings = ema_settings(cfg)
         if not settings.enabled:
-            raise ValueError("EMAHook needs MODEL_EMA.ENABLED (train.model_ema.enabled) = True")
+            raise ConfigError("EMAHook needs MODEL_EMA.ENABLED (train.model_ema.enabled) = True")
         model = unwrap_model(model)
         if not hasattr(model, ATTRIBUTE):
-            raise AttributeError("Call `may_build_model_ema` first to initialize the model ema")
+            raise EMANotBuiltError("Call `may_build_model_ema` first to initialize the model ema")
         self._holder = getattr(model, ATTRIBUTE)
         self._device = settings.device
         super().__init__(get_model_ema(model), model)

@@ -29,7 +29,7 @@ import cv2
 
 from d2ema.app.data import digits, shapes
 from d2ema.app.data.common import Sample
-from d2ema.errors import D2EMAError
+from d2ema.errors import D2EMAError, DatasetError
 
 __all__ = [
     "DATASETS",
@@ -121,7 +121,7 @@ def get_dataset_spec(name: str, num_images: int | None = None) -> DatasetSpec:
         raise UnknownDatasetError(f"unknown dataset {name!r}; known datasets: {known}") from None
     if num_images is not None:
         if int(num_images) < 1:
-            raise ValueError(f"dataset {name!r}: num_images must be >= 1, got {num_images}")
+            raise DatasetError(f"dataset {name!r}: num_images must be >= 1, got {num_images}")
         spec = replace(spec, num_images=int(num_images))
     return spec
 
@@ -188,7 +188,8 @@ def _write(spec: DatasetSpec, directory: Path) -> None:
     for index, sample in enumerate(samples(spec)):
         file_name = f"{index:06d}.png"
         if not cv2.imwrite(str(image_dir / file_name), sample.image[..., ::-1]):  # RGB -> BGR
-            raise OSError(f"could not write {image_dir / file_name}")
+            raise DatasetError(f"could not write {image_dir / file_name}: free disk space, or "
+                               "point D2EMA_CACHE to a writable folder")
         records.append((file_name, sample))
     with open(directory / ANNOTATIONS, "w") as f:
         json.dump(_coco_dict(spec, records), f)

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from d2ema.app.speed.timing import RESULTS, environment, quantile, synchronizer
+from d2ema.errors import UsageError
 
 __all__ = ["CPU_VARIANTS", "VARIANTS", "main", "run"]
 
@@ -139,7 +140,8 @@ def _build(name: str, cfg, init: dict, batches, device: torch.device) -> Variant
         ema, note = build_model_ema(cfg, model), "DEVICE cpu: side-stream copy, host lerp"
     elif name == "other_device_sync":
         if device.type != "cuda":
-            raise ValueError("other_device_sync needs a CUDA model")
+            raise UsageError("other_device_sync needs a CUDA model: run on a GPU or leave it "
+                             "out of --variants")
         cfg.MODEL_EMA.DEVICE = "cpu"
         kwargs = {**ema_settings(cfg).ema_kwargs(), "flat": True, "overlap": False}
         ema, note = EMA(model, **kwargs), "DEVICE cpu, overlap=False: copy, wait, lerp"

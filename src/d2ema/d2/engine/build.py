@@ -60,7 +60,7 @@ from d2ema.averaging.state import unwrap_model
 from d2ema.d2.config.settings import EMASettings, ema_settings
 from d2ema.distributed import ShardedEMA
 from d2ema.ema import EMA
-from d2ema.errors import EMAStateError
+from d2ema.errors import EMAStateError, ReservedAttributeError
 from d2ema.posthoc import PostHocEMA
 from d2ema.schedules import Constant, SigmaRel
 
@@ -138,7 +138,7 @@ def build_model_ema(cfg: Any, model: nn.Module) -> EMA | None:
         return None
     target = unwrap_model(model)
     if hasattr(target, ATTRIBUTE):
-        raise ValueError(
+        raise ReservedAttributeError(
             f"the model already has an attribute {ATTRIBUTE!r}: it is reserved for the EMA. "
             "Build the EMA once per model."
         )

@@ -24,6 +24,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from d2ema.errors import UsageError
+
 __all__ = ['launch', 'prepare_cpu_process']
 
 
@@ -48,7 +50,7 @@ def launch(
         return
     if dist_url == "auto":
         if num_machines != 1:
-            raise ValueError("dist_url=auto works on one machine only; pass tcp://HOST:PORT")
+            raise UsageError("dist_url=auto works on one machine only; pass tcp://HOST:PORT")
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     torch.multiprocessing.start_processes(
         _cpu_worker,

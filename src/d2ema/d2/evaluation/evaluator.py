@@ -58,7 +58,7 @@ from d2ema.averaging.state import unwrap_model
 from d2ema.d2.engine.build import get_extra_emas
 from d2ema.distributed import all_reduce_mean_
 from d2ema.ema import EMA
-from d2ema.errors import EMANotLoadedError
+from d2ema.errors import EMANotLoadedError, NoEvaluatorError
 
 __all__ = [
     "EMA_PREFIX",
@@ -210,7 +210,7 @@ def build_evaluator(cfg: Any, dataset_name: str, output_folder: str | None = Non
     if kind == "pascal_voc":
         return PascalVOCDetectionEvaluator(dataset_name)
     if not evaluators:
-        raise NotImplementedError(
+        raise NoEvaluatorError(
             f"no evaluator for dataset {dataset_name!r} (evaluator_type {kind!r}); register it "
             "with detectron2's register_coco_instances, or override build_evaluator"
         )
