@@ -192,7 +192,7 @@ def test_compat_mistakes_are_d2ema_errors_and_still_what_d2go_raised():
     assert isinstance(err.value, ValueError)
     disabled = _cfg()
     disabled.MODEL_EMA.ENABLED = False
-    with pytest.raises(ConfigError, match="MODEL_EMA.ENABLED"):
+    with pytest.raises(ConfigError, match=r"MODEL_EMA\.ENABLED"):
         model_ema.EMAHook(disabled, model)
     with pytest.raises(EMANotLoadedError) as err:
         model_ema.EMAState().apply_to(_model())

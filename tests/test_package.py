@@ -179,7 +179,7 @@ PUBLIC = ["d2ema", "d2ema.schedules", "d2ema.posthoc", "d2ema.distributed", "d2e
 # (and, as before 0.3.0, from these packages) but is not in __all__ nor on docs/api.md.
 API = {
     "d2ema.posthoc": {"PostHocEMA", "PostHocError", "Reconstruction", "Selection", "Target",
-                      "load_tensors", "reconstruct", "select"},
+                      "load_tensors", "reconstruct"},
     "d2ema.distributed": {"ShardedEMA", "averaged_buffers", "full_state_dict"},
     "d2ema.d2": {"EMACheckpointer", "EMANotLoadedError", "EMATrainer", "EMATrainerMixin",
                  "TrainerError", "add_model_ema_configs", "get_model_ema",

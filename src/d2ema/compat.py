@@ -1,4 +1,4 @@
-"""The seed article's / D2Go's / detrex's model-EMA API: see :mod:`d2ema.d2.compat`.
+"""The seed article's / D2Go's / detrex's model-EMA API: see `d2ema.d2.compat`.
 
 ``from d2ema import compat as model_ema`` (was: ``from d2go.modeling import ema as model_ema``).
 Importing it imports detectron2.

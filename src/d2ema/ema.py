@@ -23,8 +23,8 @@ What it does beyond the textbook loop:
   continues bit for bit; optional guard that skips an update whose weights hold NaN/Inf;
 * fast: storage grouped by (device, dtype) and updated with fused multi-tensor ops, no Python
   per-tensor work per step; ``flat=True`` makes a step one ``lerp_`` per group; a CPU-held
-  EMA of a CUDA model updates in the background (:mod:`d2ema.averaging.offload`);
-* safe: :meth:`swapped` always restores the trained weights; :meth:`load_state_dict` checks
+  EMA of a CUDA model updates in the background (`d2ema.averaging.offload`);
+* safe: `swapped` always restores the trained weights; `load_state_dict` checks
   names, shapes and dtypes first and changes nothing when it refuses.
 """
 
@@ -91,11 +91,11 @@ class EMA:
     Args:
         model: the model (DDP, DataParallel and ``torch.compile`` wrappers are looked through).
         decay: the decay ``d`` (the schedule's ceiling where it ramps; a
-            :class:`~d2ema.schedules.Schedule` instance brings its own).
+            `Schedule` instance brings its own).
         schedule: ``"constant"``, ``"yolov5"``, ``"tf"``, ``"power"``, ``"sigma_rel"``, a
-            :class:`~d2ema.schedules.Schedule`, or a callable ``n -> decay``.
+            `Schedule`, or a callable ``n -> decay``.
         schedule_params: the schedule's parameters, e.g. ``{"tau": 2000}`` for ``yolov5``.
-        every: average every ``every`` steps (see :func:`~d2ema.schedules.decay_over`).
+        every: average every ``every`` steps (see `decay_over`).
         start: for the first ``start`` steps the EMA is a copy of the weights; averaging step
             ``n = 1`` is step ``start + 1``.
         include_frozen: also average parameters with ``requires_grad=False``.
@@ -106,9 +106,9 @@ class EMA:
             (half the memory, but the EMA stalls at high decay).
         skip_nonfinite: skip (and count) an update whose weights hold NaN or Inf.
         flat: re-point the model's tensors into one buffer per group so that an update is a
-            single op (see :mod:`d2ema.averaging.flat`; build the EMA before the optimizer and DDP).
-        overlap: update in the background (:mod:`d2ema.averaging.offload`); None: a CUDA model's
-        CPU EMA.
+            single op (see `d2ema.averaging.flat`; build the EMA before the optimizer and DDP).
+        overlap: update in the background (`d2ema.averaging.offload`); None: a CUDA
+            model's CPU EMA.
     """
 
     def __init__(
@@ -369,14 +369,14 @@ class EMA:
 
         ``ema_state`` is the plain name->tensor dict that D2Go and the seed article write;
         ``ema_meta`` holds the format version, step counter and schedule. Under FSDP2 the
-        averages of DTensor parameters are DTensors too (see :mod:`d2ema.distributed`).
+        averages of DTensor parameters are DTensors too (see `d2ema.distributed`).
         """
         return {STATE_KEY: to_dtensors(self.tensors(), self._dtensors()), META_KEY: self.meta()}
 
     def check_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True
     ) -> tuple[dict[str, torch.Tensor], Mapping[str, Any] | None]:
-        """Validate ``state_dict`` without changing anything; raise :class:`EMAStateError`.
+        """Validate ``state_dict`` without changing anything; raise `EMAStateError`.
 
         Returns the tensors (names aligned to this EMA's) and the metadata, if any.
         """
@@ -395,7 +395,7 @@ class EMA:
         """Load our format, or a plain name->tensor dict (D2Go's and the seed's ``ema_state``).
 
         Names, shapes and dtypes are checked before anything is written; on any mismatch an
-        :class:`EMAStateError` lists every problem and the EMA is left as it was. With
+        `EMAStateError` lists every problem and the EMA is left as it was. With
         ``strict=False`` missing and unexpected names are allowed (and returned).
         """
         tensors, meta = self.check_state_dict(state_dict, strict)

@@ -1,7 +1,7 @@
 """The errors d2ema raises for a user's mistake, all under one base class.
 
 Every error a user can fix (a config value, a checkpoint that does not fit, a file that cannot
-be read or written) derives from :class:`D2EMAError`, and its message names the problem and
+be read or written) derives from `D2EMAError`, and its message names the problem and
 the fix. The command line prints any of them as one line and exits with status 2; anything
 else is a bug and shows its traceback.
 

@@ -1,8 +1,8 @@
 """Decay schedules: pure functions from the averaging step ``n`` (1, 2, 3, ...) to a decay.
 
 The EMA update at averaging step ``n`` is ``ema = d(n) * ema + (1 - d(n)) * w``. Every schedule
-is a small frozen dataclass: call it with ``n``, save it with :meth:`Schedule.to_dict`, rebuild it
-with :func:`make_schedule`. Because a schedule depends on ``n`` alone, a run resumed with the
+is a small frozen dataclass: call it with ``n``, save it with `Schedule.to_dict`, rebuild it
+with `make_schedule`. Because a schedule depends on ``n`` alone, a run resumed with the
 same step counter continues exactly.
 
 =============  ==============================================================================
@@ -52,7 +52,7 @@ def _check_number(
     what: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False
 ) -> None:
     """Refuse ``value`` unless it is a real number (not a bool) in the given range: a
-    :class:`~d2ema.errors.ConfigError` (a ``ValueError``) naming it, the value and the range."""
+    `ConfigError` (a ``ValueError``) naming it, the value and the range."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < low or (open_low and value == low) or value > high:
         bounds = f"{'(' if open_low else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"

@@ -35,7 +35,7 @@ def torch_version() -> tuple[int, int]:
 
 
 def require_torch(feature: str, minimum: tuple[int, int] = TORCH_FLOOR) -> None:
-    """Raise :class:`TorchVersionError` naming ``feature`` and ``minimum`` if torch is older."""
+    """Raise `TorchVersionError` naming ``feature`` and ``minimum`` if torch is older."""
     if torch_version() < minimum:
         need = ".".join(map(str, minimum))
         raise TorchVersionError(

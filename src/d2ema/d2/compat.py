@@ -57,10 +57,10 @@ __all__ = [
 class EMAState:
     """D2Go's ``EMAState``: the EMA of a model's parameters and buffers, by name.
 
-    Starts empty; :meth:`save_from` fills it from a model. A state loaded before it met its
+    Starts empty; `save_from` fills it from a model. A state loaded before it met its
     model (from a checkpoint, or a plain name->tensor dict) is checked against the model, and
-    applied, the first time a model is given: :meth:`bind`, :meth:`apply_to`,
-    :meth:`get_ema_model`, or ``EMAHook.before_train``.
+    applied, the first time a model is given: `bind`, `apply_to`,
+    `get_ema_model`, or ``EMAHook.before_train``.
     """
 
     def __init__(self, include_frozen: bool = True, include_buffer: bool = True):
@@ -220,7 +220,7 @@ class EMAUpdater:
 
 
 def may_build_model_ema(cfg, model: nn.Module) -> None:
-    """Attach an empty :class:`EMAState` as ``model.ema_state`` when EMA is enabled."""
+    """Attach an empty `EMAState` as ``model.ema_state`` when EMA is enabled."""
     settings = ema_settings(cfg)
     if not settings.enabled:
         return
@@ -255,7 +255,7 @@ def may_get_ema_checkpointer(cfg, model: nn.Module) -> dict[str, Any]:
 
 
 class _EMAStateMeta:
-    """``ema_meta`` of an :class:`EMAState`, loaded first and applied with its tensors."""
+    """``ema_meta`` of an `EMAState`, loaded first and applied with its tensors."""
 
     def __init__(self, state: EMAState):
         self._state = state

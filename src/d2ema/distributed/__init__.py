@@ -1,12 +1,12 @@
 """The EMA in a job of several processes (``torch.distributed``: DDP, FSDP2), any training loop.
 
-* :mod:`~d2ema.distributed.collectives`: BN buffers averaged over the ranks before an update
-  (:func:`averaged_buffers`), full states gathered from FSDP2 shards (:func:`full_state_dict`);
-* :mod:`~d2ema.distributed.sharded`: :class:`ShardedEMA`, each rank stores and updates only its
+* `collectives`: BN buffers averaged over the ranks before an update
+  (`averaged_buffers`), full states gathered from FSDP2 shards (`full_state_dict`);
+* `sharded`: `ShardedEMA`, each rank stores and updates only its
   share of a DDP model's EMA.
 
-These build on :class:`d2ema.EMA`; the DTensor helpers the EMA itself needs are below it, in
-:mod:`d2ema.averaging.dtensor`.
+These build on `d2ema.EMA`; the DTensor helpers the EMA itself needs are below it, in
+`d2ema.averaging.dtensor`.
 
 Example::
 

@@ -5,7 +5,7 @@ all-reduced), so every rank's EMA of the parameters is the same without any comm
 buffers are another matter: with ``broadcast_buffers=False`` (detectron2's trainer) each rank's
 BatchNorm running statistics are estimated from its own batches only, so per-rank EMAs of them
 drift apart: the ranks evaluate different "EMA" models and a checkpoint holds rank 0's.
-:func:`averaged_buffers` fixes this: inside it every floating buffer holds its mean over the
+`averaged_buffers` fixes this: inside it every floating buffer holds its mean over the
 ranks, and every EMA updated inside folds in the same values on every rank.
 
 Why the mean and not rank 0's broadcast: both make the ranks agree, but the mean is the estimate
@@ -17,8 +17,8 @@ Integer buffers (``num_batches_tracked``) are equal on all ranks and are left al
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``): each rank's EMA holds its local shards of the
 DTensor parameters (and the full buffers); ``EMA.state_dict()`` returns those averages as
-DTensors laid out like the parameters, which :mod:`torch.distributed.checkpoint` saves sharded
-and reloads on any number of ranks; :func:`full_state_dict` gathers plain tensors instead (one
+DTensors laid out like the parameters, which `torch.distributed.checkpoint` saves sharded
+and reloads on any number of ranks; `full_state_dict` gathers plain tensors instead (one
 file that loads anywhere, also in one process) and ``EMA.load_state_dict`` scatters a full
 state to the local shards.
 
@@ -139,7 +139,7 @@ def averaged_buffers(model: nn.Module, group: ProcessGroup | None = None) -> Ite
 def full_state_dict(ema: EMA, *, cpu: bool = False) -> dict[str, Any]:
     """``ema.state_dict()`` with every DTensor gathered into a plain full tensor.
 
-    A collective where the EMA holds shards (FSDP2, :class:`~d2ema.distributed.ShardedEMA`): every
+    A collective where the EMA holds shards (FSDP2, `ShardedEMA`): every
     rank calls it, in the same order as its other collectives. The result loads into an EMA on
     any number of ranks, or in a single process. ``cpu=True`` moves the tensors to the CPU.
     """

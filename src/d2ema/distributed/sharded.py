@@ -4,18 +4,18 @@ Under DDP every rank holds the same weights, so every rank keeping (and updating
 is N copies of the same work. Here each tracked tensor is owned by exactly one rank, chosen so
 that the ranks hold the same number of bytes (largest tensors first, each to the least loaded
 rank): EMA memory and update time per rank drop by about N. An update touches only the owned
-tensors, with the same kernels on the same values as the unsharded :class:`~d2ema.EMA`, so the
+tensors, with the same kernels on the same values as the unsharded `EMA`, so the
 result is bit for bit the same.
 
 The full average is assembled only when it is needed, by an all-gather over the ranks:
 
-* :meth:`ShardedEMA.swapped` (evaluation) gathers it on every rank for the duration of the block
+* `ShardedEMA.swapped` (evaluation) gathers it on every rank for the duration of the block
   (one full EMA in memory, as evaluating the unsharded EMA needs);
-* :meth:`ShardedEMA.state_dict` gathers it for a checkpoint, a plain ``ema_state`` with every
+* `ShardedEMA.state_dict` gathers it for a checkpoint, a plain ``ema_state`` with every
   tensor, the same file an unsharded EMA writes: it loads on any number of ranks, in one
-  process, in D2Go and the seed article's code. :meth:`gather` with ``dst=0`` assembles it on
+  process, in D2Go and the seed article's code. `gather` with ``dst=0`` assembles it on
   one rank only, for a checkpointer that runs there;
-* :meth:`ShardedEMA.load_state_dict` of a full state keeps the owned tensors (no communication:
+* `ShardedEMA.load_state_dict` of a full state keeps the owned tensors (no communication:
   every rank reads the file).
 
 Every rank calls the collectives (``swapped``, ``state_dict``, ``gather``, and ``update`` with
@@ -75,9 +75,9 @@ def assign_by_bytes(sizes: list[int], world: int) -> list[int]:
 
 
 class ShardedEMA(EMA):
-    """An :class:`~d2ema.EMA` whose storage and update work are split over ``group``'s ranks.
+    """An `EMA` whose storage and update work are split over ``group``'s ranks.
 
-    Takes the arguments of :class:`~d2ema.EMA`, plus ``group`` (a process group; default the
+    Takes the arguments of `EMA`, plus ``group`` (a process group; default the
     whole job). Not for FSDP models: FSDP already shards, and the EMA follows its shards.
     """
 
@@ -198,7 +198,7 @@ class ShardedEMA(EMA):
     def gather(self, dst: int | None = None) -> dict[str, torch.Tensor] | None:
         """Assemble the full average (a collective): on every rank, or on rank ``dst`` only
         (None elsewhere). The receiving ranks also keep it, until the next update, for
-        :meth:`gathered`."""
+        `gathered`."""
         if self.world == 1:
             return self._views()
         groups = self._gather_groups(dst)
@@ -208,7 +208,7 @@ class ShardedEMA(EMA):
         return self._gathered
 
     def gathered(self) -> dict[str, torch.Tensor] | None:
-        """The full average of the current step if this rank assembled it with :meth:`gather`
+        """The full average of the current step if this rank assembled it with `gather`
         since the last update (no communication: for a checkpointer that runs on one rank),
         else None. With one process, the EMA itself."""
         return self._views() if self.world == 1 else self._gathered
@@ -222,7 +222,7 @@ class ShardedEMA(EMA):
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
-        """:meth:`EMA.swapped <d2ema.EMA.swapped>` with the gathered full average (a collective
+        """`EMA.swapped` with the gathered full average (a collective
         on entry; the restore on exit is local, so a rank that raises never blocks the others).
         Writes inside (PreciseBN statistics) are kept in each rank's share."""
         if self.world == 1:

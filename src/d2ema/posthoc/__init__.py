@@ -4,11 +4,11 @@ Karras et al. (EDM2) keep two power-function EMAs during training and save snaps
 every few steps; after training, a least-squares mix of the snapshots rebuilds an EMA of any
 length in between. The package holds five pieces, one floor above the core EMA:
 
-* :mod:`~d2ema.posthoc.profiles`: the math (profiles, the least-squares fit, what is representable);
-* :mod:`~d2ema.posthoc.snapshots`: the snapshot series on disk (writer, index, validation);
-* :mod:`~d2ema.posthoc.rebuild`: rebuild the EMA of a target length from a series;
-* :mod:`~d2ema.posthoc.select`: rebuild a sweep of lengths, score each, keep the best;
-* :mod:`~d2ema.posthoc.tracker`: :class:`PostHocEMA`, the training-loop object tying them together.
+* `profiles`: the math (profiles, the least-squares fit, what is representable);
+* `snapshots`: the snapshot series on disk (writer, index, validation);
+* `rebuild`: rebuild the EMA of a target length from a series;
+* `select`: rebuild a sweep of lengths, score each, keep the best;
+* `tracker`: `PostHocEMA`, the training-loop object tying them together.
 
 Example::
 
@@ -60,5 +60,4 @@ __all__ = [
     "Target",
     "load_tensors",
     "reconstruct",
-    "select",
 ]

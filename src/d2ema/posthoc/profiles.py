@@ -3,7 +3,7 @@
 Karras et al. 2024 ("Analyzing and Improving the Training Dynamics of Diffusion Models", EDM2,
 Sec. 3 and App. C) track power-function EMAs during training, whose weight on the iterate of
 step ``tau`` at time ``t`` is the profile ``p(tau) = (g + 1) tau**g / t**(g + 1)`` on ``(0, t]``
-(:class:`~d2ema.schedules.SigmaRel`, ``beta_t = (1 - 1/t)**(g + 1)``; with updates every ``U``
+(`SigmaRel`, ``beta_t = (1 - 1/t)**(g + 1)``; with updates every ``U``
 steps ``(1 - U/t)**(g + 1)``, which is the same profile over the weights seen every ``U``
 steps). An EMA is linear in its profile, so a least-squares fit of the wanted profile by the
 profiles of the snapshots, ``min_x || sum_i x_i p_i - p_target ||``, gives weights ``x`` with
@@ -13,8 +13,8 @@ scaled to sum 1, so a constant weight stays constant.
 
 A target is a relative width ``sigma_rel`` (a power EMA), or a classic constant decay ``d``
 (profile ``lambda exp(-lambda (t - tau))``, ``lambda = -ln d``), fitted directly, which is much
-closer than a power EMA of the same width. Each :class:`Fit` reports how well the snapshots
-represent the target (the relative misfit of the profiles), and :func:`check_fit` refuses a
+closer than a power EMA of the same width. Each `Fit` reports how well the snapshots
+represent the target (the relative misfit of the profiles), and `check_fit` refuses a
 target they cannot represent. Where this is derived and checked: ``shared/posthoc/notes.md``.
 
 Example::
@@ -65,7 +65,7 @@ class PostHocError(D2EMAError, ValueError):
 
 def gamma_to_sigma_rel(gamma: float) -> float:
     """Relative width of the power profile with exponent ``gamma`` (inverse of
-    :func:`~d2ema.schedules.sigma_rel_to_gamma`)."""
+    `sigma_rel_to_gamma`)."""
     return math.sqrt((gamma + 1.0) / ((gamma + 2.0) ** 2 * (gamma + 3.0)))
 
 
@@ -164,7 +164,7 @@ class Target:
 class Fit:
     """How to mix the snapshots for one target, and how good the mix is.
 
-    ``weights[i]`` belongs to the i-th snapshot given to :func:`solve` (0 for the ones after
+    ``weights[i]`` belongs to the i-th snapshot given to `solve` (0 for the ones after
     ``t``); they sum to 1. ``residual`` is ``||sum_i x_i p_i - p_target|| / ||p_target||``,
     the relative misfit of the profiles, which bounds the error relative to the data's scale;
     ``l1`` (``sum |x_i|``) is how much the rounding of the snapshots is amplified.
@@ -303,9 +303,9 @@ def check_fit(
     max_init_share: float = MAX_INIT_SHARE,
     representable: tuple[float, float] | None = None,
 ) -> None:
-    """Raise :class:`PostHocError` if the snapshots cannot represent ``fit``'s target.
+    """Raise `PostHocError` if the snapshots cannot represent ``fit``'s target.
 
-    ``representable`` (from :func:`representable_range`) makes the message name what they can.
+    ``representable`` (from `representable_range`) makes the message name what they can.
     """
     span = (f"; these snapshots represent about sigma_rel {representable[0]:.3f} to "
             f"{representable[1]:.3f}" if representable else "")

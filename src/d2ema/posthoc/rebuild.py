@@ -1,10 +1,10 @@
 """Post-hoc EMA after training: rebuild the EMA of any length from the snapshots on disk.
 
-:func:`plan` reads the index written by :class:`~d2ema.posthoc.SnapshotWriter`, solves for the
-mixing weights of each target (:func:`d2ema.posthoc.profiles.solve`) and refuses, before any
+`plan` reads the index written by `SnapshotWriter`, solves for the
+mixing weights of each target (`d2ema.posthoc.profiles.solve`) and refuses, before any
 tensor is read, a target the snapshots cannot represent or a series with a missing or truncated
 file.
-:func:`reconstruct` then streams the snapshots one at a time into one accumulator per target, so
+`reconstruct` then streams the snapshots one at a time into one accumulator per target, so
 memory is (targets + 1) model copies whatever the number of snapshots. Float buffers (BN
 statistics) are mixed like the parameters; integer buffers come from the latest snapshot used.
 
@@ -34,7 +34,7 @@ __all__ = ["Reconstruction", "plan", "reconstruct"]
 @dataclasses.dataclass
 class Reconstruction:
     """An EMA rebuilt from snapshots: ``tensors`` (name -> tensor, as the EMA stored them),
-    the :class:`~d2ema.posthoc.Fit` that made it, and the training step it stands for."""
+    the `Fit` that made it, and the training step it stands for."""
 
     fit: Fit
     step: int
@@ -100,8 +100,8 @@ def plan(
     *, max_residual: float | None = None, skip_unrepresentable: bool = False,
 ) -> tuple[list[SnapshotEntry], list[Fit], int]:
     """The snapshots, the checked fits of ``targets`` and the step they stand for (default:
-    the last snapshot's), without reading any tensor; see :func:`reconstruct`.
-    ``skip_unrepresentable`` leaves out the targets that :func:`~d2ema.posthoc.check_fit`
+    the last snapshot's), without reading any tensor; see `reconstruct`.
+    ``skip_unrepresentable`` leaves out the targets that `check_fit`
     refuses, instead of raising."""
     folder = Path(folder)
     entries = read_index(folder)
@@ -146,7 +146,7 @@ def reconstruct(
 ) -> Iterator[Reconstruction]:
     """Rebuild the EMA of each target at training ``step`` (default: the last snapshot's).
 
-    Targets the snapshots cannot represent raise :class:`PostHocError` before anything is
+    Targets the snapshots cannot represent raise `PostHocError` before anything is
     read. ``batch`` targets share one pass over the files (memory: ``batch + 1`` model copies);
     ``progress(done, total)`` is called after each file read.
     """

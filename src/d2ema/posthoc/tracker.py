@@ -1,10 +1,10 @@
 """``PostHocEMA``: choose the EMA length after training, in any PyTorch training loop.
 
-It keeps several power-function EMAs of one model (:class:`~d2ema.EMA` with
+It keeps several power-function EMAs of one model (`EMA` with
 ``schedule="sigma_rel"``; EDM2's 0.05 and 0.10 by default) and writes snapshots of them every
-``snapshot_every`` steps (:class:`~d2ema.posthoc.SnapshotWriter`). After training, an EMA of
+``snapshot_every`` steps (`SnapshotWriter`). After training, an EMA of
 any other width, or a classic constant decay, is rebuilt from the snapshots by least squares
-(:mod:`d2ema.posthoc`), so the EMA length need not be guessed before training.
+(`d2ema.posthoc`), so the EMA length need not be guessed before training.
 
 Example::
 
@@ -66,7 +66,7 @@ class PostHocEMA:
     """Power EMAs of one model plus snapshots for post-hoc reconstruction.
 
     Args:
-        model: the model (wrappers are looked through, as by :class:`~d2ema.EMA`).
+        model: the model (wrappers are looked through, as by `EMA`).
         folder: where snapshots and ``index.json`` go.
         sigma_rels: the tracked widths (two are enough to rebuild anything in between, and
             somewhat beyond with dense snapshots).
@@ -74,7 +74,7 @@ class PostHocEMA:
         dtype: snapshot precision (``"float32"``; ``"float16"`` halves the disk use).
         enabled: False keeps the EMAs but writes nothing (e.g. on all but the main process).
         background: write the files in a background thread.
-        **ema_kwargs: passed to every :class:`~d2ema.EMA` (``every``, ``device``, ``exclude``,
+        **ema_kwargs: passed to every `EMA` (``every``, ``device``, ``exclude``,
             ...; not ``schedule`` or ``decay``).
     """
 
@@ -107,7 +107,7 @@ class PostHocEMA:
         return next(iter(self.emas.values())).step
 
     def update(self, model: nn.Module, step: int | None = None) -> None:
-        """Update every EMA (see :meth:`d2ema.EMA.update`), then snapshot on schedule."""
+        """Update every EMA (see `d2ema.EMA.update`), then snapshot on schedule."""
         if not self._synced:
             self.sync()
         for ema in self.emas.values():
@@ -131,7 +131,7 @@ class PostHocEMA:
             self.writer.write(self.step)
 
     def reset(self, model: nn.Module) -> None:
-        """Restart every EMA from the model's weights (see :meth:`d2ema.EMA.reset`)."""
+        """Restart every EMA from the model's weights (see `d2ema.EMA.reset`)."""
         for ema in self.emas.values():
             ema.reset(model)
 
@@ -162,7 +162,7 @@ class PostHocEMA:
     # ------------------------------------------------------------------ after training
     def reconstruct(self, targets: Sequence[Target], step: int | None = None,
                     **kwargs: Any) -> Iterator[Reconstruction]:
-        """:func:`d2ema.posthoc.reconstruct` on this folder (pending writes first)."""
+        """`d2ema.posthoc.reconstruct` on this folder (pending writes first)."""
         self.writer.flush()
         return reconstruct(self.folder, targets, step, **kwargs)
 
@@ -181,7 +181,7 @@ class PostHocEMA:
                prefer: float | None = None, batch: int = 4) -> Selection:
         """Rebuild each length of ``sigma_rels`` (default: 0.01..0.25, leaving out what the
         snapshots cannot represent), score it, and return the best as a
-        :class:`~d2ema.posthoc.Selection` (``sigma_rel``, ``score``, ``scores`` per length,
+        `Selection` (``sigma_rel``, ``score``, ``scores`` per length,
         ``tensors``). Higher scores are better; a tie goes to the length closest to ``prefer``.
 
         ``score_fn`` gets the rebuilt tensors (name -> tensor), or, with ``model``, one deep

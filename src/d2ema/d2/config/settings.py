@@ -83,7 +83,7 @@ _RANGE_TEXT = {
 
 
 def add_model_ema_configs(cfg: Any) -> None:
-    """Add ``cfg.MODEL_EMA`` with every key of :data:`KEYS` at its default (idempotent)."""
+    """Add ``cfg.MODEL_EMA`` with every key of `KEYS` at its default (idempotent)."""
     from detectron2.config import CfgNode as CN
 
     was_frozen = cfg.is_frozen()

@@ -6,10 +6,10 @@ into the run's config, ``DATASETS.COCO_INSTANCES`` (yacs) or ``train.coco_instan
 also list them itself. Each becomes detectron2's ``register_coco_instances(NAME, {}, json,
 images)``: ``evaluator_type="coco"``, so the default evaluator scores it with COCO AP.
 
-:func:`register_coco_dataset` is idempotent: registering the same name with the same files again
+`register_coco_dataset` is idempotent: registering the same name with the same files again
 does nothing (a LazyConfig ``.py`` that registers its own data may be executed more than once),
-while the same name with other files is refused. :func:`check_datasets_known` turns detectron2's
-``KeyError`` for an unknown name into a :class:`~d2ema.errors.DatasetError` that lists what is
+while the same name with other files is refused. `check_datasets_known` turns detectron2's
+``KeyError`` for an unknown name into a `DatasetError` that lists what is
 registered and how to add a dataset.
 
 Example::
@@ -83,7 +83,7 @@ def _split_files(rest: str) -> tuple[str, str]:
 def parse_coco_dataset(text: str, check_files: bool = True) -> CocoDataset:
     """Parse ``NAME=ANNOTATIONS.json:IMAGE_DIR``; paths become absolute (relative to the cwd).
 
-    Raises :class:`DatasetError` for a malformed string and, with ``check_files``, for an
+    Raises `DatasetError` for a malformed string and, with ``check_files``, for an
     annotation file or image folder that does not exist.
     """
     name, _, rest = str(text).partition("=")
@@ -119,7 +119,7 @@ def register_coco_dataset(
     """``register_coco_instances`` that may be called again: True if it registered ``name``.
 
     The same name with the same files is already there: nothing to do (False). The same name
-    with other files raises :class:`DatasetError` (detectron2 cannot change a registered
+    with other files raises `DatasetError` (detectron2 cannot change a registered
     dataset in place).
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -250,7 +250,7 @@ def _builtin(name: str) -> bool:
 
 
 def check_datasets_known(cfg, provided: Collection[str] = (), tests_only: bool = False) -> None:
-    """Raise :class:`DatasetError` for a dataset the config names (``tests_only``: tests on)
+    """Raise `DatasetError` for a dataset the config names (``tests_only``: tests on)
     that nobody provides.
 
     Known are the names registered in detectron2's ``DatasetCatalog``, those the config lists
@@ -306,7 +306,7 @@ def _names_advice(cfg, names: list[str]) -> str:
 
 
 def check_datasets_used(cfg, specs: Collection[str] = (), tests_only: bool = False) -> None:
-    """Before training: raise :class:`DatasetError` for a dataset the config names that is
+    """Before training: raise `DatasetError` for a dataset the config names that is
     registered (one of detectron2's builtins, say ``coco_2017_train`` from a model-zoo
     ``_BASE_``) but whose files are not here, saying which override uses the ``--dataset``
     names (``specs``) instead; ``--dataset`` names the config does not use are warned about."""

@@ -4,7 +4,7 @@ extra and post-hoc EMAs, and the warning about an EMA that will mostly be its st
 **Starting weights.** A classic EMA with constant decay ``d`` and no ramp keeps ``d**n`` of the
 weights it started from after ``n`` updates: 0.999**800 = 45%, so a short run's EMA is mostly
 random (or pretrained) initialisation, and evaluating it shows no detections at all. This is the
-most common wrong guess (D2Go's default is 0.999 without a ramp); :func:`initial_share_warning`
+most common wrong guess (D2Go's default is 0.999 without a ramp); `initial_share_warning`
 says so when training starts, with the fix.
 
 Example::
@@ -31,12 +31,12 @@ primary EMA (``MODEL_EMA.DECAY``, checkpoint key ``ema_state`` as D2Go writes it
   TensorBoard curve each), saved under the checkpoint key ``ema_extras``;
 * post-hoc EMAs (``POSTHOC.ENABLED``): power EMAs of ``POSTHOC.SIGMA_RELS``, not evaluated,
   snapshotted every ``POSTHOC.PERIOD`` iterations and at the last one into
-  ``OUTPUT_DIR/ema_snapshots`` by the main process (:class:`~d2ema.PostHocEMA`), saved under
+  ``OUTPUT_DIR/ema_snapshots`` by the main process (`PostHocEMA`), saved under
   ``ema_posthoc`` so that a resumed run continues the series exactly.
 
-They form the model's :class:`EMAFamily`, built by :func:`~d2ema.d2.build_model_ema` and driven
-by :class:`~d2ema.d2.EMAUpdateHook` (one hook updates every EMA per step);
-:class:`~d2ema.d2.EMACheckpointer` saves and checks them with the primary.
+They form the model's `EMAFamily`, built by `build_model_ema` and driven
+by `EMAUpdateHook` (one hook updates every EMA per step);
+`EMACheckpointer` saves and checks them with the primary.
 
 Example::
 
@@ -102,7 +102,7 @@ def initial_share(ema: EMA, total_steps: int) -> float:
 
 def initial_share_warning(ema: EMA, total_steps: int, name: str = "the EMA",
                           keys: str = "MODEL_EMA.") -> str | None:
-    """A warning with the fix if ``ema`` keeps more than :data:`WARN_SHARE` of its starting
+    """A warning with the fix if ``ema`` keeps more than `WARN_SHARE` of its starting
     weights at ``total_steps``, else None. ``keys`` prefixes the config keys it names."""
     share = initial_share(ema, total_steps)
     if share <= WARN_SHARE:
@@ -124,14 +124,14 @@ ATTRIBUTE = "ema_state"
 
 
 def build_model_ema(cfg: Any, model: nn.Module) -> EMA | None:
-    """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA`
-    (a :class:`~d2ema.distributed.ShardedEMA` with ``SHARDED``), and build the extra and post-hoc
-    EMAs the config asks for (:mod:`d2ema.d2.engine.build`).
+    """Validate the config's EMA settings and, if enabled, attach a new `EMA`
+    (a `ShardedEMA` with ``SHARDED``), and build the extra and post-hoc
+    EMAs the config asks for (`d2ema.d2.engine.build`).
 
     Call it before building the optimizer and wrapping the model in DDP, as
-    :class:`~d2ema.d2.EMATrainer` and ``d2ema train`` do: with ``FLAT`` unset (None) a plain EMA
+    `EMATrainer` and ``d2ema train`` do: with ``FLAT`` unset (None) a plain EMA
     uses flat mode, which re-points the model's tensors into one buffer per dtype
-    (:mod:`d2ema.averaging.flat`) so that an update is one ``lerp_``.
+    (`d2ema.averaging.flat`) so that an update is one ``lerp_``.
     """
     settings = ema_settings(cfg)
     if not settings.enabled:
@@ -298,7 +298,7 @@ def build_ema_family(cfg, model: nn.Module, settings: EMASettings,
 
 
 def check_posthoc_space(model: nn.Module, max_iter: int, start_iter: int = 0) -> None:
-    """Before training: refuse (:class:`~d2ema.posthoc.PostHocError`, one line) a post-hoc
+    """Before training: refuse (`PostHocError`, one line) a post-hoc
     snapshot series larger than the free space of its disk (also checked in ``before_train``,
     for trainers of your own)."""
     family = get_ema_family(model)

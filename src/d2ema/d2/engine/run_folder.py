@@ -2,10 +2,10 @@
 process writes and logs, and a full disk as one line.
 
 **A full disk** is one line and exit status 2, not a traceback. Checkpoints and snapshots are
-written atomically (:mod:`d2ema.io.atomic`), so a full disk leaves every earlier one intact and the
+written atomically (`d2ema.io.atomic`), so a full disk leaves every earlier one intact and the
 run can be resumed once space is freed; their writers say so themselves
-(:class:`~d2ema.errors.CheckpointError`, ``PostHocError``). Any other write that fails for lack of
-space (detectron2's ``metrics.json``, an evaluation's output) becomes :class:`DiskFullError` here.
+(`CheckpointError`, ``PostHocError``). Any other write that fails for lack of
+space (detectron2's ``metrics.json``, an evaluation's output) becomes `DiskFullError` here.
 
 Example::
 
@@ -14,10 +14,10 @@ Example::
 
 **One training per OUTPUT_DIR**: the main process holds a lock on ``OUTPUT_DIR/.d2ema.lock``.
 Two trainings writing into one folder interleave their checkpoints and snapshot series, and
-each deletes what it takes for the other's leftovers. :func:`run_lock` takes an exclusive
+each deletes what it takes for the other's leftovers. `run_lock` takes an exclusive
 ``flock`` on a file in OUTPUT_DIR before anything is written there, and holds it until the
 training ends; the kernel releases it when the process ends in any way (a SIGKILL or a power
-cut leaves no stale lock). A second start refuses with :class:`~d2ema.errors.RunLockedError`,
+cut leaves no stale lock). A second start refuses with `RunLockedError`,
 naming the holder's PID (written into the lock file). The lock is taken by the process that
 launches the workers, so worker ranks never wait for it; in a multi-machine run only machine 0
 takes it (a shared filesystem would otherwise refuse the other machines).
@@ -43,7 +43,7 @@ Example::
     args.eval_dir = new_eval_dir(run_dir(cfg)) if args.eval_only else None   # launcher
     run = setup_run(cfg, args)                                             # each worker
 
-**Before start**, :func:`check_output_dir` refuses an OUTPUT_DIR that is a file, cannot be
+**Before start**, `check_output_dir` refuses an OUTPUT_DIR that is a file, cannot be
 written, or links out.
 """
 
@@ -90,7 +90,7 @@ def is_disk_full(error: BaseException) -> bool:
 
 @contextlib.contextmanager
 def disk_full_as_error(folder: str) -> Iterator[None]:
-    """Turn a full disk under the block into :class:`DiskFullError` (one line)."""
+    """Turn a full disk under the block into `DiskFullError` (one line)."""
     try:
         yield
     except D2EMAError:

@@ -4,12 +4,12 @@ What the mixin changes, each in the method that owns it:
 
 * ``build_model`` attaches the EMA (``model.ema_state``) when ``MODEL_EMA.ENABLED``, before
   the optimizer and DDP exist, so it uses flat mode unless ``MODEL_EMA.FLAT`` is False;
-* ``build_hooks`` makes the checkpointer an :class:`EMACheckpointer` (EMA saved with every
-  checkpoint, checked before anything loads) and adds :class:`EMAUpdateHook` right after the timer,
+* ``build_hooks`` makes the checkpointer an `EMACheckpointer` (EMA saved with every
+  checkpoint, checked before anything loads) and adds `EMAUpdateHook` right after the timer,
   so checkpoints and evaluations of an iteration see that iteration's EMA; without EMA, the
   checkpointer refuses to resume from a checkpoint that has one (``DISCARD_ON_RESUME``). Either
   way checkpoints are written atomically and a resume falls back to the newest complete
-  checkpoint (:class:`~d2ema.d2.checkpoint.checkpointers.AtomicCheckpointer`);
+  checkpoint (`AtomicCheckpointer`);
 * ``build_evaluator`` has a default (COCO for COCO-style datasets), which v0.6 lacks;
 * ``test`` evaluates the raw weights (``bbox``) and the EMA weights (``ema/bbox``); detectron2's
   ``EvalHook`` writes both to EventStorage, so TensorBoard draws the two curves. With
@@ -17,12 +17,12 @@ What the mixin changes, each in the method that owns it:
 * ``state_dict`` / ``load_state_dict`` carry the optimizer state on detectron2 v0.6 as well (main
   already does), so a resumed run keeps its SGD momentum;
 * ``train`` ends, with ``MODEL_EMA.POSTHOC.SELECT``, by choosing the EMA length on held-out data
-  and writing it as ``model_final_posthoc.pth`` (:mod:`d2ema.d2.evaluation.select`);
+  and writing it as ``model_final_posthoc.pth`` (`d2ema.d2.evaluation.select`);
 * ``resume_or_load`` warns once when the checkpoint it resumes from has no EMA; the EMA then
   restarts from the loaded weights, as it does for a new training from ``MODEL.WEIGHTS`` (whose
   EMA, if any, fvcore does not load: only a resume loads the whole training state).
 
-:func:`check_trainer_bases` refuses ``class Trainer(DefaultTrainer, EMATrainerMixin)`` when
+`check_trainer_bases` refuses ``class Trainer(DefaultTrainer, EMATrainerMixin)`` when
 the class is defined: ``DefaultTrainer``'s methods would come first and train with no EMA.
 
 Example::
@@ -96,7 +96,7 @@ def _takes_folder(build_evaluator) -> bool:
 class EMATrainerMixin:
     """Put before ``DefaultTrainer`` (or a subclass of it) in the bases to train with EMA:
     ``class Trainer(EMATrainerMixin, DefaultTrainer)``; the other order is refused when the
-    class is defined (:class:`~d2ema.errors.TrainerError`), as it would train without EMA."""
+    class is defined (`TrainerError`), as it would train without EMA."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -130,7 +130,7 @@ class EMATrainerMixin:
     @classmethod
     def build_evaluator(cls, cfg: Any, dataset_name: str, output_folder: str | None = None) -> Any:
         """The trainer's own ``build_evaluator`` when a class after the mixin has one; else COCO
-        for COCO-style datasets (see :func:`d2ema.d2.evaluation.evaluator.build_evaluator`)."""
+        for COCO-style datasets (see `d2ema.d2.evaluation.evaluator.build_evaluator`)."""
         parent = super().build_evaluator
         try:  # DefaultTrainer's raises NotImplementedError; a user's may not take output_folder
             if output_folder is None or not _takes_folder(parent):  # (v0.6's does not)
@@ -194,14 +194,14 @@ class EMATrainerMixin:
 
     def train(self) -> Any:
         """detectron2's ``train``; then, with ``MODEL_EMA.POSTHOC.SELECT``, the choice of the
-        EMA length (:meth:`select_posthoc`)."""
+        EMA length (`select_posthoc`)."""
         ret = super().train()
         self.select_posthoc()
         return ret
 
     def select_posthoc(self) -> None:
         """With ``MODEL_EMA.POSTHOC.SELECT``: rebuild, evaluate and choose the EMA length, write
-        ``OUTPUT_DIR/model_final_posthoc.pth`` (:mod:`d2ema.d2.evaluation.select`); the chosen
+        ``OUTPUT_DIR/model_final_posthoc.pth`` (`d2ema.d2.evaluation.select`); the chosen
         EMA's test results join ``_last_eval_results`` under ``posthoc/``. Else nothing."""
         results = getattr(self, "_last_eval_results", None)
         chosen = select_after_training(self, results)
@@ -238,7 +238,7 @@ _ADAPTING: dict[type, type] = {}
 
 def _adapting(cls: type) -> type:
     """``cls`` whose ``build_evaluator`` (the user's own, if any) returns
-    :func:`~d2ema.d2.evaluation.evaluator.adapt_evaluator`'s evaluators: detectron2's ``test``
+    `adapt_evaluator`'s evaluators: detectron2's ``test``
     builds
     them through ``cls``."""
     if cls in _ADAPTING.values():
@@ -256,4 +256,20 @@ def _adapting(cls: type) -> type:
 
 
 class EMATrainer(EMATrainerMixin, DefaultTrainer):
-    """``DefaultTrainer`` with EMA: see :class:`EMATrainerMixin`."""
+    """detectron2's ``DefaultTrainer`` with EMA (see `EMATrainerMixin`): the model's EMA is built
+    with the model, updated after every step, saved in every checkpoint and evaluated beside
+    the raw weights.
+
+    Args:
+        cfg: a detectron2 config with the ``MODEL_EMA`` keys (`add_model_ema_configs`);
+            ``MODEL_EMA.ENABLED True`` turns the EMA on, the other keys are in the
+            configuration reference. Without it, this is ``DefaultTrainer``.
+
+    Example::
+
+        cfg = get_cfg(); add_model_ema_configs(cfg); cfg.MODEL_EMA.ENABLED = True
+        trainer = EMATrainer(cfg); trainer.resume_or_load(resume=False); trainer.train()
+    """
+
+    def __init__(self, cfg: Any) -> None:  # detectron2's, given a signature the docs can show
+        super().__init__(cfg)
