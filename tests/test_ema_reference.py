@@ -506,3 +506,51 @@ def test_device_argument_on_cpu():
     ema.to("cpu")
     run(model, ema, ref, steps=5, seed=1)
     assert_matches(ema, ref)
+
+
+# ---------------------------------------------------------------- the peers' conventions
+def test_start_1_is_torch_averaged_model():
+    """``AveragedModel`` (like mmengine and ema-pytorch) copies at its first update and averages
+    from the second: d2ema's ``start=1``. Run against torch's own class."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5)).double()
+    peer = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ema = EMA(model, 0.9, start=1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        model.train()(torch.randn(8, 4, generator=gen, dtype=torch.float64))  # BN statistics
+        peer.update_parameters(model)
+        ema.update(model)
+        theirs = peer.module.state_dict()
+        for name, t in ema.tensors().items():  # its integer buffers are averaged, ours copied
+            if t.is_floating_point():
+                torch.testing.assert_close(t, theirs[name], rtol=1e-12, atol=1e-12)
+    assert ema.tensors()["1.num_batches_tracked"] == 6
+
+
+def _timm_diffusers_power(step: int, update_after_step: int, decay: float, inv_gamma: float,
+                          power: float, min_decay: float) -> float:
+    """timm ``ModelEmaV3.get_decay(step)`` and diffusers ``EMAModel.get_decay`` (after its
+    ``optimization_step += 1``), transcribed; ema-pytorch's ``get_current_decay`` is the same
+    with ``self.step`` counted after the increment. 0 means the EMA copies the weights."""
+    step = max(0, step - update_after_step - 1)
+    if step <= 0:
+        return 0.0
+    d = 1 - (1 + step / inv_gamma) ** -power
+    return max(min(d, decay), min_decay)
+
+
+@pytest.mark.parametrize("update_after_step", [0, 1, 100])
+def test_power_is_timm_diffusers_and_ema_pytorch_with_start_update_after_step_plus_1(
+        update_after_step):
+    params = {"inv_gamma": 2.0, "power": 0.75, "min_decay": 0.1}
+    ema = EMA(Net(), 0.9999, schedule="power", schedule_params=params,
+              start=update_after_step + 1)
+    for step in range(1, 400):
+        assert ema.decay_at(step) == pytest.approx(
+            _timm_diffusers_power(step, update_after_step, 0.9999, **params), abs=1e-15), step
