@@ -16,13 +16,17 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from d2ema.d2.config.view import ConfigView
+from d2ema.errors import D2EMAError
 from d2ema.schedules import SCHEDULES
 
-__all__ = ['KEYS', 'MAX_SIGMA_REL', 'Key']
+__all__ = ['KEYS', 'MAX_SIGMA_REL', 'Key', 'core_words_named', 'named_in_config']
 
 
 MAX_SIGMA_REL = 12**-0.5  # the widest power-EMA profile (sigma_rel < 1/sqrt(12))
@@ -35,7 +39,9 @@ class Key:
     each in the open interval (``low``, ``high``)). Numbers must lie in [``low``, ``high``]
     (``low`` excluded with ``low_open``); ``allowed`` is how messages say it when the interval
     does not. ``schedule``: the decay schedule this key parameterises (set for another, it does
-    nothing and is refused). ``meaning`` is Markdown: docs/configuration.md shows it as written.
+    nothing and is refused). ``core``: the core parameter the key sets (``Class.parameter``, as
+    :attr:`d2ema.errors.D2EMAError.parameters` names it), so that a core message can be given
+    the key beside it. ``meaning`` is Markdown: docs/configuration.md shows it as written.
     """
 
     name: str  # upper-case, as in yacs; LazyConfigs use it in lower case
@@ -47,6 +53,7 @@ class Key:
     low_open: bool = False
     allowed: str = ""
     schedule: str = ""
+    core: str = ""
 
     def allowed_text(self) -> str:
         """What a message says the value must be, e.g. ``a number in [0.0, 1.0]``."""
@@ -108,7 +115,8 @@ KEYS: dict[str, Key] = {key.name: key for key in (
     Key('MASTER_DTYPE', "float32", 'str|None',
         "dtype of the EMA of bf16/fp16 weights; 'none' keeps theirs"),
     Key('SKIP_NONFINITE', False, 'bool',
-        "skip (and count) updates whose weights hold NaN/Inf"),
+        "skip (and count) updates whose weights hold NaN/Inf",
+        core='EMA.skip_nonfinite'),
     Key('EXCLUDE', [], 'regexes',
         "regular expressions of tensor names not to track"),
     Key('FLAT', None, 'bool|None',
@@ -127,16 +135,21 @@ KEYS: dict[str, Key] = {key.name: key for key in (
         "checkpointed under `ema_extras`",
         low=0.0, high=MAX_SIGMA_REL),
     Key('POSTHOC.ENABLED', False, 'bool',
-        "snapshot power EMAs for `d2ema posthoc` (length chosen after)"),
+        "snapshot power EMAs for `d2ema posthoc` (length chosen after)",
+        core='PostHocEMA'),
     Key('POSTHOC.SIGMA_RELS', [0.05, 0.10], 'numbers',
         "widths of the power EMAs snapshotted",
-        low=0.0, high=MAX_SIGMA_REL),
+        low=0.0, high=MAX_SIGMA_REL,
+        core='PostHocEMA.sigma_rels'),
     Key('POSTHOC.PERIOD', 0, 'int',
-        "snapshot every N iterations (0: `MAX_ITER / 100`, at least 10) and at the last"),
+        "snapshot every N iterations (0: `MAX_ITER / 100`, at least 10) and at the last",
+        core='PostHocEMA.snapshot_every'),
     Key('POSTHOC.DTYPE', "float32", 'str',
-        "snapshot precision: float32, float16 or bfloat16"),
+        "snapshot precision: float32, float16 or bfloat16",
+        core='PostHocEMA.dtype'),
     Key('POSTHOC.DIR', "", 'str',
-        "snapshot folder inside `OUTPUT_DIR`, relative to it ('' = `ema_snapshots`)"),
+        "snapshot folder inside `OUTPUT_DIR`, relative to it ('' = `ema_snapshots`)",
+        core='PostHocEMA.folder'),
     Key('POSTHOC.SELECT', False, 'bool',
         "at the end of training, rebuild a sweep of EMA lengths, evaluate each on `SELECT_ON` "
         "and write the best as `OUTPUT_DIR/model_final_posthoc.pth` (+ a plain detectron2 "
@@ -153,5 +166,43 @@ KEYS: dict[str, Key] = {key.name: key for key in (
         "(refused otherwise, so that no checkpoint loses its EMA silently)"),
     Key('SHARDED', False, 'bool',
         "multi-GPU (DDP): each of N ranks stores and updates 1/N of the EMA, gathered only to "
-        "evaluate and to save (see `d2ema.distributed.ShardedEMA`)"),
+        "evaluate and to save (see `d2ema.distributed.ShardedEMA`)",
+        core='ShardedEMA'),
 )}
+
+
+_BY_CORE = {key.core: key.name for key in KEYS.values() if key.core}
+
+
+_yacs_key = ConfigView(None, lazy=False).key
+
+
+def named_in_config(parameters: Iterable[str], key: Callable[[str], str] | None = None) -> str:
+    """``"; in the config: snapshot_every is MODEL_EMA.POSTHOC.PERIOD"`` for the core
+    ``parameters`` a message names (``""`` for those no key sets). ``key`` spells the keys
+    (:meth:`~d2ema.d2.config.settings.EMASettings.key`; default: yacs)."""
+    key = key or _yacs_key
+    named = [f"{p.rsplit('.', 1)[-1]} is {key(_BY_CORE[p])}" for p in parameters
+             if p in _BY_CORE]
+    return f"; in the config: {', '.join(named)}" if named else ""
+
+
+@contextlib.contextmanager
+def core_words_named(key: Callable[[str], str] | None = None) -> Iterator[None]:
+    """Re-raise a core :class:`~d2ema.errors.D2EMAError` raised in the block with the config
+    keys of the parameters it names added (same type, one line): the detectron2 layer's words
+    beside the core's, e.g. ``... set PostHocEMA(snapshot_every=...) larger ...; in the config:
+    snapshot_every is MODEL_EMA.POSTHOC.PERIOD``.
+
+    Example::
+
+        with core_words_named(settings.key):
+            trainer.train()
+    """
+    try:
+        yield
+    except D2EMAError as e:
+        suffix = named_in_config(e.parameters, key)
+        if not suffix or suffix in str(e):
+            raise
+        raise type(e)(f"{e}{suffix}") from e

@@ -50,7 +50,7 @@ _EMA_NODE = ("MODEL_EMA", "train.model_ema")
 
 # What this layer reads besides the EMA keys: (yacs key, LazyConfig key, default).
 _FIELDS: dict[str, tuple[str, str, Any]] = {
-    "output_dir": ("OUTPUT_DIR", "train.output_dir", ""),
+    "output_dir": ("OUTPUT_DIR", "train.output_dir", "./output"),
     "max_iter": ("SOLVER.MAX_ITER", "train.max_iter", None),
     "device": ("MODEL.DEVICE", "train.device", "cuda"),
     "weights": ("MODEL.WEIGHTS", "train.init_checkpoint", ""),
@@ -128,8 +128,8 @@ class ConfigView:
 
     @property
     def output_dir(self) -> str:
-        """``OUTPUT_DIR`` / ``train.output_dir`` (``""`` when unset)."""
-        return str(self.get("output_dir") or "")
+        """``OUTPUT_DIR`` / ``train.output_dir`` (detectron2's ``./output`` when unset)."""
+        return str(self.get("output_dir"))
 
     @property
     def max_iter(self) -> Any:
