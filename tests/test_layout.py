@@ -232,3 +232,16 @@ def test_layout_page_names_every_module_and_no_other():
     named = _documented_modules()
     assert not on_disk - named, f"missing from docs/layout.md: {sorted(on_disk - named)}"
     assert not named - on_disk, f"docs/layout.md names what is not there: {sorted(named - on_disk)}"
+
+
+def test_core_speaks_its_own_words():
+    """No detectron2 key in the core: its messages name its own parameters
+    (``PostHocEMA(snapshot_every=...)``) and the detectron2 layer adds the key beside them."""
+    speaking = [m for m in CORE if "MODEL_EMA" in MODULES[m].read_text(encoding="utf-8")]
+    assert not speaking, f"core modules that name MODEL_EMA: {speaking}"
+
+
+def test_one_module_asks_yacs_or_lazy():
+    """"yacs config or LazyConfig?" is asked of a config in one place: d2/config/view.py."""
+    asking = sorted(m for m, p in MODULES.items() if "hasattr(cfg" in p.read_text(encoding="utf-8"))
+    assert asking == ["d2ema.d2.config.view"], asking
