@@ -120,7 +120,7 @@ class EMATrainerMixin:
         self.ema_settings = ema_settings or config_settings.ema_settings(cfg)
         # build_model is a classmethod (cfg only); core errors get the keys beside them
         with settings_given(self.ema_settings), core_words_named(self.ema_settings.key):
-            super().__init__(cfg, *args, **kwargs)
+            super().__init__(cfg, *args, **kwargs)  # type: ignore[call-arg]  # the trainer's
 
     @classmethod
     def build_model(cls, cfg: Any) -> nn.Module:

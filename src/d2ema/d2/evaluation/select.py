@@ -80,11 +80,11 @@ FOLDER = "posthoc"
 _KEY = ConfigView(None, lazy=False).key("POSTHOC.")  # SELECT is for yacs configs
 
 
-def check_selection(cfg, settings: EMASettings | None = None) -> None:
+def check_selection(cfg, given: EMASettings | None = None) -> None:
     """Before training: refuse a SELECT the run could not carry out (no test set to report on,
     a LazyConfig, lengths the snapshots will not represent). The dataset ``SELECT_ON`` names is
     checked with the others (:func:`~d2ema.d2.data.datasets.check_datasets_known`).
-    ``settings``: those already read from ``cfg``."""
+    ``given``: the EMA settings already read from ``cfg``."""
     view = ConfigView.of(cfg)
     if view.lazy:
         if view.ema_value("POSTHOC.SELECT", False):
@@ -92,7 +92,7 @@ def check_selection(cfg, settings: EMASettings | None = None) -> None:
                               "--config-file X.yaml); for a LazyConfig run, choose after "
                               "training with: d2ema posthoc OUTPUT_DIR --eval --export-best OUT")
         return
-    settings = (settings or config_settings.ema_settings(cfg)).posthoc
+    settings = (given or config_settings.ema_settings(cfg)).posthoc
     if settings is None or not settings.select:
         return
     if not cfg.DATASETS.TEST:
