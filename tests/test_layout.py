@@ -302,3 +302,14 @@ def test_every_raise_a_user_can_fix_is_a_d2ema_error():
     stale = [k for k in BUILTIN_RAISES if not any(
         path == k[0] and exc == k[1] and message.startswith(k[2]) for path, exc, message in found)]
     assert not stale, f"BUILTIN_RAISES lists sites that no longer exist: {stale}"
+def test_core_speaks_its_own_words():
+    """No detectron2 key in the core: its messages name its own parameters
+    (``PostHocEMA(snapshot_every=...)``) and the detectron2 layer adds the key beside them."""
+    speaking = [m for m in CORE if "MODEL_EMA" in MODULES[m].read_text(encoding="utf-8")]
+    assert not speaking, f"core modules that name MODEL_EMA: {speaking}"
+
+
+def test_one_module_asks_yacs_or_lazy():
+    """"yacs config or LazyConfig?" is asked of a config in one place: d2/config/view.py."""
+    asking = sorted(m for m, p in MODULES.items() if "hasattr(cfg" in p.read_text(encoding="utf-8"))
+    assert asking == ["d2ema.d2.config.view"], asking

@@ -36,7 +36,25 @@ __all__ = [
 
 
 class D2EMAError(Exception):
-    """Base class of every user-facing d2ema error."""
+    """Base class of every user-facing d2ema error.
+
+    ``parameters``: the core parameters the message tells the user to change, as
+    ``"Class.parameter"`` (``"PostHocEMA.snapshot_every"``). The core names only its own
+    parameters; a front end that sets them from its own config adds its key names beside them
+    (the detectron2 layer: :func:`d2ema.d2.config.keys.named_in_config`).
+
+    Example::
+
+        raise PostHocError("... set PostHocEMA(snapshot_every=...) larger",
+                           parameters=("PostHocEMA.snapshot_every",))
+    """
+
+    parameters: tuple[str, ...] = ()
+
+    def __init__(self, *args: object, parameters: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        if parameters:
+            self.parameters = tuple(parameters)
 
 
 class EMAStateError(D2EMAError, ValueError):

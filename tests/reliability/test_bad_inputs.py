@@ -254,7 +254,7 @@ def test_refused_load_changes_nothing(label, corrupt, named, tally):
 
 # ----------------------------------------------------------------------------- configs
 def _wrong_type(name: str):
-    default = KEYS[name][0]
+    default = KEYS[name].default
     if isinstance(default, bool):
         return "yes"
     if isinstance(default, int):

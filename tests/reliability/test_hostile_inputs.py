@@ -175,7 +175,7 @@ def test_changed_sigma_rels_never_delete_the_series(series, tmp_path, tally):
     for resume_at in (0, 2):
         tracker = PostHocEMA(_kill_child.ReliabilityTinyNet(), folder, (0.2,), background=False)
         _refused(tally, lambda t=tracker, s=resume_at: t.writer.sync(s), "sigma_rel [0.05, 0.1]",
-                 "POSTHOC.SIGMA_RELS")
+                 "PostHocEMA(sigma_rels=...)")  # the core's words; d2ema train adds the key
     assert snapshot(folder) == before
 
 

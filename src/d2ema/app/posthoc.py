@@ -271,9 +271,10 @@ def add_posthoc_parser(sub, add_verbose: Callable[[argparse.ArgumentParser], Non
 
 
 def _run(args: argparse.Namespace) -> int:
+    from d2ema.d2.config.keys import core_words_named
     from d2ema.io.safe_pickle import trust_pickles
 
-    with trust_pickles(args.trust_pickle):
+    with trust_pickles(args.trust_pickle), core_words_named():  # snapshots' keys: yacs
         run_posthoc(PostHocOptions(args.output_dir, args.sigma_rel, args.decay, args.step,
                                    args.eval, args.export_best, args.snapshots, args.config_file,
                                    args.verbose, datasets=tuple(args.dataset),

@@ -29,7 +29,10 @@ import torch
 
 from d2ema.averaging.state import TensorGroup
 
-__all__ = ['NonfiniteWatch', 'nonfinite_message']
+__all__ = ['NONFINITE_FIX', 'NonfiniteWatch', 'nonfinite_message']
+
+
+NONFINITE_FIX = ("EMA.skip_nonfinite",)  # the parameter nonfinite_message tells the user to set
 
 
 class NonfiniteWatch:
@@ -120,6 +123,5 @@ def nonfinite_message(step: int, where: str = "", after: int | None = None) -> s
     return (
         f"the EMA has held NaN/Inf {since}{at}: a NaN/Inf weight then poisoned the average, "
         "so EMA results and exports from now on are meaningless. Resume from a checkpoint "
-        f"before step {first} with MODEL_EMA.SKIP_NONFINITE True (EMA(skip_nonfinite=True)) "
-        "to skip such updates"
+        f"before step {first} with EMA(skip_nonfinite=True) to skip such updates"
     )

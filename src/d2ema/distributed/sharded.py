@@ -95,8 +95,9 @@ class ShardedEMA(EMA):
     def _select(self, slots: list[Slot]) -> list[Slot]:
         if any(s.local for s in slots):
             raise D2EMAError(
-                "ShardedEMA (MODEL_EMA.SHARDED) is for replicated models (DDP); this model's "
-                "parameters are FSDP shards, which a plain EMA already follows: use EMA(model)"
+                "ShardedEMA is for replicated models (DDP); this model's parameters are FSDP "
+                "shards, which a plain EMA already follows: use EMA(model)",
+                parameters=("ShardedEMA",),
             )
         if not self._owner:
             master = self._options.master_dtype

@@ -5,7 +5,7 @@ a few targets per pass over the files), calls ``score_fn`` on each rebuilt EMA a
 :class:`Selection`: the best length, its score, every length's score and the best one's tensors.
 A tie goes to the length closest (in log sigma_rel) to ``prefer``, e.g. the run's primary EMA,
 else to the first in sweep order. ``d2ema posthoc --eval``, the end-of-training selection of
-``MODEL_EMA.POSTHOC.SELECT`` and :meth:`d2ema.PostHocEMA.select` all go through it.
+``d2ema train`` and :meth:`d2ema.PostHocEMA.select` all go through it.
 
 Score on data the model was not tuned on: the best of a sweep scored on the test set is an
 optimistic estimate of that set's score (the maximum of noisy numbers).

@@ -116,7 +116,7 @@ def read_index(folder: str | os.PathLike[str]) -> list[SnapshotEntry]:
             raise PostHocError(f"{folder} holds {len(stray)} snapshot files but no {INDEX}; it "
                                "was not written by d2ema or the index was deleted")
         raise PostHocError(f"no post-hoc EMA snapshots in {folder} (no {INDEX}); train with "
-                           "MODEL_EMA.POSTHOC.ENABLED True (or d2ema.PostHocEMA) to write them")
+                           "d2ema.PostHocEMA to write them", parameters=("PostHocEMA",))
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
@@ -262,8 +262,9 @@ class SnapshotWriter:
             raise PostHocError(
                 f"post-hoc EMA: {count} snapshots of {self.bytes_per_snapshot / 1e6:.1f} MB "
                 f"would take {need / 1e9:.2f} GB in {self.folder}, but its disk has "
-                f"{free / 1e9:.2f} GB free; set MODEL_EMA.POSTHOC.PERIOD to a larger period, "
-                "POSTHOC.DTYPE float16, or POSTHOC.DIR on a larger disk")
+                f"{free / 1e9:.2f} GB free; give PostHocEMA a larger snapshot_every, "
+                "dtype='float16', or a folder on a larger disk",
+                parameters=("PostHocEMA.snapshot_every", "PostHocEMA.dtype", "PostHocEMA.folder"))
         return need
 
     # ------------------------------------------------------------------ series
@@ -291,8 +292,8 @@ class SnapshotWriter:
             raise PostHocError(
                 f"{self.folder} holds snapshots of sigma_rel {foreign} up to step {step}, but this "
                 "run tracks " + ", ".join(f"{s:g}" for s, _ in self.power.values()) + "; resume "
-                "with the same MODEL_EMA.POSTHOC.SIGMA_RELS, or move the folder away"
-            )
+                "with the same PostHocEMA(sigma_rels=...), or move the folder away",
+                parameters=("PostHocEMA.sigma_rels",))
         dropped = [e for e in entries if e.step > step]
         untracked = sorted({e.sigma_rel for e in dropped
                             if (round(e.sigma_rel, 12), round(e.gamma, 9)) not in tracked})
@@ -300,8 +301,9 @@ class SnapshotWriter:
             raise PostHocError(
                 f"{self.folder} holds snapshots of sigma_rel {untracked}, which this run does not "
                 "track (it tracks " + ", ".join(f"{s:g}" for s, _ in self.power.values()) + "); "
-                "they are kept: resume with the same MODEL_EMA.POSTHOC.SIGMA_RELS, or move the "
-                "folder away (or set MODEL_EMA.POSTHOC.DIR to a new folder)")
+                "they are kept: resume with the same PostHocEMA(sigma_rels=...), or move the "
+                "folder away (or give PostHocEMA a new folder)",
+                parameters=("PostHocEMA.sigma_rels", "PostHocEMA.folder"))
         if dropped:
             why = ("a new run starts a new series" if step == 0 else
                    f"from a run that went further than step {step}, resumed now")
@@ -351,8 +353,10 @@ class SnapshotWriter:
         except OSError as e:
             raise PostHocError(f"cannot write a post-hoc EMA snapshot to {self.folder}: "
                                f"{e.strerror or e}; the snapshots and checkpoints before it are "
-                               "intact: free disk space (or use MODEL_EMA.POSTHOC.DTYPE float16, "
-                               "or a longer PERIOD), then train again with --resume") from e
+                               "intact: free disk space (or give PostHocEMA dtype='float16' or "
+                               "a larger snapshot_every), then train again with --resume",
+                               parameters=("PostHocEMA.dtype", "PostHocEMA.snapshot_every"),
+                               ) from e
         finally:
             self.seconds_blocked += time.perf_counter() - started
 

@@ -29,6 +29,7 @@ import cv2
 
 from d2ema.app.data import digits, shapes
 from d2ema.app.data.common import Sample
+from d2ema.d2.config.view import ConfigView
 from d2ema.errors import D2EMAError, DatasetError
 
 __all__ = [
@@ -286,9 +287,9 @@ def _strings(node: Any) -> Iterator[str]:
 
 def datasets_in_config(cfg) -> list[str]:
     """Names of the embedded datasets a yacs config (``DATASETS``) or a LazyConfig mentions."""
-    if hasattr(cfg, "DATASETS"):
-        names = [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
-        names.append(cfg.get("MODEL_EMA", {}).get("POSTHOC", {}).get("SELECT_ON", ""))
+    view = ConfigView.of(cfg)
+    if not view.lazy:
+        names = [*view.train_sets, *view.test_sets, view.ema_value("POSTHOC.SELECT_ON", "")]
     else:
         from omegaconf import OmegaConf
 

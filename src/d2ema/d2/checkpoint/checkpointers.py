@@ -43,7 +43,7 @@ from typing import Any, Protocol
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from d2ema.averaging.health import nonfinite_message
+from d2ema.averaging.health import NONFINITE_FIX, nonfinite_message
 from d2ema.d2.checkpoint.load_checks import check_exact_resume, plan_ema_load
 from d2ema.d2.checkpoint.pickles import load_pkl_weights
 from d2ema.d2.checkpoint.resume import (
@@ -52,8 +52,11 @@ from d2ema.d2.checkpoint.resume import (
     find_resume_checkpoint,
     read_checkpoint,
 )
-from d2ema.d2.config.settings import ema_settings
-from d2ema.d2.engine.build import EMAGroupState, get_ema_family
+from d2ema.d2.config import settings as config_settings
+from d2ema.d2.config.keys import named_in_config
+from d2ema.d2.config.settings import EMASettings
+from d2ema.d2.config.view import ConfigView
+from d2ema.d2.engine.build import EMAGroupState, get_ema_family, get_settings
 from d2ema.distributed import ShardedEMA
 from d2ema.ema import EMA
 from d2ema.errors import CheckpointError, ConfigError, D2EMAError
@@ -261,7 +264,9 @@ class EMACheckpointer(AtomicCheckpointer):
         step = self._ema.nonfinite_step
         if step is not None and self.save_dir and self.save_to_disk:
             after = self._ema.nonfinite_after
-            logger.warning(nonfinite_message(step, f"saving {name}.pth", after))
+            settings = get_settings(self.model)
+            logger.warning(nonfinite_message(step, f"saving {name}.pth", after)
+                           + named_in_config(NONFINITE_FIX, settings.key if settings else None))
         super().save(name, **kwargs)
 
     @property
@@ -312,16 +317,16 @@ def last_checkpoint_has_ema(output_dir: str) -> str | None:
     return path if isinstance(checkpoint, dict) and has_ema(checkpoint) else None
 
 
-def check_resume_keeps_ema(cfg) -> None:
+def check_resume_keeps_ema(cfg, settings: EMASettings | None = None) -> None:
     """Refuse resuming a run whose last checkpoint has an EMA with the EMA off (yacs or
-    LazyConfig), unless ``DISCARD_ON_RESUME``: before anything is built or written."""
-    settings = ema_settings(cfg)
+    LazyConfig), unless ``DISCARD_ON_RESUME``: before anything is built or written.
+    ``settings``: those already read from ``cfg``."""
+    settings = settings or config_settings.ema_settings(cfg)
     if settings.enabled or settings.discard_on_resume:
         return
-    lazy = not hasattr(cfg, "MODEL")
-    path = last_checkpoint_has_ema(cfg.train.output_dir if lazy else cfg.OUTPUT_DIR)
+    path = last_checkpoint_has_ema(settings.output_dir)
     if path is not None:
-        refuse_dropping_ema(path, "train.model_ema." if lazy else "MODEL_EMA.")
+        refuse_dropping_ema(path, settings.key)
 
 
 class NoEMACheckpointer(AtomicCheckpointer):
@@ -329,10 +334,10 @@ class NoEMACheckpointer(AtomicCheckpointer):
     refused before anything is loaded, unless ``discard_ema`` (``DISCARD_ON_RESUME``)."""
 
     def __init__(self, model, save_dir: str = "", *, discard_ema: bool = False,
-                 key: str = "MODEL_EMA.", **checkpointables: Any):
+                 key: Callable[[str], str] | None = None, **checkpointables: Any):
         super().__init__(model, save_dir, **checkpointables)
         self.discard_ema = discard_ema
-        self._key = key
+        self._key = key or _YACS_KEY
         self._resuming = False
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
@@ -348,20 +353,20 @@ class NoEMACheckpointer(AtomicCheckpointer):
             if not self.discard_ema:
                 refuse_dropping_ema(path, self._key)
             logger.warning("Dropping the EMA of %s (%s): the next checkpoints have none.",
-                           path, _discard_key(self._key))
+                           path, self._key("DISCARD_ON_RESUME"))
         return super()._load_model(checkpoint)
 
 
-def _discard_key(prefix: str) -> str:
-    return prefix + ("DISCARD_ON_RESUME" if prefix.startswith("MODEL_EMA") else "discard_on_resume")
+_YACS_KEY = ConfigView(None, lazy=False).key
 
 
-def refuse_dropping_ema(path: str, prefix: str = "MODEL_EMA.") -> None:
-    """Raise the :class:`ConfigError` for resuming from ``path`` (which has an EMA) without EMA."""
-    enabled = prefix + ("ENABLED" if prefix.startswith("MODEL_EMA") else "enabled")
+def refuse_dropping_ema(path: str, key: Callable[[str], str] = _YACS_KEY) -> None:
+    """Raise the :class:`ConfigError` for resuming from ``path`` (which has an EMA) without EMA;
+    ``key`` names the settings (:meth:`~d2ema.d2.config.settings.EMASettings.key`)."""
+    enabled = key("ENABLED")
     raise ConfigError(
         f"the checkpoint to resume from ({path}) has an EMA, but {enabled} is False: the run's "
         f"next checkpoints, model_final.pth included, would be written without it. Resume with "
-        f"{enabled} True to keep averaging, or set {_discard_key(prefix)} True to drop the EMA "
+        f"{enabled} True to keep averaging, or set {key('DISCARD_ON_RESUME')} True to drop the EMA "
         "on purpose"
     )

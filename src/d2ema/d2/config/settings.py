@@ -36,13 +36,13 @@ from typing import Any
 import torch
 
 from d2ema.checks import compile_patterns
-from d2ema.d2.config.keys import KEYS
+from d2ema.d2.config.keys import KEYS, Key
+from d2ema.d2.config.view import ConfigView
 from d2ema.errors import ConfigError
 from d2ema.schedules import SCHEDULES, Schedule, SigmaRel, TFWarmup, make_schedule
 
 __all__ = [
     "KEYS",
-    "NUMBER_LISTS",
     "ConfigError",
     "EMASettings",
     "PostHocSettings",
@@ -55,50 +55,28 @@ __all__ = [
 ]
 
 
-# Schedule parameters, and the schedule that uses each (set for another, they do nothing).
-_SCHEDULE_OF = {"TAU": "yolov5", "INV_GAMMA": "power", "POWER": "power", "MIN_DECAY": "power"}
-
-
 _MASTER_DTYPES = {"float32": torch.float32, "float64": torch.float64, "none": None, "": None}
-
-
-# (low, high, low excluded) of numeric keys; their type comes from the default in KEYS.
-_RANGES: dict[str, tuple[float, float, bool]] = {
-    "DECAY": (0.0, 1.0, False),
-    "DECAY_WARM_UP_FACTOR": (-math.inf, math.inf, False),
-    "TAU": (0.0, math.inf, True),
-    "INV_GAMMA": (0.0, math.inf, True),
-    "POWER": (0.0, math.inf, True),
-    "MIN_DECAY": (0.0, 1.0, False),
-    "SIGMA_REL": (0.0, 12**-0.5 * (1 - 1e-12), True),
-    "UPDATE_EVERY": (1, math.inf, False),
-    "START_ITER": (0, math.inf, False),
-}
-
-
-_RANGE_TEXT = {
-    "DECAY_WARM_UP_FACTOR": "-1 (off) or a number >= 1 (D2Go's warm-up)",
-    "SIGMA_REL": f"a number in (0, {12**-0.5:.4f})",
-}
 
 
 def add_model_ema_configs(cfg: Any) -> None:
     """Add ``cfg.MODEL_EMA`` with every key of `KEYS` at its default (idempotent)."""
     from detectron2.config import CfgNode as CN
 
+    view = ConfigView(cfg, lazy=False)
+    node_name = view.prefix.rstrip(".")
     was_frozen = cfg.is_frozen()
     cfg.defrost()
-    if "MODEL_EMA" not in cfg:
-        cfg.MODEL_EMA = CN()
-    for key, (default, _) in KEYS.items():
-        node = cfg.MODEL_EMA
-        *parents, leaf = key.split(".")
+    if node_name not in cfg:
+        cfg[node_name] = CN()
+    for name, key in KEYS.items():
+        node = cfg[node_name]
+        *parents, leaf = name.split(".")
         for part in parents:
             if part not in node:
                 node[part] = CN()
             node = node[part]
         if leaf not in node:
-            node[leaf] = list(default) if isinstance(default, list) else default
+            node[leaf] = list(key.default) if isinstance(key.default, list) else key.default
     if was_frozen:
         cfg.freeze()
 
@@ -106,12 +84,12 @@ def add_model_ema_configs(cfg: Any) -> None:
 def lazy_model_ema_defaults() -> dict[str, Any]:
     """``train.model_ema`` for a LazyConfig: ``train.model_ema = lazy_model_ema_defaults()``."""
     out: dict[str, Any] = {}
-    for key, (value, _) in KEYS.items():
-        *parents, leaf = key.lower().split(".")
+    for name, key in KEYS.items():
+        *parents, leaf = name.lower().split(".")
         node = out
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = list(value) if isinstance(value, list) else value
+        node[leaf] = list(key.default) if isinstance(key.default, list) else key.default
     return out
 
 
@@ -125,17 +103,12 @@ def _unknown_keys(node, lower: bool) -> list[str]:
     return unknown
 
 
-def _lookup(node, key: str, default: Any, lower: bool) -> Any:
-    """``node[A][B]`` for the KEYS name ``A.B`` (lower-case names for LazyConfigs)."""
-    *parents, leaf = key.lower().split(".") if lower else key.split(".")
-    for part in parents:
-        node = node.get(part, None) or {}
-    return node.get(leaf, default)
-
-
 @dataclasses.dataclass(frozen=True)
 class EMASettings:
-    """Validated EMA settings, whatever config system they came from."""
+    """Validated EMA settings, whatever config system they came from: read once per run by
+    :func:`ema_settings` and handed on (the trainer keeps them as ``trainer.ema_settings``).
+    :meth:`key` names a setting as the user writes it; :attr:`output_dir` and :attr:`max_iter`
+    are the run's (read from the config when asked: an evaluation moves ``output_dir``)."""
 
     enabled: bool
     decay: float
@@ -156,6 +129,22 @@ class EMASettings:
     posthoc: PostHocSettings | None = None
     discard_on_resume: bool = False
     sharded: bool = False
+    view: ConfigView | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def key(self, name: str) -> str:
+        """The key the user sets for ``name`` (``MODEL_EMA.DECAY`` / ``train.model_ema.decay``)."""
+        return (self.view or ConfigView(None, lazy=False)).key(name)
+
+    @property
+    def output_dir(self) -> str:
+        """The run's output folder (``OUTPUT_DIR`` / ``train.output_dir``; ``""`` if unknown)."""
+        return self.view.output_dir if self.view is not None else ""
+
+    @property
+    def max_iter(self) -> int:
+        """The run's number of iterations (``SOLVER.MAX_ITER`` / ``train.max_iter``; 0 if
+        unknown)."""
+        return int((self.view.max_iter if self.view is not None else 0) or 0)
 
     def ema_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`d2ema.EMA`."""
@@ -174,26 +163,15 @@ class EMASettings:
         }
 
 
-def _read(cfg) -> tuple[dict[str, Any], str, str]:
-    """Raw values, the key prefix to name in errors, and the model's device."""
-    if hasattr(cfg, "MODEL_EMA"):
-        node = cfg.MODEL_EMA
-        unknown = _unknown_keys(node, lower=False)
-        if unknown:
-            raise ConfigError(f"MODEL_EMA has unknown keys {unknown}; valid keys are "
-                              f"{sorted({k.split('.')[0] for k in KEYS})}")
-        values = {k: _lookup(node, k, d, lower=False) for k, (d, _) in KEYS.items()}
-        return values, "MODEL_EMA.", str(cfg.MODEL.DEVICE)
-    train = cfg.train if hasattr(cfg, "train") else cfg["train"]
-    node = train.get("model_ema", None) or {}
-    values = {k: _lookup(node, k, d, lower=True) for k, (d, _) in KEYS.items()}
-    lowered = {k.lower().split(".")[0] for k in KEYS}
-    unknown = _unknown_keys(node, lower=True)
+def _read(view: ConfigView) -> dict[str, Any]:
+    """Raw values of every key (defaults where unset); unknown keys refused."""
+    node = view.ema_node()
+    unknown = _unknown_keys(node, lower=view.lazy)
     if unknown:
-        raise ConfigError(
-            f"train.model_ema has unknown keys {unknown}; valid keys are {sorted(lowered)}"
-        )
-    return values, "train.model_ema.", str(train.get("device", "cuda"))
+        valid = sorted({(k.lower() if view.lazy else k).split(".")[0] for k in KEYS})
+        raise ConfigError(f"{view.prefix.rstrip('.')} has unknown keys {unknown}; valid keys "
+                          f"are {valid}")
+    return {name: view.ema_value(name, key.default) for name, key in KEYS.items()}
 
 
 def d2go_schedule(
@@ -214,31 +192,35 @@ def d2go_schedule(
     return TFWarmup(decay=decay, warmup_factor=float(decay_warm_up_factor))
 
 
-def _check_types(v: dict[str, Any], key) -> None:
-    """Every key: the type of its default (numbers: finite, in range), before any is used."""
-    for name, (default, _) in KEYS.items():
+def _check_types(v: dict[str, Any], key: Callable[[str], str]) -> None:
+    """Every key: its type in :data:`KEYS` (numbers: finite, in range), before any is used."""
+    for name, spec in KEYS.items():
         x = v[name]
-        if isinstance(default, bool):
+        if spec.type == "bool":
             if not isinstance(x, bool):
                 raise ConfigError(f"{key(name)} = {x!r} must be True or False")
-        elif isinstance(default, (int, float)):
-            integer = isinstance(default, int)
-            ok = isinstance(x, int if integer else (int, float)) and not isinstance(x, bool)
-            lo, hi, open_lo = _RANGES.get(name, (-math.inf, math.inf, False))
-            if not ok or not math.isfinite(x) or not lo <= x <= hi or (open_lo and x == lo):
-                kind = "an integer" if integer else "a number"
-                allowed = _RANGE_TEXT.get(name) or (
-                    f"{kind} in {'(' if open_lo else '['}{lo}, {hi}{']' if hi < math.inf else ')'}"
-                )
-                raise ConfigError(f"{key(name)} = {x!r} must be {allowed}")
-        elif isinstance(default, str) and not (isinstance(x, str) or
-                                               (name == "MASTER_DTYPE" and x is None)):
+        elif spec.type == "bool|None":
+            if x is not None and not isinstance(x, bool):
+                raise ConfigError(f"{key(name)} = {x!r} must be True, False or None (automatic)")
+        elif spec.type in ("int", "float"):
+            ok = isinstance(x, int if spec.type == "int" else (int, float)) and not isinstance(
+                x, bool)
+            if not ok or not math.isfinite(x) or not _in_range(x, spec):
+                raise ConfigError(f"{key(name)} = {x!r} must be {spec.allowed_text()}")
+        elif spec.type.startswith("str") and not (
+            isinstance(x, str) or (spec.type == "str|None" and x is None)
+        ):
             raise ConfigError(f"{key(name)} = {x!r} must be a string")
-        elif isinstance(default, list) and name not in NUMBER_LISTS:  # those: several_emas
+        elif spec.type == "regexes":
             patterns = [x] if isinstance(x, str) else x
             if not isinstance(patterns, Sequence):
                 raise ConfigError(f"{key(name)} = {x!r} must be a list of regular expressions")
             compile_patterns(list(patterns), key(name))
+        # "numbers": several_emas
+
+
+def _in_range(x: float, spec: Key) -> bool:
+    return spec.low <= x <= spec.high and not (spec.low_open and x == spec.low)
 
 
 def check_device(key: str, value: str, sep: str = " ") -> None:
@@ -261,12 +243,6 @@ def check_device(key: str, value: str, sep: str = " ") -> None:
         if device.index is not None and device.index >= count:
             raise ConfigError(f"{key} = {value!r} does not exist on this machine ({count} CUDA "
                               f"devices); use {key}{sep}cuda:0 .. cuda:{count - 1}, or cpu")
-
-
-def _optional_bool(key: str, value: Any) -> bool | None:
-    if value is None or isinstance(value, bool):
-        return value
-    raise ConfigError(f"{key} = {value!r} must be True, False or None (automatic)")
 
 
 def _as_float(x: Any) -> Any:
@@ -301,9 +277,9 @@ def _check_consistency(v: dict[str, Any], key: Callable[[str], str], schedule: s
             f"warm-up, but {key('SCHEDULE')} is {schedule!r}; keep one: DECAY_WARM_UP_FACTOR -1, "
             "or SCHEDULE 'tf'"
         )
-    for name, used_by in _SCHEDULE_OF.items():
-        default = KEYS[name][0]
-        if schedule != used_by and v[name] != default:
+    for name, spec in KEYS.items():
+        used_by, default = spec.schedule, spec.default
+        if used_by and schedule != used_by and v[name] != default:
             raise ConfigError(
                 f"{key(name)} = {v[name]!r} has no effect with {key('SCHEDULE')} = "
                 f"{schedule!r} (it is a parameter of '{used_by}'); set SCHEDULE '{used_by}', or "
@@ -312,11 +288,14 @@ def _check_consistency(v: dict[str, Any], key: Callable[[str], str], schedule: s
 
 
 def ema_settings(cfg: Any) -> EMASettings:
-    """Read and validate the EMA settings of a yacs or LazyConfig config."""
-    v, prefix, model_device = _read(cfg)
+    """Read and validate the EMA settings of a yacs or LazyConfig config: once per run, then
+    hand the object on (it keeps nothing between calls: each call reads and checks again).
 
-    def key(name: str) -> str:
-        return prefix + (name if prefix.startswith("MODEL_EMA") else name.lower())
+    Raises :class:`ConfigError` naming the key, the value and what is allowed; a yacs config
+    without ``MODEL_EMA`` gets the defaults (``add_model_ema_configs`` adds them)."""
+    view = ConfigView.of(cfg)
+    v = _read(view)
+    key = view.key
 
     _check_types(v, key)
     decay, every, start = v["DECAY"], v["UPDATE_EVERY"], v["START_ITER"]
@@ -351,10 +330,8 @@ def ema_settings(cfg: Any) -> EMASettings:
         )
     device = v["DEVICE"]
     if device or v["ENABLED"]:
-        yacs = prefix.startswith("MODEL_EMA")
-        model_key = "MODEL.DEVICE" if yacs else "train.device"
-        check_device(key("DEVICE") if device else model_key, device or model_device,
-                     " " if yacs else "=")
+        check_device(key("DEVICE") if device else view.name("device"), device or view.device,
+                     "=" if view.lazy else " ")
     exclude = v["EXCLUDE"]
     if isinstance(exclude, str):
         exclude = [exclude]
@@ -371,19 +348,16 @@ def ema_settings(cfg: Any) -> EMASettings:
         master_dtype=_MASTER_DTYPES[master],
         skip_nonfinite=bool(v["SKIP_NONFINITE"]),
         exclude=tuple(exclude),
-        flat=_optional_bool(key("FLAT"), v["FLAT"]),
+        flat=v["FLAT"],
         eval_both=bool(v["EVAL_BOTH"]),
         **several_emas(v, key, schedule),
         discard_on_resume=bool(v["DISCARD_ON_RESUME"]),
         sharded=bool(v["SHARDED"]),
+        view=view,
     )
 
 
 MIN_AUTO_PERIOD = 10  # iterations between snapshots at POSTHOC.PERIOD 0, at least
-
-
-NUMBER_LISTS = ("EXTRA_DECAYS", "EXTRA_SIGMA_RELS", "POSTHOC.SIGMA_RELS",
-                "POSTHOC.SELECT_SIGMA_RELS")  # checked here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,7 +394,8 @@ def _inside_output(v: dict[str, Any], key: Callable[[str], str]) -> str:
 def several_emas(v: dict[str, Any], key: Callable[[str], str], schedule) -> dict[str, Any]:
     """``EXTRA_DECAYS``, ``EXTRA_SIGMA_RELS`` and ``POSTHOC.*``, validated."""
 
-    def widths(name: str, lo: float, hi: float) -> tuple[float, ...]:
+    def widths(name: str) -> tuple[float, ...]:
+        lo, hi = KEYS[name].low, KEYS[name].high
         values = v[name]
         values = [values] if isinstance(values, (int, float)) else values
         ok = isinstance(values, Sequence) and not isinstance(values, str)  # ListConfig too
@@ -441,15 +416,15 @@ def several_emas(v: dict[str, Any], key: Callable[[str], str], schedule) -> dict
         return tuple(float(x) for x in values)
 
     out: dict[str, Any] = {
-        "extra_decays": widths("EXTRA_DECAYS", 0.0, 1.0),
-        "extra_sigma_rels": widths("EXTRA_SIGMA_RELS", 0.0, 12**-0.5),
+        "extra_decays": widths("EXTRA_DECAYS"),
+        "extra_sigma_rels": widths("EXTRA_SIGMA_RELS"),
     }
     if out["extra_decays"] and isinstance(schedule, SigmaRel):
         raise ConfigError(f"{key('EXTRA_DECAYS')} needs a decay schedule, but "
                           f"{key('SCHEDULE')} is 'sigma_rel' (which has no decay); list the "
                           f"widths in {key('EXTRA_SIGMA_RELS')} instead")
-    sigmas = widths("POSTHOC.SIGMA_RELS", 0.0, 12**-0.5)  # all checked, used or not
-    select_sigmas = widths("POSTHOC.SELECT_SIGMA_RELS", 0.0, 12**-0.5)
+    sigmas = widths("POSTHOC.SIGMA_RELS")  # all checked, used or not
+    select_sigmas = widths("POSTHOC.SELECT_SIGMA_RELS")
     period = v["POSTHOC.PERIOD"]
     if isinstance(period, bool) or not isinstance(period, int) or period < 0:
         raise ConfigError(f"{key('POSTHOC.PERIOD')} = {period!r} must be an integer >= 0 "

@@ -27,6 +27,7 @@ from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from d2ema.d2.config.view import ConfigView
 from d2ema.d2.data.coco_check import check_coco_file
 from d2ema.errors import DatasetError
 
@@ -49,10 +50,10 @@ __all__ = [
 FORMAT = "NAME=ANNOTATIONS.json:IMAGE_DIR"
 
 
-YACS_KEY = "DATASETS.COCO_INSTANCES"
+YACS_KEY = ConfigView(None, lazy=False).name("coco_instances")
 
 
-LAZY_KEY = "train.coco_instances"
+LAZY_KEY = ConfigView(None, lazy=True).name("coco_instances")
 
 
 _EXAMPLE = "my_train=data/annotations/train.json:data/images/train"
@@ -141,7 +142,7 @@ def register_coco_dataset(
 
 # ----------------------------------------------------------------------------- configs
 def _is_lazy(cfg) -> bool:
-    return not hasattr(cfg, "DATASETS")
+    return ConfigView.of(cfg).lazy
 
 
 def add_dataset_config(cfg) -> None:
@@ -223,9 +224,9 @@ def dataset_names_in_config(cfg, tests_only: bool = False) -> list[tuple[str, st
     if not _is_lazy(cfg):
         keys = ("TEST",) if tests_only else ("TRAIN", "TEST")
         found = [(n, f"DATASETS.{k}") for k in keys for n in cfg.DATASETS[k]]
-        select = cfg.get("MODEL_EMA", {}).get("POSTHOC", {})  # a held-out set, evaluated
-        if select.get("SELECT", False) and select.get("SELECT_ON", ""):
-            found.append((select.SELECT_ON, "MODEL_EMA.POSTHOC.SELECT_ON"))
+        view = ConfigView.of(cfg)  # POSTHOC.SELECT_ON: a held-out set, evaluated
+        if view.ema_value("POSTHOC.SELECT", False) and view.ema_value("POSTHOC.SELECT_ON", ""):
+            found.append((view.ema_value("POSTHOC.SELECT_ON"), view.key("POSTHOC.SELECT_ON")))
         return found
     from omegaconf import DictConfig, OmegaConf
 

@@ -47,17 +47,21 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from torch import nn
 
 from d2ema.averaging.state import unwrap_model
-from d2ema.d2.config.settings import EMASettings, ema_settings
+from d2ema.d2.config import settings as config_settings
+from d2ema.d2.config.settings import EMASettings
+from d2ema.d2.config.view import ConfigView
 from d2ema.distributed import ShardedEMA
 from d2ema.ema import EMA
 from d2ema.errors import EMAStateError, ReservedAttributeError
@@ -76,8 +80,10 @@ __all__ = [
     "get_ema_family",
     "get_extra_emas",
     "get_model_ema",
+    "get_settings",
     "initial_share",
     "initial_share_warning",
+    "settings_given",
 ]
 
 
@@ -101,21 +107,23 @@ def initial_share(ema: EMA, total_steps: int) -> float:
 
 
 def initial_share_warning(ema: EMA, total_steps: int, name: str = "the EMA",
-                          keys: str = "MODEL_EMA.") -> str | None:
+                          key: Callable[[str], str] | None = None) -> str | None:
     """A warning with the fix if ``ema`` keeps more than `WARN_SHARE` of its starting
-    weights at ``total_steps``, else None. ``keys`` prefixes the config keys it names."""
+    weights at ``total_steps``, else None. ``key`` names the config keys it suggests
+    (`EMASettings.key`; default: yacs)."""
+    key = key or ConfigView(None, lazy=False).key
     share = initial_share(ema, total_steps)
     if share <= WARN_SHARE:
         return None
     n = total_steps - ema.start
     constant = isinstance(ema.schedule, Constant)
     formula = f" ({ema.decay:g}**{n})" if constant else ""
-    ramp = f"a ramp ({keys}SCHEDULE yolov5), " if constant else ""
+    ramp = f"a ramp ({key('SCHEDULE')} yolov5), " if constant else ""
     return (
         f"{name} (decay {ema.decay:g}, schedule {ema.meta()['schedule']}) will still be "
         f"{share:.0%} its starting weights after {n} steps{formula}: it would mostly show the "
-        f"initial (random or pretrained) weights. Use {ramp}a power EMA ({keys}SCHEDULE "
-        f"sigma_rel, {keys}SIGMA_REL 0.05, which adapts to the run length), or a decay of at "
+        f"initial (random or pretrained) weights. Use {ramp}a power EMA ({key('SCHEDULE')} "
+        f"sigma_rel, {key('SIGMA_REL')} 0.05, which adapts to the run length), or a decay of at "
         f"most {WARN_SHARE ** (1 / max(n, 1)):.4f} for this run"
     )
 
@@ -123,20 +131,54 @@ def initial_share_warning(ema: EMA, total_steps: int, name: str = "the EMA",
 ATTRIBUTE = "ema_state"
 
 
-def build_model_ema(cfg: Any, model: nn.Module) -> EMA | None:
-    """Validate the config's EMA settings and, if enabled, attach a new `EMA`
-    (a `ShardedEMA` with ``SHARDED``), and build the extra and post-hoc
-    EMAs the config asks for (`d2ema.d2.engine.build`).
+_GIVEN: contextvars.ContextVar[EMASettings | None] = contextvars.ContextVar(
+    "d2ema_settings", default=None)
+
+
+@contextlib.contextmanager
+def settings_given(settings: EMASettings | None) -> Iterator[None]:
+    """Inside the block `build_model_ema` uses ``settings`` rather than reading the config
+    again: how a trainer hands the settings it read once to detectron2's ``build_model``
+    classmethod, which receives only ``cfg``.
+
+    Example::
+
+        with settings_given(settings):
+            model = EMATrainer.build_model(cfg)
+    """
+    token = _GIVEN.set(settings)
+    try:
+        yield
+    finally:
+        _GIVEN.reset(token)
+
+
+_SETTINGS: weakref.WeakKeyDictionary[nn.Module, EMASettings] = weakref.WeakKeyDictionary()
+
+
+def get_settings(model: nn.Module) -> EMASettings | None:
+    """The settings `build_model_ema` built ``model``'s EMAs with (None if it did not)."""
+    return _SETTINGS.get(unwrap_model(model))
+
+
+def build_model_ema(cfg: Any, model: nn.Module,
+                    settings: EMASettings | None = None) -> EMA | None:
+    """Validate the config's EMA settings (unless ``settings`` are given, or given by
+    `settings_given`) and, if enabled, attach a new `EMA` (a
+    `ShardedEMA` with ``SHARDED``), and build the extra and post-hoc
+    EMAs the config asks for (`d2ema.d2.engine.build`). The settings stay with the model
+    (`get_settings`), so that evaluations and the selection do not read the config again.
 
     Call it before building the optimizer and wrapping the model in DDP, as
     `EMATrainer` and ``d2ema train`` do: with ``FLAT`` unset (None) a plain EMA
     uses flat mode, which re-points the model's tensors into one buffer per dtype
     (`d2ema.averaging.flat`) so that an update is one ``lerp_``.
     """
-    settings = ema_settings(cfg)
+    settings = settings or _GIVEN.get() or config_settings.ema_settings(cfg)
+    target = unwrap_model(model)
+    _SETTINGS[target] = settings
     if not settings.enabled:
         return None
-    target = unwrap_model(model)
     if hasattr(target, ATTRIBUTE):
         raise ReservedAttributeError(
             f"the model already has an attribute {ATTRIBUTE!r}: it is reserved for the EMA. "
@@ -146,7 +188,7 @@ def build_model_ema(cfg: Any, model: nn.Module) -> EMA | None:
     kwargs = {**settings.ema_kwargs(), "flat": flat}
     ema = (ShardedEMA if settings.sharded else EMA)(target, **kwargs)
     setattr(target, ATTRIBUTE, ema)
-    build_ema_family(cfg, target, settings, kwargs)  # MODEL_EMA.EXTRA_* and POSTHOC, if any
+    build_ema_family(target, settings, kwargs)  # MODEL_EMA.EXTRA_* and POSTHOC, if any
     return ema
 
 
@@ -259,15 +301,7 @@ class EMAFamily:
             self.posthoc.close()
 
 
-def _run_facts(cfg) -> tuple[str, int]:
-    """The output folder and the number of iterations of a yacs or LazyConfig config."""
-    if hasattr(cfg, "SOLVER"):
-        return str(cfg.OUTPUT_DIR), int(cfg.SOLVER.MAX_ITER)
-    train = cfg.train
-    return str(train.get("output_dir", "./output")), int(train.get("max_iter", 0))
-
-
-def build_ema_family(cfg, model: nn.Module, settings: EMASettings,
+def build_ema_family(model: nn.Module, settings: EMASettings,
                      ema_kwargs: dict[str, Any] | None = None) -> EMAFamily | None:
     """Build and attach the model's extra and post-hoc EMAs, if the config asks for any;
     ``ema_kwargs``: those of the primary EMA (default: the settings')."""
@@ -285,10 +319,10 @@ def build_ema_family(cfg, model: nn.Module, settings: EMASettings,
             sigma_rel=sigma_rel)})
     posthoc = None
     if settings.posthoc is not None:
-        output_dir, max_iter = _run_facts(cfg)
+        folder = os.path.join(settings.output_dir, settings.posthoc.dir or SNAPSHOT_FOLDER)
         posthoc = PostHocEMA(
-            model, os.path.join(output_dir, settings.posthoc.dir or SNAPSHOT_FOLDER),
-            settings.posthoc.sigma_rels, snapshot_every=settings.posthoc.period_for(max_iter),
+            model, folder, settings.posthoc.sigma_rels,
+            snapshot_every=settings.posthoc.period_for(settings.max_iter),
             dtype=settings.posthoc.dtype, enabled=comm.is_main_process(),
             **{k: v for k, v in kwargs.items() if k not in ("decay", "schedule")},
         )

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from detectron2.engine import HookBase
 from torch import nn
 
-from d2ema.d2.engine.build import get_ema_family, initial_share_warning
+from d2ema.d2.engine.build import get_ema_family, get_settings, initial_share_warning
 from d2ema.distributed import ShardedEMA, averaged_buffers
 from d2ema.ema import EMA
 
@@ -67,9 +67,11 @@ class EMAUpdateHook(HookBase):
                 self.ema.reset(self.model)
         family, max_iter = get_ema_family(self.model), self._max_iter()
         if max_iter:
+            settings = get_settings(self.model)
+            key = settings.key if settings is not None else None
             emas = {"MODEL_EMA": self.ema, **(family.extras if family else {})}
             for name, ema in emas.items():
-                message = initial_share_warning(ema, max_iter, name=f"the EMA {name}")
+                message = initial_share_warning(ema, max_iter, name=f"the EMA {name}", key=key)
                 if message:
                     logger.warning(message)
         if family is not None:

@@ -58,6 +58,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from d2ema.d2.config import settings as config_settings
+from d2ema.d2.config.settings import EMASettings
+from d2ema.d2.config.view import ConfigView
 from d2ema.errors import D2EMAError, RunLockedError, UsageError
 from d2ema.io.confined import no_links_out
 
@@ -109,9 +112,7 @@ LOCK_FILE = ".d2ema.lock"
 
 def output_dir(cfg) -> str:
     """``OUTPUT_DIR`` (yacs) or ``train.output_dir`` (LazyConfig)."""
-    if hasattr(cfg, "OUTPUT_DIR"):
-        return str(cfg.OUTPUT_DIR)
-    return str(cfg.train.get("output_dir", "") if "train" in cfg else "")
+    return ConfigView.of(cfg).output_dir
 
 
 def _holder(fd: int) -> str:
@@ -158,19 +159,14 @@ def run_lock(cfg, args) -> Iterator[Path | None]:
 EVAL_FOLDER = "eval"
 
 
-def _is_lazy(cfg) -> bool:
-    return not hasattr(cfg, "SOLVER")
-
-
 def run_dir(cfg) -> str:
     """The run's output folder (yacs ``OUTPUT_DIR`` or LazyConfig ``train.output_dir``)."""
-    if _is_lazy(cfg):
-        return str(cfg.train.get("output_dir", "./output") or "./output")
-    return str(cfg.OUTPUT_DIR)
+    view = ConfigView.of(cfg)
+    return view.output_dir or ("./output" if view.lazy else "")
 
 
 def _set_output_dir(cfg, folder: str) -> None:
-    if _is_lazy(cfg):
+    if ConfigView.of(cfg).lazy:
         cfg.train.output_dir = folder
         return
     was_frozen = cfg.is_frozen()
@@ -212,7 +208,7 @@ def setup_run(cfg: Any, args: Any) -> str:
     if getattr(args, "eval_only", False):
         folder = getattr(args, "eval_dir", None) or new_eval_dir(run)
         _set_output_dir(cfg, folder)
-    if not _is_lazy(cfg):
+    if not ConfigView.of(cfg).lazy:
         cfg.freeze()
     default_setup(cfg, args)
     setup_d2ema_logger(run_dir(cfg))
@@ -237,13 +233,13 @@ def _writable(folder: Path, key: str) -> None:
                          "user); give a folder you can write")
 
 
-def check_output_dir(cfg, args) -> None:
+def check_output_dir(cfg, args, settings: EMASettings | None = None) -> None:
     """The run's output folder (and its snapshot folder) can be written, and a training has
-    steps to run: checked before any process starts or anything is written."""
-    lazy = not hasattr(cfg, "OUTPUT_DIR")
-    train: Any = cfg.get("train", {}) if lazy else None
-    key = "train.output_dir" if lazy else "OUTPUT_DIR"
-    folder = str(train.get("output_dir", "") if lazy else cfg.OUTPUT_DIR)
+    steps to run: checked before any process starts or anything is written. ``settings``: the
+    EMA settings already read from ``cfg``."""
+    view = ConfigView.of(cfg)
+    key = view.name("output_dir")
+    folder = view.output_dir
     if folder and "://" not in folder:
         _writable(Path(folder), key)
         no_links_out(folder, f"{key} = {folder}")  # no planted link makes a write land elsewhere
@@ -251,17 +247,13 @@ def check_output_dir(cfg, args) -> None:
             from d2ema.d2.checkpoint.resume import tagged_checkpoint
 
             tagged_checkpoint(folder)  # a last_checkpoint naming a file elsewhere: refused now
-        from d2ema.d2.config.settings import ema_settings
-
-        settings = ema_settings(cfg) if not lazy or "model_ema" in train else None
-        posthoc = getattr(settings, "posthoc", None) if settings is not None else None
-        if posthoc is not None and posthoc.dir:
-            sub = "train.model_ema.posthoc.dir" if lazy else "MODEL_EMA.POSTHOC.DIR"
-            _writable(Path(folder, posthoc.dir), sub)
+        settings = settings or config_settings.ema_settings(cfg)
+        if settings.posthoc is not None and settings.posthoc.dir:
+            _writable(Path(folder, settings.posthoc.dir), settings.key("POSTHOC.DIR"))
     if args.eval_only:
         return
-    iters = train.get("max_iter", None) if lazy else cfg.SOLVER.MAX_ITER
+    iters = view.max_iter
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        name = "train.max_iter" if lazy else "SOLVER.MAX_ITER"
+        name = view.name("max_iter")
         raise UsageError(f"{name} = {iters!r}: a training needs at least 1 iteration; give a "
                          "whole number >= 1")

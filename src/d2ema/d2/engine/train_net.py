@@ -49,9 +49,11 @@ from d2ema.d2.checkpoint.checkpointers import (
     NoEMACheckpointer,
     check_resume_keeps_ema,
 )
+from d2ema.d2.config import settings as config_settings
+from d2ema.d2.config.keys import core_words_named
 from d2ema.d2.config.saved import check_saved_config, is_run_config
-from d2ema.d2.config.settings import add_model_ema_configs, check_device, ema_settings
-from d2ema.d2.config.view import is_lazy
+from d2ema.d2.config.settings import EMASettings, add_model_ema_configs, check_device
+from d2ema.d2.config.view import ConfigView, is_lazy
 from d2ema.d2.config.yacs_numbers import integers_for_floats
 from d2ema.d2.data.datasets import (
     add_dataset_config,
@@ -60,7 +62,7 @@ from d2ema.d2.data.datasets import (
     check_datasets_used,
     register_config_datasets,
 )
-from d2ema.d2.engine.build import build_model_ema, check_posthoc_space
+from d2ema.d2.engine.build import build_model_ema, check_posthoc_space, settings_given
 from d2ema.d2.engine.hooks import EMAUpdateHook
 from d2ema.d2.engine.run_folder import (
     check_output_dir,
@@ -87,6 +89,7 @@ __all__ = [
     "check_weights",
     "is_lazy",
     "load_config",
+    "load_run",
     "train_main",
     "train_worker",
     "unknown_key_hint",
@@ -107,11 +110,20 @@ def _reason(e: BaseException) -> str:
 
 def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str] = ()):
     """The config of ``d2ema train``: yacs (``get_cfg`` + ``MODEL_EMA``) or a LazyConfig, with
-    ``datasets`` (``NAME=ANNOTATIONS.json:IMAGE_DIR``) added to its list of COCO datasets.
+    ``datasets`` (``NAME=ANNOTATIONS.json:IMAGE_DIR``) added to its list of COCO datasets; its
+    EMA settings checked (:func:`load_run` returns them too).
 
     Raises :class:`UsageError` for a missing, unreadable or invalid file or override,
     :class:`~d2ema.errors.ConfigError` for an invalid EMA setting and
     :class:`~d2ema.errors.DatasetError` for a malformed dataset or missing dataset files.
+    """
+    return load_run(path_text, opts, datasets)[0]
+
+
+def load_run(path_text: str, opts: Sequence[str] = (),
+             datasets: Sequence[str] = ()) -> tuple[Any, EMASettings | None]:
+    """:func:`load_config`, and the EMA settings read from it: once for the whole command, then
+    handed on (None for a LazyConfig without ``train``, which :func:`check_lazy_keys` refuses).
     """
     path = check_readable(path_text)
     if is_run_config(path):  # a run folder's saved config is data, never code
@@ -129,12 +141,13 @@ def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str
         except Exception as e:
             raise UsageError(f"invalid override in {' '.join(opts)!r}: {_reason(e)}; "
                              "LazyConfig overrides are key=value, e.g. train.max_iter=100") from e
-        if "train" in cfg:
-            check_device("train.device", str(cfg.train.get("device", "cuda")), "=")
-            if "model_ema" in cfg.train:
-                ema_settings(cfg)
-            add_datasets_to_config(cfg, datasets)
-        return cfg
+        if "train" not in cfg:
+            return cfg, None
+        view = ConfigView.of(cfg)
+        check_device(view.name("device"), view.device, "=")
+        settings = config_settings.ema_settings(cfg)
+        add_datasets_to_config(cfg, datasets)
+        return cfg, settings
 
     import yaml
     from detectron2.config import get_cfg
@@ -160,10 +173,10 @@ def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str
         raise UsageError(f"invalid config override in {' '.join(opts)!r}: {_reason(e)}"
                          f"{unknown_key_hint(cfg, e)}") from e
     check_device("MODEL.DEVICE", cfg.MODEL.DEVICE, " ")
-    ema_settings(cfg)  # ConfigError names the key, the value and what is allowed
+    settings = config_settings.ema_settings(cfg)  # ConfigError names key, value, what is allowed
     if not add_datasets_to_config(cfg, datasets):
         del cfg.DATASETS["COCO_INSTANCES"]  # config.yaml stays as without d2ema's datasets
-    return cfg
+    return cfg, settings
 
 
 def _check_launch(args, cfg=None) -> None:
@@ -194,15 +207,13 @@ def _check_launch(args, cfg=None) -> None:
         raise UsageError(f"--num-gpus {args.num_gpus}: with no CUDA device that many CPU "
                          f"processes (gloo, a testing mode) would start, but this machine has "
                          f"{cores} CPU cores; use --num-gpus {cores} or fewer")
-    lazy = cfg is not None and not hasattr(cfg, "SOLVER")
     if world == 1 or cfg is None or args.eval_only:
         return
-    batch = (cfg.dataloader.get("train", {}).get("total_batch_size", 0) if lazy
-             else cfg.SOLVER.IMS_PER_BATCH)
+    view = ConfigView.of(cfg)
+    batch = view.get("batch")
     if batch % world:
-        key = "dataloader.train.total_batch_size" if lazy else "SOLVER.IMS_PER_BATCH"
-        raise UsageError(f"{key} = {batch} does not split over {world} processes; use a "
-                         f"multiple of {world}")
+        raise UsageError(f"{view.name('batch')} = {batch} does not split over {world} "
+                         f"processes; use a multiple of {world}")
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -213,16 +224,17 @@ def train_main(
 ) -> int:
     """Check the inputs, then run :func:`train_worker` in ``launch``'s processes."""
     # validate before spawning workers
-    cfg = load_config(args.config_file, args.opts, _datasets(args))
+    cfg, settings = load_run(args.config_file, args.opts, _datasets(args))
     if is_lazy(args.config_file):
         check_lazy_keys(cfg, args)
+    assert settings is not None  # check_lazy_keys refuses a LazyConfig without train
     check_weights(cfg, args)
-    check_output_dir(cfg, args)  # writable, not a file, steps to run
+    check_output_dir(cfg, args, settings)  # writable, not a file, steps to run
     if args.resume and not args.eval_only:  # before config.yaml is rewritten
-        check_resume_keeps_ema(cfg)
+        check_resume_keeps_ema(cfg, settings)
     check_datasets_used(cfg, _datasets(args), tests_only=args.eval_only)
     check_datasets_known(cfg, known_datasets)
-    check_selection(cfg)
+    check_selection(cfg, settings)
     _check_launch(args, cfg)
     if getattr(args, "dist_url", None) is None:
         args.dist_url = getattr(args, "default_dist_url", "auto")
@@ -239,7 +251,7 @@ def train_main(
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
-            args=(args, prepare, cfg if in_process else None),
+            args=(args, prepare, *((cfg, settings) if in_process else ())),
         )
     return 0
 
@@ -248,17 +260,21 @@ def _datasets(args: argparse.Namespace) -> list[str]:
     return list(getattr(args, "dataset", None) or ())
 
 
-def train_worker(args: argparse.Namespace, prepare: Prepare | None = None, cfg: Any = None):
+def train_worker(args: argparse.Namespace, prepare: Prepare | None = None, cfg: Any = None,
+                 settings: EMASettings | None = None):
     """One training process (:func:`d2ema.d2.engine.launch.launch` runs it on each GPU, or on the
-    CPU
-    with gloo where there is no GPU). ``cfg``: the config already loaded in this process, if
-    any (a LazyConfig file runs once per process)."""
+    CPU with gloo where there is no GPU). ``cfg`` and ``settings``: the config already loaded in
+    this process and its EMA settings, if any (a LazyConfig file runs once per process; the
+    settings are read once per process and handed to the trainer)."""
     if cfg is None:
-        cfg = load_config(args.config_file, args.opts, _datasets(args))
+        cfg, settings = load_run(args.config_file, args.opts, _datasets(args))
+    if settings is None:
+        settings = config_settings.ema_settings(cfg)
     register_config_datasets(cfg)
-    if is_lazy(args.config_file):
-        return _lazy_main(cfg, args, prepare)
-    return _yacs_main(cfg, args, prepare)
+    with core_words_named(settings.key):  # a core error gets the key beside its parameter
+        if is_lazy(args.config_file):
+            return _lazy_main(cfg, args, prepare, settings)
+        return _yacs_main(cfg, args, prepare, settings)
 
 
 def _say(message: str) -> None:
@@ -288,7 +304,7 @@ def _warn_no_ema(path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- yacs
-def _yacs_main(cfg, args, prepare: Prepare | None):
+def _yacs_main(cfg, args, prepare: Prepare | None, settings: EMASettings):
     from detectron2.evaluation import verify_results
     from detectron2.utils import comm
 
@@ -298,7 +314,8 @@ def _yacs_main(cfg, args, prepare: Prepare | None):
     if prepare is not None:
         prepare(cfg)
     if args.eval_only:
-        model = EMATrainer.build_model(cfg)
+        with settings_given(settings):
+            model = EMATrainer.build_model(cfg)
         ema = get_model_ema(model)
         if ema is not None:
             checkpointer = EMACheckpointer(model, run, ema=ema)
@@ -309,7 +326,6 @@ def _yacs_main(cfg, args, prepare: Prepare | None):
         if args.resume and checkpointer.has_checkpoint():
             path = checkpointer.get_checkpoint_file()
         checkpointer.load(path)
-        settings = ema_settings(cfg)
         if ema is not None and settings.use_ema_weights_for_eval_only and not (
             checkpointer.ema_loaded
         ):
@@ -321,7 +337,7 @@ def _yacs_main(cfg, args, prepare: Prepare | None):
             verify_results(cfg, results)
         _say(f"evaluation results: {_summary(results)}")
         return results
-    trainer = EMATrainer(cfg)
+    trainer = EMATrainer(cfg, ema_settings=settings)
     trainer.resume_or_load(resume=args.resume)
     check_posthoc_space(trainer.model, trainer.max_iter, trainer.start_iter)
     trainer.train()  # with MODEL_EMA.POSTHOC.SELECT, then chooses the EMA length
@@ -350,11 +366,11 @@ def _lazy_test(cfg, model) -> dict[str, Any]:
 def _lazy_checkpointer(model, ema, output_dir: str, settings, **checkpointables):
     if ema is None:  # a resume must not drop a checkpoint's EMA unnoticed
         return NoEMACheckpointer(model, output_dir, discard_ema=settings.discard_on_resume,
-                                 key="train.model_ema.", **checkpointables)
+                                 key=settings.key, **checkpointables)
     return EMACheckpointer(model, output_dir, ema=ema, **checkpointables)
 
 
-def _lazy_main(cfg, args, prepare: Prepare | None):
+def _lazy_main(cfg, args, prepare: Prepare | None, settings: EMASettings):
     """tools/lazyconfig_train_net.py with the EMA of this layer."""
     from detectron2.config import instantiate
     from detectron2.engine import (
@@ -370,11 +386,10 @@ def _lazy_main(cfg, args, prepare: Prepare | None):
     python_coco_eval(cfg)  # before training, not at the first evaluation after it
     if prepare is not None:
         prepare(cfg)
-    settings = ema_settings(cfg)
     train = cfg.train
     model = instantiate(cfg.model)
     model.to(train.get("device", "cuda"))
-    ema = build_model_ema(cfg, model)  # before the optimizer and DDP (FLAT re-points tensors)
+    ema = build_model_ema(cfg, model, settings)  # before the optimizer and DDP (FLAT re-points)
 
     if args.eval_only:
         model = create_ddp_model(model)
@@ -452,19 +467,19 @@ def check_readable(path_text: str) -> Path:
 
 
 def check_weights(cfg, args) -> None:
-    lazy = not hasattr(cfg, "MODEL")
-    weights = cfg.train.get("init_checkpoint", "") if lazy else cfg.MODEL.WEIGHTS
+    view = ConfigView.of(cfg)
+    lazy, weights = view.lazy, view.weights
     if args.eval_only and not weights:
-        last = None if lazy else Path(cfg.OUTPUT_DIR, "last_checkpoint")
+        last = None if lazy else Path(view.output_dir, "last_checkpoint")
         if last is None or not args.resume or not last.is_file():
-            key = "train.init_checkpoint=" if lazy else "MODEL.WEIGHTS "
+            key = view.name("weights") + ("=" if lazy else " ")
             alt = "" if lazy else " (or --resume, with checkpoints in OUTPUT_DIR)"
             raise UsageError(f"--eval-only evaluates a checkpoint, but {key.strip(' =')} is "
                              f"empty (that would evaluate random weights); pass "
                              f"{key}output/model_final.pth{alt}")
     if not weights or "://" in str(weights) or args.resume or Path(weights).is_file():
         return
-    key = "train.init_checkpoint" if lazy else "MODEL.WEIGHTS"
+    key = view.name("weights")
     example = f"{key}=output/model_final.pth" if lazy else f"{key} output/model_final.pth"
     raise UsageError(f"checkpoint {weights} ({key}) does not exist; pass an existing file, "
                      f"e.g. {example}")

@@ -46,8 +46,16 @@ from d2ema.d2.checkpoint.checkpointers import (
     EMACheckpointer,
     NoEMACheckpointer,
 )
-from d2ema.d2.config.settings import ema_settings
-from d2ema.d2.engine.build import build_model_ema, get_extra_emas, get_model_ema
+from d2ema.d2.config import settings as config_settings
+from d2ema.d2.config.keys import core_words_named
+from d2ema.d2.config.settings import EMASettings
+from d2ema.d2.engine.build import (
+    build_model_ema,
+    get_extra_emas,
+    get_model_ema,
+    get_settings,
+    settings_given,
+)
 from d2ema.d2.engine.hooks import EMAUpdateHook
 from d2ema.d2.evaluation.evaluator import (
     EMA_PREFIX,
@@ -98,9 +106,21 @@ class EMATrainerMixin:
     ``class Trainer(EMATrainerMixin, DefaultTrainer)``; the other order is refused when the
     class is defined (`TrainerError`), as it would train without EMA."""
 
+    ema_settings: EMASettings
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         check_trainer_bases(cls, EMATrainerMixin)
+
+    def __init__(self, cfg: Any, *args: Any, ema_settings: EMASettings | None = None,
+                 **kwargs: Any) -> None:
+        """``ema_settings``: the settings already read from ``cfg`` (``d2ema train`` reads them
+        once, before any process starts); read here otherwise. Kept as ``self.ema_settings``
+        and with the model, for ``build_hooks``, ``test`` and the selection."""
+        self.ema_settings = ema_settings or config_settings.ema_settings(cfg)
+        # build_model is a classmethod (cfg only); core errors get the keys beside them
+        with settings_given(self.ema_settings), core_words_named(self.ema_settings.key):
+            super().__init__(cfg, *args, **kwargs)  # type: ignore[call-arg]  # the trainer's
 
     @classmethod
     def build_model(cls, cfg: Any) -> nn.Module:
@@ -113,7 +133,8 @@ class EMATrainerMixin:
         old = self.checkpointer
         if ema is None:  # a resume must not drop a checkpoint's EMA unnoticed
             self.checkpointer = NoEMACheckpointer(
-                old.model, old.save_dir, discard_ema=ema_settings(self.cfg).discard_on_resume,
+                old.model, old.save_dir, discard_ema=self.ema_settings.discard_on_resume,
+                key=self.ema_settings.key,
                 save_to_disk=old.save_to_disk, **old.checkpointables,
             )
             return super().build_hooks()
@@ -172,7 +193,7 @@ class EMATrainerMixin:
         """Raw weights (unless ``EVAL_BOTH`` is off), the EMA (``ema/``) and each extra EMA
         (``ema_0.99/``, ``ema_sigma0.1/``)."""
         ema = get_model_ema(model)
-        raw = ema is None or ema_settings(cfg).eval_both
+        raw = ema is None or _settings(cfg, model).eval_both
         results = cls.test_with_ema(cfg, model, ema, raw=raw, evaluators=evaluators)
         for name, extra in get_extra_emas(model).items():
             results.update(cls.test_with_ema(cfg, model, extra, raw=False,
@@ -185,7 +206,7 @@ class EMATrainerMixin:
         """``--eval-only``: the EMA weights with ``USE_EMA_WEIGHTS_FOR_EVAL_ONLY``, else the raw
         ones (both if ``EVAL_BOTH`` and the EMA is used)."""
         ema = get_model_ema(model)
-        settings = ema_settings(cfg)
+        settings = _settings(cfg, model)
         if ema is None or not settings.use_ema_weights_for_eval_only:
             return cls.test_with_ema(cfg, model, None, raw=True, evaluators=evaluators)
         return cls.test_with_ema(
@@ -195,8 +216,9 @@ class EMATrainerMixin:
     def train(self) -> Any:
         """detectron2's ``train``; then, with ``MODEL_EMA.POSTHOC.SELECT``, the choice of the
         EMA length (`select_posthoc`)."""
-        ret = super().train()
-        self.select_posthoc()
+        with core_words_named(self.ema_settings.key):
+            ret = super().train()
+            self.select_posthoc()
         return ret
 
     def select_posthoc(self) -> None:
@@ -233,6 +255,11 @@ class EMATrainerMixin:
             self._trainer.load_state_dict(state_dict["_trainer"])
 
 
+def _settings(cfg: Any, model: nn.Module) -> EMASettings:
+    """The settings ``model``'s EMAs were built with; read from ``cfg`` for another model."""
+    return get_settings(model) or config_settings.ema_settings(cfg)
+
+
 _ADAPTING: dict[type, type] = {}
 
 
@@ -264,6 +291,9 @@ class EMATrainer(EMATrainerMixin, DefaultTrainer):
         cfg: a detectron2 config with the ``MODEL_EMA`` keys (`add_model_ema_configs`);
             ``MODEL_EMA.ENABLED True`` turns the EMA on, the other keys are in the
             configuration reference. Without it, this is ``DefaultTrainer``.
+        ema_settings: the settings already read from ``cfg`` (`ema_settings(cfg)`), when the
+            caller has them (``d2ema train`` reads them once, before any process starts);
+            read from ``cfg`` otherwise.
 
     Example::
 
@@ -271,5 +301,6 @@ class EMATrainer(EMATrainerMixin, DefaultTrainer):
         trainer = EMATrainer(cfg); trainer.resume_or_load(resume=False); trainer.train()
     """
 
-    def __init__(self, cfg: Any) -> None:  # detectron2's, given a signature the docs can show
-        super().__init__(cfg)
+    def __init__(self, cfg: Any, *, ema_settings: EMASettings | None = None) -> None:
+        # detectron2's, given a signature the docs can show
+        super().__init__(cfg, ema_settings=ema_settings)

@@ -53,9 +53,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from d2ema.averaging.health import nonfinite_message
+from d2ema.averaging.health import NONFINITE_FIX, nonfinite_message
 from d2ema.averaging.state import unwrap_model
-from d2ema.d2.engine.build import get_extra_emas
+from d2ema.d2.config.keys import named_in_config
+from d2ema.d2.config.view import ConfigView
+from d2ema.d2.engine.build import get_extra_emas, get_settings
 from d2ema.distributed import all_reduce_mean_
 from d2ema.ema import EMA
 from d2ema.errors import EMANotLoadedError, NoEvaluatorError
@@ -162,7 +164,7 @@ def adapt_evaluator(evaluator: Any) -> Any:
 def python_coco_eval(cfg: Any) -> None:
     """Before training: a LazyConfig whose ``dataloader.evaluator`` is a ``COCOEvaluator``
     with the fast implementation gets ``use_fast_impl=False`` where compiled ops are missing."""
-    node = cfg.get("dataloader", {}).get("evaluator", None) if hasattr(cfg, "get") else None
+    node = cfg.get("dataloader", {}).get("evaluator", None) if ConfigView.of(cfg).lazy else None
     if node is None or has_compiled_ops():
         return
     target = node.get("_target_", None) if hasattr(node, "get") else None
@@ -277,8 +279,10 @@ def evaluate_with_ema(
     if ema is not None:
         logger.info("Evaluating the EMA weights: results under %s", prefix)
         if ema.nonfinite_step is not None:
+            settings = get_settings(model)
             logger.warning(
                 nonfinite_message(ema.nonfinite_step, "evaluating it", ema.nonfinite_after)
+                + named_in_config(NONFINITE_FIX, settings.key if settings else None)
             )
         with ema.swapped(model), evaluating_as(prefix):
             if before_ema_test is not None:

@@ -84,7 +84,8 @@ class RunEvaluator:
 
         if not config_file:  # the run's own config.yaml: data, never code
             check_saved_config(path)
-        from d2ema.d2.engine.train_net import is_lazy, load_config
+        from d2ema.d2.config.view import is_lazy
+        from d2ema.d2.engine.train_net import load_config
 
         lazy = is_lazy(str(path))
         cpu = [] if torch.cuda.is_available() else (

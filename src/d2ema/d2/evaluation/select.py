@@ -48,7 +48,9 @@ from typing import Any
 import torch
 
 from d2ema.averaging.state import unwrap_model
-from d2ema.d2.config.settings import ema_settings
+from d2ema.d2.config import settings as config_settings
+from d2ema.d2.config.settings import EMASettings
+from d2ema.d2.config.view import ConfigView
 from d2ema.d2.engine.build import get_ema_family
 from d2ema.d2.evaluation import report
 from d2ema.d2.evaluation.evaluator import precise_bn
@@ -75,20 +77,22 @@ SELECTED = "model_final_posthoc.pth"
 FOLDER = "posthoc"
 
 
-_KEY = "MODEL_EMA.POSTHOC."
+_KEY = ConfigView(None, lazy=False).key("POSTHOC.")  # SELECT is for yacs configs
 
 
-def check_selection(cfg) -> None:
+def check_selection(cfg, given: EMASettings | None = None) -> None:
     """Before training: refuse a SELECT the run could not carry out (no test set to report on,
     a LazyConfig, lengths the snapshots will not represent). The dataset ``SELECT_ON`` names is
-    checked with the others (:func:`~d2ema.d2.data.datasets.check_datasets_known`)."""
-    if not hasattr(cfg, "MODEL_EMA"):
-        if (cfg.train.get("model_ema", None) or {}).get("posthoc", {}).get("select", False):
-            raise ConfigError("train.model_ema.posthoc.select is for yacs configs (d2ema train "
+    checked with the others (:func:`~d2ema.d2.data.datasets.check_datasets_known`).
+    ``given``: the EMA settings already read from ``cfg``."""
+    view = ConfigView.of(cfg)
+    if view.lazy:
+        if view.ema_value("POSTHOC.SELECT", False):
+            raise ConfigError(f"{view.key('POSTHOC.SELECT')} is for yacs configs (d2ema train "
                               "--config-file X.yaml); for a LazyConfig run, choose after "
                               "training with: d2ema posthoc OUTPUT_DIR --eval --export-best OUT")
         return
-    settings = ema_settings(cfg).posthoc
+    settings = (given or config_settings.ema_settings(cfg)).posthoc
     if settings is None or not settings.select:
         return
     if not cfg.DATASETS.TEST:
@@ -186,7 +190,7 @@ def select_after_training(trainer, results: Mapping[str, Any] | None) -> Mapping
     process; returns ``results`` plus the chosen EMA's test results under ``posthoc/``.
     Without it, ``results`` unchanged."""
     cfg = trainer.cfg
-    settings = ema_settings(cfg)
+    settings = getattr(trainer, "ema_settings", None) or config_settings.ema_settings(cfg)
     if settings.posthoc is None or not settings.posthoc.select:
         return results
     family = get_ema_family(trainer.model)
