@@ -36,10 +36,10 @@ except ImportError as e:
         "pip install 'd2ema[lightning]'"
     ) from None
 
-from .callback import EMA, EMACallback  # noqa: E402
-from .checkpoint import AtomicCheckpointIO  # noqa: E402
-# from .posthoc import PostHocEMA  # noqa: E402
-from .validation import ema_metric_name  # noqa: E402
+from .callback import EMA, EMACallback
+from .checkpoint import AtomicCheckpointIO
+from .posthoc import PostHocEMA
+from .validation import ema_metric_name
 
 __all__ = [
     "EMA",

@@ -193,7 +193,11 @@ class EMA(Callback):
         target = self.target(pl_module)
         many = self.average_buffers and trainer.world_size > 1
         with averaged_buffers(target) if many else contextlib.nullcontext():
-            self.ema.update(target, step)
+            self._step_engine(target, step)
+
+    def _step_engine(self, target: nn.Module, step: int) -> None:
+        assert self.ema is not None
+        self.ema.update(target, step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish(trainer, pl_module)
@@ -224,7 +228,7 @@ class EMA(Callback):
     def _ema_weights(self, trainer: pl.Trainer) -> contextlib.AbstractContextManager | None:
         """The context that swaps the EMA in for the second pass, or None (raw only)."""
         pl_module = trainer.lightning_module
-        if trainer.sanity_checking or self.ema is None and self._pending is None:
+        if trainer.sanity_checking or (self.ema is None and self._pending is None):
             return None
         if self.ema is None:  # validate()/test() of a checkpoint: build and load it now
             self._build(trainer, pl_module)

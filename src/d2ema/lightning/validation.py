@@ -53,8 +53,10 @@ def renamed_logging(module: pl.LightningModule) -> Iterator[None]:
             object.__delattr__(module, "log")
 
 
-def two_pass(loop: Any, ema_weights: Callable[[pl.Trainer], contextlib.AbstractContextManager | None]
-             ) -> None:
+_Swap = Callable[[pl.Trainer], contextlib.AbstractContextManager | None]
+
+
+def two_pass(loop: Any, ema_weights: _Swap) -> None:
     """Make ``loop.run()`` evaluate raw then EMA weights (see the module docstring).
 
     ``ema_weights(trainer)`` returns the context that puts the EMA into the module, or None to
