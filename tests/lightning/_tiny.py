@@ -52,3 +52,38 @@ def trainer(tmp_path, **kwargs) -> pl.Trainer:
                    enable_checkpointing=False, num_sanity_val_steps=0, deterministic=True)
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters then buffers by name, detached copies (what an EMA tracks)."""
+    out = {n: p.detach().clone() for n, p in module.named_parameters()}
+    out.update({n: b.detach().clone() for n, b in module.named_buffers()})
+    return out
+
+
+class Recorder(pl.Callback):
+    """The weights after every optimizer step (``trainer.global_step`` moved), independently
+    of the EMA callback."""
+
+    def __init__(self):
+        self.start: dict[str, torch.Tensor] = {}
+        self.after_step: list[dict[str, torch.Tensor]] = []
+        self._seen = 0
+
+    def on_fit_start(self, trainer, pl_module):
+        self.start = weights(pl_module)
+        self._seen = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self._seen:
+            self._seen = trainer.global_step
+            self.after_step.append(weights(pl_module))
+
+
+def reference_ema(start: dict, history: list[dict], decay: float) -> dict[str, torch.Tensor]:
+    """``ema = d * ema + (1 - d) * w`` per tensor in float64, a plain loop (integers copied)."""
+    ema = {n: t.double() if t.is_floating_point() else t.clone() for n, t in start.items()}
+    for w in history:
+        for n, t in w.items():
+            ema[n] = decay * ema[n] + (1 - decay) * t.double() if t.is_floating_point() else t
+    return ema
