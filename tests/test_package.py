@@ -171,7 +171,8 @@ def test_torch_floor_is_the_one_pyproject_and_docs_state():
     assert re.search(rf"\| torch \| {re.escape(floor)}\.\d+ \|", docs)  # the tested row
 
 
-PUBLIC = ["d2ema", "d2ema.schedules", "d2ema.posthoc", "d2ema.distributed", "d2ema.d2"]
+PUBLIC = ["d2ema", "d2ema.schedules", "d2ema.posthoc", "d2ema.distributed", "d2ema.d2",
+          "d2ema.lightning"]
 
 
 def _unannotated(fn, where: str) -> list[str]:
