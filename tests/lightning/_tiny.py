@@ -80,10 +80,15 @@ class Recorder(pl.Callback):
             self.after_step.append(weights(pl_module))
 
 
-def reference_ema(start: dict, history: list[dict], decay: float) -> dict[str, torch.Tensor]:
-    """``ema = d * ema + (1 - d) * w`` per tensor in float64, a plain loop (integers copied)."""
+def reference_ema(start: dict, history: list[dict], decay: float,
+                  every: int = 1) -> dict[str, torch.Tensor]:
+    """``ema = d * ema + (1 - d) * w`` per tensor in float64, a plain loop (integers copied);
+    with ``every`` N, only at steps N, 2N, ... and with ``d ** N`` (the same horizon)."""
     ema = {n: t.double() if t.is_floating_point() else t.clone() for n, t in start.items()}
-    for w in history:
+    d = decay**every
+    for step, w in enumerate(history, 1):
+        if step % every:
+            continue
         for n, t in w.items():
-            ema[n] = decay * ema[n] + (1 - decay) * t.double() if t.is_floating_point() else t
+            ema[n] = d * ema[n] + (1 - d) * t.double() if t.is_floating_point() else t
     return ema

@@ -43,3 +43,52 @@ def test_ddp_ranks_hold_the_same_ema(tmp_path, world, sharded):
             assert torch.equal(r["state"][name], value), name
         for name, value in first["weights"].items():
             assert torch.equal(r["weights"][name], value), name
+
+
+def _fit_fsdp2(rank: int, world: int, root: str) -> dict:
+    os.environ.update(TORCHELASTIC_RUN_ID="d2ema-test", RANK=str(rank), LOCAL_RANK=str(rank),
+                      GROUP_RANK="0", WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29556")
+    import lightning.pytorch as pl
+    from _tiny import Tiny, data, reference_ema, trainer
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.fsdp import fully_shard
+
+    from d2ema.distributed import full_state_dict
+    from d2ema.lightning import EMA
+
+    class Sharded(Tiny):
+        def configure_model(self):
+            for i in (0, 2):
+                fully_shard(self.model[i])
+            fully_shard(self.model)
+
+    def full(module):  # every rank: DTensor shards gathered
+        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for n, p in module.named_parameters()}
+
+    class Record(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            self.start, self.history, self.seen = full(pl_module), [], trainer.global_step
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step != self.seen:
+                self.seen = trainer.global_step
+                self.history.append(full(pl_module))
+
+    rec, ema = Record(), EMA(0.9, schedule="constant", final="raw")
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    t = trainer(root, max_epochs=1, callbacks=[rec, ema], strategy=strategy, devices=world)
+    t.fit(Sharded(lr=0.02), data(), data(seed=1))
+    state = full_state_dict(ema.ema)["ema_state"]
+    expected = reference_ema(rec.start, rec.history, 0.9)
+    error = max((state[n].double() - v).abs().max().item() for n, v in expected.items())
+    return {"step": ema.ema.step, "global_step": t.global_step, "error": error,
+            "metrics": dict(t.callback_metrics)}
+
+
+def test_fsdp2_model_parallel_strategy_ema_follows_the_shards(tmp_path):
+    for r in run_ranks(_fit_fsdp2, 2, tmp_path, str(tmp_path), timeout=120):
+        assert r["step"] == r["global_step"] == 4
+        assert r["error"] < 1e-6
+        assert "val_ema/loss" in r["metrics"]

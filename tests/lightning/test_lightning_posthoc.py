@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from _tiny import Recorder, Tiny, data, trainer, weights
 from lightning.pytorch.loggers import CSVLogger
@@ -80,3 +81,17 @@ def test_raw_weights_that_beat_every_length_are_kept(tmp_path):
         assert torch.equal(value, rec.after_step[-1][name]), name
     report = Path(t2.log_dir, "posthoc_selection.md").read_text()
     assert "raw weights beat every EMA length" in report
+
+
+def test_snapshots_that_would_not_fit_the_disk_are_refused_at_the_start(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from d2ema.lightning import LightningEMAError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
+    ph = PostHocEMA(snapshot_every=1, select_on=data(seed=2))
+    with pytest.raises(LightningEMAError, match="snapshot_every") as e:
+        trainer(tmp_path, max_epochs=1, callbacks=[ph]).fit(Tiny(), data())
+    assert "\n" not in str(e.value) and "MODEL_EMA" not in str(e.value)

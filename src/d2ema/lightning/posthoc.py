@@ -112,10 +112,10 @@ class PostHocEMA(EMA):
             _info(trainer, "%s", ph.writer.describe(self.snapshot_every, total))
             try:
                 ph.writer.check_space(self.snapshot_every, total)
-            except PostHocError as e:
-                raise LightningEMAError(str(e).replace(
-                    "MODEL_EMA.POSTHOC.PERIOD", "snapshot_every").replace(
-                    "POSTHOC.DTYPE", "dtype=").replace("POSTHOC.DIR", "folder=")) from None
+            except PostHocError as e:  # the core names the detectron2 keys: name ours
+                raise LightningEMAError(
+                    str(e).split("; set")[0] + "; set a longer snapshot_every=, "
+                    "dtype='float16', or a folder= on a larger disk") from None
         return next(iter(ph.emas.values()))
 
     def _step_engine(self, target: nn.Module, step: int) -> None:
@@ -147,10 +147,19 @@ class PostHocEMA(EMA):
         self.posthoc.writer.flush()
         if self.select_on is None or self.final == "raw":
             return
-        choice = None
+        choice: tuple | str | None = None
         if trainer.is_global_zero:
-            choice = self._select(trainer, pl_module)
-        self.choice, self._chosen, self.scores = trainer.strategy.broadcast(choice)
+            try:
+                choice = self._select(trainer, pl_module)
+            except Exception as e:  # told to every rank, which would wait for rank 0 forever
+                choice = f"{type(e).__name__}: {e}"
+                if trainer.world_size == 1:
+                    raise
+        choice = trainer.strategy.broadcast(choice)
+        if isinstance(choice, str):
+            raise LightningEMAError(f"PostHocEMA: the selection failed on rank 0: {choice}")
+        assert choice is not None
+        self.choice, self._chosen, self.scores = choice
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.choice is None:
@@ -223,7 +232,8 @@ class PostHocEMA(EMA):
                                 f"PostHocEMA: validation_step did not {what} to score EMA "
                                 "lengths with; set monitor= to a metric it logs, or give "
                                 "score_fn=")
-                        total += float(value.detach() if torch.is_tensor(value) else value)
+                        total += float(value.detach() if torch.is_tensor(value)
+                                       else value)  # type: ignore[arg-type]
                         count += 1
             finally:
                 object.__delattr__(pl_module, "log")
