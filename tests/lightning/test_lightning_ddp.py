@@ -92,3 +92,27 @@ def test_fsdp2_model_parallel_strategy_ema_follows_the_shards(tmp_path):
         assert r["step"] == r["global_step"] == 4
         assert r["error"] < 1e-6
         assert "val_ema/loss" in r["metrics"]
+
+
+def _fit_posthoc(rank: int, world: int, root: str) -> dict:
+    os.environ.update(TORCHELASTIC_RUN_ID="d2ema-test", RANK=str(rank), LOCAL_RANK=str(rank),
+                      GROUP_RANK="0", WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29557")
+    from _tiny import Tiny, data, trainer
+
+    from d2ema.lightning import PostHocEMA
+
+    ph = PostHocEMA(snapshot_every=2, select_on=data(seed=2), monitor="val/loss")
+    t = trainer(root, max_epochs=2, callbacks=[ph], strategy="ddp", devices=world)
+    module = Tiny(lr=0.02)
+    t.fit(module, data(), data(seed=1))
+    return {"choice": ph.choice, "scores": ph.scores,
+            "weights": {k: v.clone() for k, v in module.state_dict().items()}}
+
+
+def test_posthoc_choice_is_made_once_and_shared_by_every_rank(tmp_path):
+    a, b = run_ranks(_fit_posthoc, 2, tmp_path, str(tmp_path), timeout=120)
+    assert a["choice"] is not None and a["choice"] == b["choice"] and a["scores"] == b["scores"]
+    for name, value in a["weights"].items():
+        assert torch.equal(b["weights"][name], value), name
+    assert (tmp_path / "posthoc_selection.md").is_file()

@@ -95,11 +95,13 @@ class PostHocEMA(EMA):
         self.choice: str | None = None  # the label chosen: "sigma_rel 0.05", ..., or "raw"
         self.scores: dict[str, float] = {}
         self._chosen: dict[str, torch.Tensor] | None = None
+        self.out_dir: Path | None = None  # the logger's folder: report, plot, ema_best.pth
 
     # ------------------------------------------------------------------ the engine
     def _make_engine(self, trainer: pl.Trainer, target: nn.Module) -> d2ema.EMA:
-        root = trainer.log_dir or trainer.default_root_dir
-        folder = Path(self.folder) if self.folder is not None else Path(root) / "ema_snapshots"
+        # trainer.log_dir is a collective under DDP: read it here, where every rank is
+        self.out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = Path(self.folder) if self.folder is not None else self.out_dir / "ema_snapshots"
         self.posthoc = ph = d2ema.PostHocEMA(
             target, folder, self.sigma_rels_tracked, snapshot_every=self.snapshot_every,
             dtype=self.dtype, enabled=trainer.is_global_zero, **self.ema_kwargs)
@@ -193,7 +195,8 @@ class PostHocEMA(EMA):
         selection = self.posthoc.select(score, self.select_sigma_rels)
         label, _ = weigh_raw(selection, raw_score)
         scores = {RAW: raw_score, **selection.scores}
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = self.out_dir
+        assert folder is not None
         chosen = None if label == RAW else {k: v.cpu() for k, v in selection.tensors.items()}
         if chosen is not None:
             scratch.load_state_dict(chosen)
