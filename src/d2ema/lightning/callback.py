@@ -180,12 +180,18 @@ class EMA(Callback):
             self._build(trainer, pl_module)
         self._last_step = trainer.global_step
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after a resume, the loops (and global_step) are restored only now
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if step == self._last_step or self.ema is None:
             return  # no optimizer step in this batch (accumulation, a skipped step)
         self._last_step = step
+        if step <= self.ema.step:
+            return  # the EMA has this step already (loaded from a later checkpoint)
         self._update(trainer, pl_module, step)
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:

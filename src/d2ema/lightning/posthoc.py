@@ -147,7 +147,7 @@ class PostHocEMA(EMA):
             return
         self.posthoc.snapshot()
         self.posthoc.writer.flush()
-        if self.select_on is None or self.final == "raw":
+        if self.select_on is None:
             return
         choice: tuple | str | None = None
         if trainer.is_global_zero:
@@ -164,7 +164,7 @@ class PostHocEMA(EMA):
         self.choice, self._chosen, self.scores = choice
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.choice is None:
+        if self.choice is None or self.final == "raw":
             super()._finish(trainer, pl_module)
         elif self.choice == RAW:
             _info(trainer, "fit() ended; raw weights beat every EMA length on select_on: the "
