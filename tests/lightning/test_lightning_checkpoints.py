@@ -125,3 +125,33 @@ def test_our_checkpoint_loads_in_d2go(tmp_path):
     t.fit(Tiny(lr=0.02), data())
     t.save_checkpoint(tmp_path / "m.ckpt")
     D2GoLikeTask().on_load_checkpoint(torch.load(tmp_path / "m.ckpt", weights_only=True))
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
+    """SIGKILL in the middle of a save: the checkpoint before it is intact, and the next save
+    removes the temporary file the killed process left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
+    before = target.read_bytes()
+    code = ("import sys, time, torch\n"
+            "from d2ema.lightning import AtomicCheckpointIO\n"
+            "def slow(obj, f, *a, **k):\n"
+            "    f.write(b'x' * 4096); f.flush(); print('writing', flush=True); time.sleep(60)\n"
+            "torch.save = slow\n"
+            "AtomicCheckpointIO().save_checkpoint({'state_dict': {}}, sys.argv[1])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert target.read_bytes() == before
+    assert AtomicCheckpointIO().load_checkpoint(target)["state_dict"]["w"].tolist() == [1.0] * 3
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
