@@ -46,6 +46,19 @@ def test_engine_options_pass_through(tmp_path, options):
     close(ema.ema.tensors(), expected, atol=1e-6)
 
 
+def test_a_second_fit_starts_a_new_ema(tmp_path):
+    ema = EMA(0.9, schedule="constant")
+    module = Tiny(lr=0.02)
+    trainer(tmp_path, max_epochs=1, callbacks=[ema], limit_val_batches=0).fit(module, data())
+    rec = Recorder()
+    t = trainer(tmp_path, max_epochs=1, callbacks=[rec, ema], limit_val_batches=0)
+    t.fit(module, data(seed=3))  # a new Trainer: a new run, from the weights fit() left
+    assert ema.ema.step == t.global_step == 8
+    expected = reference_ema(rec.start, rec.after_step, 0.9)
+    close(weights(module), {n: v.float() if v.is_floating_point() else v
+                            for n, v in expected.items()}, atol=1e-6)
+
+
 class Manual(Tiny):
     """Manual optimization: one optimizer step every second batch."""
 

@@ -172,11 +172,16 @@ class EMA(Callback):
             for loop in (trainer.fit_loop.epoch_loop.val_loop, trainer.validate_loop,
                          trainer.test_loop):
                 two_pass(loop, self._ema_weights)
-        if stage == "fit" and self.ema_kwargs.get("flat") and self.ema is None:
+        if stage != "fit":
+            return
+        # a new fit() starts a new EMA; one to continue comes from its checkpoint (restored
+        # after setup, so it finds the engine built here or is kept for on_fit_start)
+        self.ema, self._pending, self._final_applied = None, None, False
+        if self.ema_kwargs.get("flat"):
             self._build(trainer, pl_module)  # before the optimizer and DDP see the parameters
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.ema is None or self._final_applied:
+        if self.ema is None:
             self._build(trainer, pl_module)
         self._last_step = trainer.global_step
 

@@ -99,6 +99,9 @@ class PostHocEMA(EMA):
 
     # ------------------------------------------------------------------ the engine
     def _make_engine(self, trainer: pl.Trainer, target: nn.Module) -> d2ema.EMA:
+        if self.posthoc is not None:  # an earlier fit(): its last snapshot written
+            self.posthoc.close()
+        self.choice, self._chosen, self.scores = None, None, {}
         # trainer.log_dir is a collective under DDP: read it here, where every rank is
         self.out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         folder = Path(self.folder) if self.folder is not None else self.out_dir / "ema_snapshots"
