@@ -80,15 +80,17 @@ class Recorder(pl.Callback):
             self.after_step.append(weights(pl_module))
 
 
-def reference_ema(start: dict, history: list[dict], decay: float,
-                  every: int = 1) -> dict[str, torch.Tensor]:
+def reference_ema(start: dict, history: list[dict], decay: float, every: int = 1,
+                  begin: int = 0) -> dict[str, torch.Tensor]:
     """``ema = d * ema + (1 - d) * w`` per tensor in float64, a plain loop (integers copied);
-    with ``every`` N, only at steps N, 2N, ... and with ``d ** N`` (the same horizon)."""
+    with ``every`` N, only at steps N, 2N, ... after ``begin`` and with ``d ** N`` (the same
+    horizon); up to step ``begin`` the EMA is a copy of the weights."""
     ema = {n: t.double() if t.is_floating_point() else t.clone() for n, t in start.items()}
     d = decay**every
     for step, w in enumerate(history, 1):
-        if step % every:
+        if step > begin and (step - begin) % every:
             continue
+        keep = d if step > begin else 0.0
         for n, t in w.items():
-            ema[n] = d * ema[n] + (1 - d) * t.double() if t.is_floating_point() else t
+            ema[n] = keep * ema[n] + (1 - keep) * t.double() if t.is_floating_point() else t
     return ema

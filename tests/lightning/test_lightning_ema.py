@@ -36,13 +36,15 @@ def test_accumulation_updates_once_per_optimizer_step(tmp_path):
     close(ema.ema.tensors(), reference_ema(rec.start, rec.after_step, 0.9), atol=1e-6)
 
 
-@pytest.mark.parametrize("options", [{"flat": True}, {"every": 2}, {"device": "cpu"}])
+@pytest.mark.parametrize("options", [{"flat": True}, {"every": 2}, {"device": "cpu"},
+                                     {"start": 5, "every": 3}])
 def test_engine_options_pass_through(tmp_path, options):
     rec, ema = Recorder(), EMA(0.9, schedule="constant", final="raw", **options)
     t = trainer(tmp_path, max_epochs=2, callbacks=[rec, ema], limit_val_batches=0)
     t.fit(Tiny(lr=0.02), data())
     assert ema.ema.step == t.global_step == 16
-    expected = reference_ema(rec.start, rec.after_step, 0.9, options.get("every", 1))
+    expected = reference_ema(rec.start, rec.after_step, 0.9, options.get("every", 1),
+                             options.get("start", 0))
     close(ema.ema.tensors(), expected, atol=1e-6)
 
 
