@@ -53,7 +53,7 @@ typecheck: $(STAMP)
 	$(PY) -m mypy
 
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --quiet
+	$(VENV)/bin/mkdocs build --strict
 
 # The suite runs from tests/ with no PYTHONPATH: `import d2ema` finds the installed wheel only.
 test: lint typecheck docs $(WHEEL_STAMP)

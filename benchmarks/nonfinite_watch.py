@@ -1,4 +1,4 @@
-"""What the NaN watch costs: one EMA update with and without :class:`d2ema.health.NonfiniteWatch`.
+"""What the NaN watch costs: one EMA update with and without :class:`d2ema.averaging.health.NonfiniteWatch`.
 
 With ``skip_nonfinite=False`` (the default) every 32nd update ends with one ``sum`` per
 averaged group, kept on the device, so that the step at which the EMA first held NaN/Inf can
@@ -29,7 +29,7 @@ import torch
 import d2ema
 from d2ema.app.speed.methods import MODEL_TITLES, MODELS, _perturb
 from d2ema.app.speed.timing import Method, environment, quantile, time_round_robin
-from d2ema.health import NonfiniteWatch
+from d2ema.averaging.health import NonfiniteWatch
 
 OUT = Path(__file__).resolve().parent / "results" / "nonfinite_watch.md"
 

@@ -157,7 +157,7 @@ def _rounding(exact: Path, low: Path) -> float:
 # ----------------------------------------------------------------------------- 2. shapes run
 def bench_config(args, out: Path, period: int = 0, extras: bool = True):
     from d2ema.app.demo import DemoOptions, demo_config
-    from d2ema.d2.config import KEYS
+    from d2ema.d2.config.settings import KEYS
 
     cfg = demo_config(DemoOptions(dataset="shapes", iters=args.iters, eval_period=0,
                                   output=out, seed=args.seed, decays=(0.999,)))
@@ -181,7 +181,7 @@ def trainer_class():
 
 def shapes_run(args, work: Path) -> tuple[list[str], list[dict]]:
     from d2ema.d2 import get_ema_family
-    from d2ema.d2.run_eval import RunEvaluator, primary_ap
+    from d2ema.d2.evaluation.run_eval import RunEvaluator, primary_ap
 
     out = work / "shapes"
     cfg = bench_config(args, out)
@@ -295,7 +295,7 @@ def selection_run(args, work: Path) -> list[str]:
     """``MODEL_EMA.POSTHOC.SELECT`` with ``SELECT_ON`` a held-out split, in the training run
     itself; then every length of the sweep scored on the test set too (``d2ema posthoc``'s
     evaluator), so that both choices can be read off: on the held-out split, on the test set."""
-    from d2ema.d2.run_eval import RunEvaluator, primary_ap
+    from d2ema.d2.evaluation.run_eval import RunEvaluator, primary_ap
     from d2ema.posthoc import DEFAULT_SIGMA_RELS
 
     out = work / "select"

@@ -14,7 +14,7 @@ import math
 
 
 def _fingerprint(model) -> float:
-    from d2ema.state import unwrap_model
+    from d2ema.averaging.state import unwrap_model
 
     return float(sum(p.detach().double().sum() for p in unwrap_model(model).parameters()))
 
@@ -23,7 +23,7 @@ def weight_score(cfg) -> None:
     """``prepare`` for train_main: patch the selection's evaluation (see the module docstring)."""
     from detectron2.utils import comm
 
-    from d2ema.d2 import posthoc_select
+    from d2ema.d2.evaluation import select as posthoc_select
 
     real = posthoc_select._evaluate
     if getattr(real, "_weight_score", False):

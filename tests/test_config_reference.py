@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from d2ema.d2.config_reference import main, render
-from d2ema.d2.keys import KEYS
+from d2ema.d2.config.keys import KEYS
+from d2ema.d2.config.reference import main, render
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -13,7 +13,7 @@ PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 def test_committed_page_is_the_generated_one():
     assert PAGE.read_text() == render(), (
         "docs/configuration.md differs from the keys table: run "
-        "python -m d2ema.d2.config_reference docs/configuration.md")
+        "python -m d2ema.d2.config.reference docs/configuration.md")
 
 
 def test_every_key_has_a_row_with_its_default_and_meaning():
@@ -27,7 +27,7 @@ def test_every_key_has_a_row_with_its_default_and_meaning():
 def test_check_and_write(tmp_path, capsys):
     page = tmp_path / "configuration.md"
     assert main(["--check", str(page)]) == 1  # absent
-    assert "python -m d2ema.d2.config_reference" in capsys.readouterr().err
+    assert "python -m d2ema.d2.config.reference" in capsys.readouterr().err
     assert main([str(page)]) == 0 and page.read_text() == render()
     assert main(["--check", str(page)]) == 0
     page.write_text(render().replace("`0.999`", "`0.99`"))

@@ -21,7 +21,7 @@ from test_ema_reference import Reference, TrainNet, all_named
 from test_ema_reference import assert_matches as assert_matches_on_cpu
 
 from d2ema import EMA
-from d2ema.offload import _CudaCopy
+from d2ema.averaging.offload import _CudaCopy
 
 pytestmark = [
     pytest.mark.cuda,

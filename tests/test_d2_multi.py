@@ -16,10 +16,10 @@ from test_cli import LAZY_CONFIG
 from test_ema_reference import gamma_for
 
 from d2ema import EMA
-from d2ema.advice import initial_share, initial_share_warning
 from d2ema.cli import main
 from d2ema.d2 import ConfigError, get_ema_family, get_extra_emas, get_model_ema
-from d2ema.d2.config import ema_settings
+from d2ema.d2.config.settings import ema_settings
+from d2ema.d2.engine.build import initial_share, initial_share_warning
 from d2ema.posthoc import Target, reconstruct
 from d2ema.posthoc.snapshots import read_index
 

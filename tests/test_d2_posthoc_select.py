@@ -28,8 +28,8 @@ from test_cli import _error_line
 from d2ema.app.data.registry import ensure_dataset, get_dataset_spec
 from d2ema.app.model_configs import tiny_detector_config
 from d2ema.cli import build_parser, main
-from d2ema.d2 import posthoc_select
-from d2ema.d2.train_net import train_main
+from d2ema.d2.engine.train_net import train_main
+from d2ema.d2.evaluation import select as posthoc_select
 from d2ema.posthoc import Target, reconstruct
 
 pytestmark = pytest.mark.usefixtures("restore_loggers")
@@ -171,7 +171,7 @@ def test_select_on_a_held_out_set_is_honoured(setup, run, tmp_path, monkeypatch)
 _KILL_CHILD = """
 import os, signal, sys
 import _select_helpers
-from d2ema.d2 import posthoc_select
+from d2ema.d2.evaluation import select as posthoc_select
 _select_helpers.weight_score(None)
 real, calls = posthoc_select._evaluate, []
 def evaluate(trainer, dataset, label):

@@ -1,5 +1,6 @@
 """``d2ema train --num-gpus N`` on a machine without GPU: N gloo processes through
-:func:`d2ema.d2.launch.launch` (the documented testing mode), and clear errors for counts that
+:func:`d2ema.d2.engine.launch.launch` (the documented testing mode), and clear errors for counts
+that
 cannot work."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from d2ema.app.model_configs import tiny_detector_config
 from d2ema.cli import main
-from d2ema.d2.train_net import _check_launch
+from d2ema.d2.engine.train_net import _check_launch
 
 
 @pytest.fixture(scope="module")

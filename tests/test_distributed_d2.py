@@ -24,12 +24,12 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
 
 from d2ema import EMA
+from d2ema.averaging.state import unwrap_model
 from d2ema.d2 import EMACheckpointer, EMATrainer, get_model_ema
-from d2ema.d2.evaluation import evaluate_with_ema, precise_bn
-from d2ema.d2.hooks import EMAHook
-from d2ema.d2.launch import prepare_cpu_process
-from d2ema.export import export_ema
-from d2ema.state import unwrap_model
+from d2ema.d2.checkpoint.export import export_ema
+from d2ema.d2.engine.hooks import EMAHook
+from d2ema.d2.engine.launch import prepare_cpu_process
+from d2ema.d2.evaluation.evaluator import evaluate_with_ema, precise_bn
 
 DECAY = 0.8
 STEPS = 3

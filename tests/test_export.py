@@ -14,12 +14,12 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-import d2ema.export as export_module
+import d2ema.d2.checkpoint.export as export_module
 from d2ema import EMA
 from d2ema.app.model_configs import tiny_detector_config
 from d2ema.cli import main
 from d2ema.d2 import EMACheckpointer
-from d2ema.export import EXPORT_KEY, ExportError, ema_model_state, export_ema
+from d2ema.d2.checkpoint.export import EXPORT_KEY, ExportError, ema_model_state, export_ema
 
 SIZE = 64
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from d2ema import EMA
-from d2ema.health import NonfiniteWatch, nonfinite_message
+from d2ema.averaging.health import NonfiniteWatch, nonfinite_message
 
 
 def _run(poison_at: int | None, steps: int) -> EMA:

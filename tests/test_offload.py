@@ -1,4 +1,5 @@
-"""Background updates (d2ema.offload) on the CPU: the queue of one, reads that wait for the
+"""Background updates (d2ema.averaging.offload) on the CPU: the queue of one, reads that wait for
+the
 update in flight, where the copy is fenced, and bitwise equality with the synchronous path.
 
 The CUDA copy runs on a side stream; here ``LazyCopy`` stands in for it as an adversary: it
@@ -19,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from test_ema_reference import TrainNet, all_named
 
-import d2ema.offload as offload
+import d2ema.averaging.offload as offload
 from d2ema import EMA
-from d2ema.update import Binding
+from d2ema.averaging.update import Binding
 
 PHASE = ["idle"]
 
@@ -235,7 +236,7 @@ def test_model_copies_and_pickles_carry_an_inert_hook(lazy, tmp_path):
 
 
 def test_the_nan_watch_sees_a_background_update(monkeypatch):
-    from d2ema.health import NonfiniteWatch
+    from d2ema.averaging.health import NonfiniteWatch
 
     monkeypatch.setattr(NonfiniteWatch, "every", 1)  # the exact step (default: every 32)
     _, _, b, ema_b = twins()

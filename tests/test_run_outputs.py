@@ -22,8 +22,8 @@ from detectron2.evaluation import COCOEvaluator
 
 from d2ema.cli import main
 from d2ema.d2 import EMATrainerMixin, add_model_ema_configs  # noqa: F401
-from d2ema.d2.eval_outputs import has_compiled_ops
-from d2ema.d2.family_keys import PostHocSettings
+from d2ema.d2.config.settings import PostHocSettings
+from d2ema.d2.evaluation.evaluator import has_compiled_ops
 
 pytestmark = pytest.mark.usefixtures("restore_loggers")
 
@@ -39,7 +39,7 @@ def config_file(tmp_path_factory):
     return path
 
 
-EMA_LINE = "d2ema.d2.evaluation INFO: Evaluating the EMA weights: results under ema/"
+EMA_LINE = "d2ema.d2.evaluation.evaluator INFO: Evaluating the EMA weights: results under ema/"
 
 
 def test_d2ema_lines_reach_console_and_log_and_outputs_are_apart(config_file, tmp_path, capfd):
@@ -49,7 +49,7 @@ def test_d2ema_lines_reach_console_and_log_and_outputs_are_apart(config_file, tm
     assert "Evaluating the raw (trained) weights" in console
     assert "Evaluating the EMA weights: results under ema/" in console
     log = (out / "log.txt").read_text()
-    assert EMA_LINE in log and "d2ema.d2.evaluation INFO: Evaluating the raw" in log
+    assert EMA_LINE in log and "d2ema.d2.evaluation.evaluator INFO: Evaluating the raw" in log
     raw = json.loads((out / "inference" / "coco_instances_results.json").read_text())
     ema = json.loads((out / "inference_ema" / "coco_instances_results.json").read_text())
     assert raw and ema and raw != ema  # two evaluations, neither overwrote the other
@@ -138,7 +138,7 @@ def test_misspelt_key_suggests_the_right_one(config_file, capsys):
 
 
 def test_ctrl_c_under_train_says_resume_continues(config_file, capsys, monkeypatch):
-    import d2ema.d2.train_net as train_net
+    import d2ema.d2.engine.train_net as train_net
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -19,7 +19,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from d2ema.cli import main
 from d2ema.d2 import DatasetError, register_coco_dataset
-from d2ema.d2.train_net import load_config
+from d2ema.d2.engine.train_net import load_config
 
 TRAIN, VAL = "widgets_train", "widgets_val"  # unique in this test process
 

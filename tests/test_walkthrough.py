@@ -168,7 +168,7 @@ def test_yaml_walkthrough(project, capsys):
     assert (project / "model_ema_output" / "config.yaml").is_file()  # plain d2's, not the run's
     assert (project / "best.pth").is_file()
     log = (out / "log.txt").read_text()
-    assert "d2ema.d2.evaluation INFO: Evaluating the EMA weights" in log
+    assert "d2ema.d2.evaluation.evaluator INFO: Evaluating the EMA weights" in log
 
 
 def test_lazy_walkthrough(project, capsys):

@@ -18,22 +18,22 @@ detectron2).
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
-from .errors import D2EMAError, EMAStateError
+from d2ema._version import __version__
+from d2ema.errors import D2EMAError, EMAStateError
 
 if TYPE_CHECKING:
-    from .distributed import ShardedEMA
-    from .ema import EMA
-    from .format import FORMAT_VERSION
-    from .posthoc import PostHocEMA, PostHocError, Target
-    from .schedules import SCHEDULES, Schedule, make_schedule
-    from .state import unwrap_model
+    from d2ema.averaging.state import unwrap_model
+    from d2ema.distributed import ShardedEMA
+    from d2ema.ema import EMA
+    from d2ema.io.format import FORMAT_VERSION
+    from d2ema.posthoc import PostHocEMA, PostHocError, Target
+    from d2ema.schedules import SCHEDULES, Schedule, make_schedule
 
 # Imported on first use, so that ``d2ema.cli`` starts (and answers Ctrl-C with one line)
 # before torch is imported.
-_LAZY = {"EMA": ".ema", "FORMAT_VERSION": ".format", "SCHEDULES": ".schedules",
+_LAZY = {"EMA": ".ema", "FORMAT_VERSION": ".io.format", "SCHEDULES": ".schedules",
          "Schedule": ".schedules", "make_schedule": ".schedules", "ShardedEMA": ".distributed",
-         "unwrap_model": ".state", "PostHocEMA": ".posthoc", "PostHocError": ".posthoc",
+         "unwrap_model": ".averaging.state", "PostHocEMA": ".posthoc", "PostHocError": ".posthoc",
          "Target": ".posthoc"}
 
 

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .schedules import Schedule
-from .state import Slot, unwrap_model
-from .versions import require_torch
+from d2ema.averaging.state import Slot, unwrap_model
+from d2ema.errors import ConfigError
+from d2ema.schedules import Schedule
+from d2ema.versions import require_torch
 
 __all__ = ["check_ema_arguments", "check_slots", "check_step", "compile_patterns"]
 

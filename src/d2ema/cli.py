@@ -33,9 +33,9 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from .errors import D2EMAError, one_line
-from .interrupts import exit_status, signals_as_interrupts
-from .safe_pickle import add_trust_pickle, trust_pickles
+from d2ema.errors import D2EMAError, one_line
+from d2ema.io.interrupts import exit_status, signals_as_interrupts
+from d2ema.io.safe_pickle import add_trust_pickle, trust_pickles
 
 __all__ = ["build_parser", "main"]
 
@@ -58,7 +58,7 @@ def _add_tail(parser: argparse.ArgumentParser, func, opts_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from d2ema import __version__
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(export)
     export.set_defaults(func=cmd_export)
 
-    from .app.posthoc_cli import add_posthoc_parser
+    from d2ema.app.posthoc import add_posthoc_parser
 
     add_posthoc_parser(sub, _add_verbose, add_trust_pickle)
 
@@ -201,7 +201,7 @@ def _quiet_warnings() -> None:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .app.demo import DemoOptions, run_demo, summary_lines
+    from d2ema.app.demo import DemoOptions, run_demo, summary_lines
 
     options = DemoOptions(
         quick=args.quick, dataset=args.dataset, iters=args.iters, output=args.output,
@@ -214,9 +214,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .app.data import DATASETS, register_for_config
-    from .d2.train_net import train_main
-    from .errors import UsageError
+    from d2ema.app.data import DATASETS, register_for_config
+    from d2ema.d2.engine.train_net import train_main
+    from d2ema.errors import UsageError
 
     late = next((i for i, word in enumerate(args.opts or ()) if word.startswith("--")), None)
     if late is not None:  # argparse leaves options after the first override in the overrides
@@ -229,7 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .d2.plain_config import export_with_config
+    from d2ema.d2.checkpoint.export import export_with_config
 
     lines = export_with_config(args.checkpoint, args.output, args.config,
                                allow_nonfinite=args.allow_nonfinite)
@@ -238,7 +238,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .app.bench import run_update_speed
+    from d2ema.app.bench import run_update_speed
 
     return run_update_speed(args.bench_args, prog=f"{PROG} bench")
 

@@ -4,5 +4,5 @@
 Importing it imports detectron2.
 """
 
-from .d2.compat import *  # noqa: F403
-from .d2.compat import __all__  # noqa: F401
+from d2ema.d2.compat import *  # noqa: F403
+from d2ema.d2.compat import __all__  # noqa: F401

@@ -23,7 +23,7 @@ What it does beyond the textbook loop:
   continues bit for bit; optional guard that skips an update whose weights hold NaN/Inf;
 * fast: storage grouped by (device, dtype) and updated with fused multi-tensor ops, no Python
   per-tensor work per step; ``flat=True`` makes a step one ``lerp_`` per group; a CPU-held
-  EMA of a CUDA model updates in the background (:mod:`d2ema.offload`);
+  EMA of a CUDA model updates in the background (:mod:`d2ema.averaging.offload`);
 * safe: :meth:`swapped` always restores the trained weights; :meth:`load_state_dict` checks
   names, shapes and dtypes first and changes nothing when it refuses.
 """
@@ -41,11 +41,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import check_ema_arguments, check_slots, check_step
-from .dtensor import reshard, to_dtensors, to_local_shards
-from .errors import EMAStateError
-from .flat import lay_out
-from .format import (
+from d2ema.averaging.dtensor import reshard, to_dtensors, to_local_shards
+from d2ema.averaging.flat import lay_out
+from d2ema.averaging.health import NonfiniteWatch
+from d2ema.averaging.offload import Offload, split_offload
+from d2ema.averaging.state import (
+    Slot,
+    check_structure,
+    group_slots,
+    match_slots,
+    tracked_slots,
+    unwrap_model,
+)
+from d2ema.averaging.swap import swapped_bindings
+from d2ema.averaging.update import Binding, registration_count, update_all
+from d2ema.checks import check_ema_arguments, check_slots, check_step
+from d2ema.errors import EMAStateError
+from d2ema.io.format import (
     FORMAT_VERSION,
     META_KEY,
     STATE_KEY,
@@ -53,12 +65,7 @@ from .format import (
     split_state,
     state_problems,
 )
-from .health import NonfiniteWatch
-from .offload import Offload, split_offload
-from .schedules import Schedule, decay_over, make_schedule
-from .state import Slot, check_structure, group_slots, match_slots, tracked_slots, unwrap_model
-from .swap import swapped_bindings
-from .update import Binding, registration_count, update_all
+from d2ema.schedules import Schedule, decay_over, make_schedule
 
 __all__ = ["EMA", "FORMAT_VERSION", "EMAStateError"]
 
@@ -99,8 +106,9 @@ class EMA:
             (half the memory, but the EMA stalls at high decay).
         skip_nonfinite: skip (and count) an update whose weights hold NaN or Inf.
         flat: re-point the model's tensors into one buffer per group so that an update is a
-            single op (see :mod:`d2ema.flat`; build the EMA before the optimizer and DDP).
-        overlap: update in the background (:mod:`d2ema.offload`); None: a CUDA model's CPU EMA.
+            single op (see :mod:`d2ema.averaging.flat`; build the EMA before the optimizer and DDP).
+        overlap: update in the background (:mod:`d2ema.averaging.offload`); None: a CUDA model's
+        CPU EMA.
     """
 
     def __init__(
@@ -242,7 +250,7 @@ class EMA:
 
     @property
     def nonfinite_step(self) -> int | None:
-        """First step seen with NaN/Inf in the EMA (None: finite); see d2ema.health."""
+        """First step seen with NaN/Inf in the EMA (None: finite); see d2ema.averaging.health."""
         self.synchronize()
         return self._nonfinite.first_step(self.groups, self.step)
 

@@ -32,7 +32,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from .errors import ConfigError
+from d2ema.errors import ConfigError
 
 __all__ = [
     "SCHEDULES",

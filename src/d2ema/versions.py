@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from .errors import D2EMAError
+from d2ema.errors import D2EMAError
 
 __all__ = ["TORCH_FLOOR", "TorchVersionError", "require_torch", "torch_version"]
 

@@ -26,7 +26,7 @@ from detectron2.config import get_cfg
 
 from d2ema.cli import main
 from d2ema.d2 import add_model_ema_configs, ema_settings
-from d2ema.d2.config import KEYS
+from d2ema.d2.config.settings import KEYS
 
 NAN, INF = float("nan"), float("inf")
 

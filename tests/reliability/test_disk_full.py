@@ -25,9 +25,9 @@ pytest.importorskip("detectron2")
 import _kill_child
 from detectron2.engine import HookBase
 
-import d2ema.atomic as atomic
+import d2ema.io.atomic as atomic
 from d2ema.cli import main
-from d2ema.d2.disk_full import DiskFullError, disk_full_as_error
+from d2ema.d2.engine.run_folder import DiskFullError, disk_full_as_error
 from d2ema.errors import D2EMAError, one_line
 from d2ema.posthoc.snapshots import read_index
 

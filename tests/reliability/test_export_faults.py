@@ -19,9 +19,9 @@ from torch import nn
 
 import d2ema
 from d2ema import EMA
+from d2ema.averaging.health import NonfiniteWatch
 from d2ema.cli import main
-from d2ema.export import export_ema
-from d2ema.health import NonfiniteWatch
+from d2ema.d2.checkpoint.export import export_ema
 
 
 @pytest.fixture(autouse=True)
@@ -136,8 +136,8 @@ def _usual_action(sig):
 def test_signal_as_the_temporary_file_is_created(tmp_path, monkeypatch, sig):
     """A signal right after the temporary file is created (before its descriptor is even
     stored) finds its name known: nothing is left behind."""
-    from d2ema import atomic
-    from d2ema.interrupts import signals_as_interrupts
+    from d2ema.io import atomic
+    from d2ema.io.interrupts import signals_as_interrupts
 
     real_create = atomic._create
 
@@ -162,8 +162,8 @@ def test_signal_as_the_temporary_file_is_created(tmp_path, monkeypatch, sig):
 def test_signal_inside_torch_save_stays_an_interrupt(tmp_path, monkeypatch, sig):
     """torch.save's zip writer turns an exception raised while it writes into a RuntimeError
     ("unexpected pos"): the interrupt behind it is what comes out, and nothing is left."""
-    from d2ema import atomic
-    from d2ema.interrupts import signals_as_interrupts
+    from d2ema.io import atomic
+    from d2ema.io.interrupts import signals_as_interrupts
 
     real_write, calls = atomic._Recorder.write, []
 

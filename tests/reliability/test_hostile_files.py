@@ -22,11 +22,11 @@ from _hostile import evil_pickle, evil_torch_file, files_outside, snapshot, tiny
 
 from d2ema import PostHocEMA
 from d2ema.cli import main
+from d2ema.d2.checkpoint.resume import find_resume_checkpoint
 from d2ema.errors import D2EMAError, OutsideFolderError, PickleRefusedError, one_line
+from d2ema.io.safe_pickle import TRUST_ENV, load_pickle, trust_pickles
 from d2ema.posthoc import Target, plan, reconstruct
 from d2ema.posthoc.snapshots import SnapshotWriter
-from d2ema.resume import find_resume_checkpoint
-from d2ema.safe_pickle import TRUST_ENV, load_pickle, trust_pickles
 
 pytestmark = pytest.mark.usefixtures("restore_loggers")
 
@@ -205,7 +205,7 @@ def _zoo_files(folder: Path) -> dict[str, Path]:
 def test_detectron2_style_pkl_weights_still_load(tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
 
-    from d2ema.d2.checkpoint import AtomicCheckpointer
+    from d2ema.d2.checkpoint.checkpointers import AtomicCheckpointer
 
     state = tiny_state()
     for name, path in _zoo_files(tmp_path).items():
@@ -325,7 +325,7 @@ def test_lazy_run_config_of_library_classes_stays_loadable(run):
 
     import yaml
 
-    from d2ema.d2.saved_config import check_saved_config
+    from d2ema.d2.config.saved import check_saved_config
 
     (run / "config.yaml").write_text(yaml.dump({
         "model": {"_target_": "detectron2.modeling.GeneralizedRCNN", "act": torch.nn.GELU,
@@ -336,7 +336,7 @@ def test_lazy_run_config_of_library_classes_stays_loadable(run):
 
 def test_a_users_own_config_stays_code(tmp_path):
     """A config the user wrote (not in a run folder) may use Python tags, as in detectron2."""
-    from d2ema.d2.train_net import load_config
+    from d2ema.d2.engine.train_net import load_config
 
     path = tiny_yaml(tmp_path, tmp_path / "out")
     path.write_text(path.read_text().replace("SEED: 3", "SEED: !!python/object/apply:eval "

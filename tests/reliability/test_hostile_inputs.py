@@ -22,7 +22,7 @@ from test_hostile_files import _posthoc_series
 
 from d2ema.cli import main
 from d2ema.d2 import add_model_ema_configs, ema_settings, get_model_ema
-from d2ema.d2.datasets import parse_coco_dataset
+from d2ema.d2.data.datasets import parse_coco_dataset
 from d2ema.errors import D2EMAError, one_line
 from d2ema.posthoc import PostHocEMA, Target, plan, reconstruct
 from d2ema.posthoc.snapshots import read_index

@@ -21,7 +21,7 @@ import _kill_child
 
 from d2ema.cli import main
 from d2ema.d2 import get_model_ema
-from d2ema.d2.checkpoint import AtomicCheckpointer
+from d2ema.d2.checkpoint.checkpointers import AtomicCheckpointer
 from d2ema.errors import CheckpointError, one_line
 
 # default_setup() (d2ema train) adds console handlers bound to a test's output: drop them after

@@ -21,7 +21,7 @@ pytest.importorskip("detectron2")
 from _hostile import tiny_yaml
 
 from d2ema.cli import main
-from d2ema.d2.run_lock import LOCK_FILE, run_lock
+from d2ema.d2.engine.run_folder import LOCK_FILE, run_lock
 from d2ema.errors import RunLockedError
 
 pytestmark = pytest.mark.usefixtures("restore_loggers")

@@ -18,6 +18,6 @@ __all__ = ["run_update_speed"]
 
 def run_update_speed(argv: Sequence[str], prog: str = "d2ema bench") -> int:
     """Run the benchmark's command line with ``argv``; its usage line names ``prog``."""
-    from .speed.update_speed import main
+    from d2ema.app.speed.update_speed import main
 
     return main(list(argv), prog=prog)

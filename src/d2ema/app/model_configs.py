@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode, get_cfg
 
-from ..d2.config import add_model_ema_configs
+from d2ema.d2.config.settings import add_model_ema_configs
 
 __all__ = ["ARCHITECTURES", "build_tiny_detector", "tiny_detector_config"]
 

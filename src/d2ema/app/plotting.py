@@ -79,8 +79,8 @@ def plot_ap_vs_length(
     chosen: Mapping[str, Any] | None = None,
 ) -> str:
     """COCO AP against EMA length for post-hoc EMAs: see
-    :func:`d2ema.d2.posthoc_report.plot_ap_vs_length` (shared with the end-of-training
+    :func:`d2ema.d2.evaluation.report.plot_ap_vs_length` (shared with the end-of-training
     selection); returns the path written."""
-    from ..d2.posthoc_report import plot_ap_vs_length as plot
+    from d2ema.d2.evaluation.report import plot_ap_vs_length as plot
 
     return os.fspath(plot(rows, path, title=title, chosen=chosen))

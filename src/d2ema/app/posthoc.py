@@ -7,30 +7,42 @@ and scored on the run's test set (or on ``--select-on NAME``, a held-out set; th
 also scored on the test set), next to the raw weights; a table, ``results.json`` and a PNG of
 AP against EMA length go to ``OUTPUT_DIR/posthoc``, and ``--export-best OUT.pth`` writes the
 best EMA as a plain detectron2 checkpoint (``MODEL.WEIGHTS``) with a plain config beside it.
-The rows, the table and the files are :mod:`d2ema.d2.posthoc_report`'s, the sweep and the
+The rows, the table and the files are :mod:`d2ema.d2.evaluation.report`'s, the sweep and the
 choice :func:`d2ema.posthoc.select`'s, shared with ``MODEL_EMA.POSTHOC.SELECT``.
 
 Example::
 
     report = run_posthoc(PostHocOptions("output/run", sigma_rels="0.02,0.05,0.1", evaluate=True))
-    print("\\n".join(report.lines))
+    print("
+".join(report.lines))
+
+The command's arguments are added by :func:`add_posthoc_parser`; torch is imported only when
+the command runs, so that ``d2ema --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import io
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..confined import no_links_out
-from ..errors import UsageError
-from ..posthoc import DEFAULT_SIGMA_RELS, Fit, PostHocError, Target, plan, select
+from d2ema.errors import UsageError
+from d2ema.io.confined import no_links_out
+from d2ema.posthoc import DEFAULT_SIGMA_RELS, Fit, PostHocError, Target, plan, select
 
-__all__ = ["DEFAULT_SIGMA_RELS", "PostHocOptions", "PostHocReport", "parse_targets",
-           "run_posthoc"]
+__all__ = [
+    "DEFAULT_SIGMA_RELS",
+    "PostHocOptions",
+    "PostHocReport",
+    "add_posthoc_parser",
+    "parse_targets",
+    "run_posthoc",
+]
 
 
 @dataclasses.dataclass
@@ -107,7 +119,7 @@ def _progress(total: int, enabled: bool):
 
 def run_posthoc(options: PostHocOptions, stream: TextIO | None = None) -> PostHocReport:
     """Fit (and with ``evaluate`` rebuild and score) every target; see the module docstring."""
-    from ..d2.posthoc_report import fit_row, table
+    from d2ema.d2.evaluation.report import fit_row, table
 
     stream = stream or sys.stdout
     out = Path(options.output_dir)
@@ -149,9 +161,9 @@ def run_posthoc(options: PostHocOptions, stream: TextIO | None = None) -> PostHo
 
 def _evaluate(options, folder: Path, fits: list[Fit], step: int, report: PostHocReport,
               say) -> None:
-    from ..d2.posthoc_report import result_metrics, write_results
-    from ..d2.run_eval import RunEvaluator
-    from .data import register_for_config
+    from d2ema.app.data import register_for_config
+    from d2ema.d2.evaluation.report import result_metrics, write_results
+    from d2ema.d2.evaluation.run_eval import RunEvaluator
 
     out = Path(options.output_dir)
     results_dir = out / "posthoc"
@@ -193,7 +205,7 @@ def _evaluate(options, folder: Path, fits: list[Fit], step: int, report: PostHoc
         chosen=report.best, title=f"{out.name}: EMA length chosen after training (step {step})"
         + (f" on {select_on}" if select_on else ""))
     if options.export_best:
-        from ..d2.plain_config import export_with_config
+        from d2ema.d2.checkpoint.export import export_with_config
 
         report.export_lines = export_with_config(
             run.checkpoint, options.export_best, ema=sel.tensors,
@@ -208,8 +220,8 @@ def _selection_set(name: str | None, run) -> str | None:
         return None
     from detectron2.data import DatasetCatalog
 
-    from ..errors import DatasetError
-    from .data import DATASETS, register_datasets
+    from d2ema.app.data import DATASETS, register_datasets
+    from d2ema.errors import DatasetError
 
     if run.lazy:
         raise UsageError("--select-on works with yacs configs; a LazyConfig run is evaluated on "
@@ -220,3 +232,50 @@ def _selection_set(name: str | None, run) -> str | None:
         raise DatasetError(f"--select-on {name}: no dataset of that name is registered; add it "
                            f"with --dataset {name}=ANNOTATIONS.json:IMAGE_DIR")
     return name
+
+
+def add_posthoc_parser(sub, add_verbose: Callable[[argparse.ArgumentParser], None],
+                       add_trust: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add the ``posthoc`` subcommand to the ``d2ema`` parser's subparsers ``sub``."""
+    posthoc = sub.add_parser(
+        "posthoc", help="choose the EMA length after training (MODEL_EMA.POSTHOC snapshots)",
+        description="Rebuild EMAs of any length from the snapshots a run with "
+        "MODEL_EMA.POSTHOC.ENABLED wrote (OUTPUT_DIR/ema_snapshots), say how well the snapshots "
+        "represent each, and with --eval score them on the run's test set (table, results.json "
+        "and ap_vs_length.png in OUTPUT_DIR/posthoc).",
+    )
+    posthoc.add_argument("output_dir", metavar="OUTPUT_DIR", help="the training run's folder")
+    for flag, metavar, text in (
+        ("--sigma-rel", "S,S,...", "power-EMA widths (default without --decay: a sweep "
+         "0.01..0.25)"),
+        ("--decay", "D,D,...", "classic constant decays, as they stand at the step"),
+        ("--export-best", "OUT.pth", "with --eval: write the best EMA as a MODEL.WEIGHTS file"),
+        ("--snapshots", "DIR", "snapshot folder (default: OUTPUT_DIR/ema_snapshots)"),
+        ("--config-file", "FILE", "the run's config (default: OUTPUT_DIR/config.yaml)"),
+        ("--select-on", "NAME", "with --eval: score the EMAs on this dataset (held out) and the "
+         "best on the test set too; default: the test set both chooses and reports"),
+    ):
+        posthoc.add_argument(flag, default=None, metavar=metavar, help=text)
+    posthoc.add_argument("--dataset", action="append", default=[],
+                         metavar="NAME=ANNOTATIONS.json:IMAGE_DIR",
+                         help="with --eval: register a COCO-format dataset the run's config "
+                         "tests on that it does not record (e.g. one your train_net.py "
+                         "registered in code); repeatable")
+    posthoc.add_argument("--step", type=int, help="the training step to rebuild the EMAs at "
+                         "(default: the last)")
+    posthoc.add_argument("--eval", action="store_true",
+                         help="rebuild each EMA and evaluate it (and the raw weights)")
+    add_verbose(posthoc)
+    add_trust(posthoc)
+    posthoc.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from d2ema.io.safe_pickle import trust_pickles
+
+    with trust_pickles(args.trust_pickle):
+        run_posthoc(PostHocOptions(args.output_dir, args.sigma_rel, args.decay, args.step,
+                                   args.eval, args.export_best, args.snapshots, args.config_file,
+                                   args.verbose, datasets=tuple(args.dataset),
+                                   select_on=args.select_on))
+    return 0

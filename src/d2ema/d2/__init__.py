@@ -1,5 +1,6 @@
 """The detectron2 layer: config keys, hook, checkpointer, trainer and evaluation, delegating
-to the core. ``d2ema.d2.compat`` is the seed article's / D2Go's API; ``d2ema.d2.train_net`` is
+to the core. ``d2ema.d2.compat`` is the seed article's / D2Go's API; ``d2ema.d2.engine.train_net``
+is
 what ``d2ema train`` runs.
 
 Example::
@@ -9,22 +10,27 @@ Example::
     trainer = EMATrainer(cfg); trainer.resume_or_load(resume=False); trainer.train()
 """
 
-from ..errors import ConfigError, DatasetError, EMANotLoadedError, TrainerError
-from .build import build_model_ema, get_model_ema
-from .checkpoint import EMACheckpointer, ema_checkpointables
-from .config import (
+from d2ema.d2.checkpoint.checkpointers import EMACheckpointer, ema_checkpointables
+from d2ema.d2.config.settings import (
     EMASettings,
     PostHocSettings,
     add_model_ema_configs,
     ema_settings,
     lazy_model_ema_defaults,
 )
-from .datasets import register_coco_dataset
-from .evaluation import build_evaluator, evaluate_with_ema
-from .family import EMAFamily, get_ema_family, get_extra_emas
-from .hooks import EMAHook
-from .run_setup import setup_run
-from .trainer import EMATrainer, EMATrainerMixin
+from d2ema.d2.data.datasets import register_coco_dataset
+from d2ema.d2.engine.build import (
+    EMAFamily,
+    build_model_ema,
+    get_ema_family,
+    get_extra_emas,
+    get_model_ema,
+)
+from d2ema.d2.engine.hooks import EMAHook
+from d2ema.d2.engine.run_folder import setup_run
+from d2ema.d2.engine.trainer import EMATrainer, EMATrainerMixin
+from d2ema.d2.evaluation.evaluator import build_evaluator, evaluate_with_ema
+from d2ema.errors import ConfigError, DatasetError, EMANotLoadedError, TrainerError
 
 __all__ = [
     "ConfigError",

@@ -31,14 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..ema import EMA
-from ..format import split_state
-from ..schedules import Constant
-from ..state import unwrap_model
-from .build import ATTRIBUTE, get_model_ema
-from .checkpoint import ema_checkpointables
-from .config import add_model_ema_configs, d2go_schedule, ema_settings
-from .hooks import EMAHook as _EMAHook
+from d2ema.averaging.state import unwrap_model
+from d2ema.d2.checkpoint.checkpointers import ema_checkpointables
+from d2ema.d2.config.settings import add_model_ema_configs, d2go_schedule, ema_settings
+from d2ema.d2.engine.build import ATTRIBUTE, get_model_ema
+from d2ema.d2.engine.hooks import EMAHook as _EMAHook
+from d2ema.ema import EMA
+from d2ema.io.format import split_state
+from d2ema.schedules import Constant
 
 __all__ = [
     "EMAHook",

@@ -6,7 +6,7 @@
   share of a DDP model's EMA.
 
 These build on :class:`d2ema.EMA`; the DTensor helpers the EMA itself needs are below it, in
-:mod:`d2ema.dtensor`.
+:mod:`d2ema.averaging.dtensor`.
 
 Example::
 
@@ -21,7 +21,7 @@ Example::
     state = full_state_dict(ema)                # every rank calls it (FSDP2: gathers shards)
 """
 
-from .collectives import (
+from d2ema.distributed.collectives import (
     all_reduce_mean_,
     averaged_buffers,
     comm_device,
@@ -31,7 +31,7 @@ from .collectives import (
     to_dtensors,
     to_local_shards,
 )
-from .sharded import ShardedEMA, assign_by_bytes
+from d2ema.distributed.sharded import ShardedEMA, assign_by_bytes
 
 __all__ = [
     "ShardedEMA",

@@ -44,14 +44,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..dtensor import reshard, to_dtensors, to_local_shards
-from ..format import STATE_KEY
-from ..state import is_dtensor, unwrap_model
+from d2ema.averaging.dtensor import reshard, to_dtensors, to_local_shards
+from d2ema.averaging.state import is_dtensor, unwrap_model
+from d2ema.io.format import STATE_KEY
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-    from ..ema import EMA
+    from d2ema.ema import EMA
 
 __all__ = [
     "all_reduce_mean_",

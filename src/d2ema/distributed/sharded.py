@@ -46,12 +46,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..ema import EMA
-from ..errors import D2EMAError
-from ..state import Slot, TensorGroup, ema_dtype_for, plan_groups, unwrap_model
-from ..swap import swapped_bindings
-from ..update import Binding
-from .collectives import comm_device, rank_and_world
+from d2ema.averaging.state import Slot, TensorGroup, ema_dtype_for, plan_groups, unwrap_model
+from d2ema.averaging.swap import swapped_bindings
+from d2ema.averaging.update import Binding
+from d2ema.distributed.collectives import comm_device, rank_and_world
+from d2ema.ema import EMA
+from d2ema.errors import D2EMAError
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

@@ -26,7 +26,7 @@ Needs Lightning (``pip install 'd2ema[lightning]'``); ``import d2ema`` does not.
 
 from __future__ import annotations
 
-from .errors import LightningEMAError, LightningMissingError
+from d2ema.lightning.errors import LightningEMAError, LightningMissingError
 
 try:
     import lightning.pytorch  # noqa: F401
@@ -36,10 +36,10 @@ except ImportError as e:
         "pip install 'd2ema[lightning]'"
     ) from None
 
-from .callback import EMA, EMACallback
-from .checkpoint import AtomicCheckpointIO
-from .posthoc import PostHocEMA
-from .validation import ema_metric_name
+from d2ema.lightning.callback import EMA, EMACallback
+from d2ema.lightning.checkpoint import AtomicCheckpointIO
+from d2ema.lightning.posthoc import PostHocEMA
+from d2ema.lightning.validation import ema_metric_name
 
 __all__ = [
     "EMA",

@@ -11,6 +11,6 @@ Example::
 
 from __future__ import annotations
 
-from ..atomic import atomic_save, atomic_write_bytes, atomic_write_text
+from d2ema.io.atomic import atomic_save, atomic_write_bytes, atomic_write_text
 
 __all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_text"]

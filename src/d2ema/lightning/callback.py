@@ -30,10 +30,9 @@ from torch import nn
 
 import d2ema
 from d2ema.distributed import averaged_buffers
-
-from .checkpoint import D2GO_KEY, align_prefix, export_weights, foreign_state
-from .errors import LightningEMAError
-from .validation import two_pass, unwrap_loop
+from d2ema.lightning.checkpoint import D2GO_KEY, align_prefix, export_weights, foreign_state
+from d2ema.lightning.errors import LightningEMAError
+from d2ema.lightning.validation import two_pass, unwrap_loop
 
 __all__ = ["EMA", "EMACallback"]
 

@@ -35,8 +35,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from ._engine import atomic_save
-from .errors import LightningEMAError
+from d2ema.lightning._engine import atomic_save
+from d2ema.lightning.errors import LightningEMAError
 
 __all__ = ["D2GO_KEY", "AtomicCheckpointIO", "align_prefix", "export_weights", "foreign_state"]
 

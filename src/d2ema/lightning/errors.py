@@ -10,7 +10,7 @@ Example::
 
 from __future__ import annotations
 
-from ..errors import D2EMAError
+from d2ema.errors import D2EMAError
 
 __all__ = ["LightningEMAError", "LightningMissingError"]
 

@@ -36,12 +36,11 @@ import torch
 from torch import nn
 
 import d2ema
+from d2ema.lightning._engine import atomic_write_bytes, atomic_write_text
+from d2ema.lightning.callback import EMA, _info
+from d2ema.lightning.checkpoint import export_weights
+from d2ema.lightning.errors import LightningEMAError
 from d2ema.posthoc import PostHocError, Selection, load_tensors
-
-from ._engine import atomic_write_bytes, atomic_write_text
-from .callback import EMA, _info
-from .checkpoint import export_weights
-from .errors import LightningEMAError
 
 __all__ = ["RAW", "PostHocEMA", "weigh_raw"]
 

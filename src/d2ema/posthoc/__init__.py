@@ -24,7 +24,7 @@ Example::
     best = ph.select(validation_score, model=model)   # or the length a held-out score picks
 """
 
-from .profiles import (
+from d2ema.posthoc.profiles import (
     MAX_SIGMA_REL,
     Fit,
     PostHocError,
@@ -35,10 +35,10 @@ from .profiles import (
     representable_range,
     solve,
 )
-from .rebuild import Reconstruction, plan, reconstruct
-from .select import DEFAULT_SIGMA_RELS, Selection, select, sweep_targets
-from .snapshots import INDEX, SnapshotEntry, SnapshotWriter, read_index, snapshot_dtype
-from .tracker import PostHocEMA, load_tensors
+from d2ema.posthoc.rebuild import Reconstruction, plan, reconstruct
+from d2ema.posthoc.select import DEFAULT_SIGMA_RELS, Selection, select, sweep_targets
+from d2ema.posthoc.snapshots import INDEX, SnapshotEntry, SnapshotWriter, read_index, snapshot_dtype
+from d2ema.posthoc.tracker import PostHocEMA, load_tensors
 
 __all__ = [
     "DEFAULT_SIGMA_RELS",

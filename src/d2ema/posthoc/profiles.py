@@ -36,8 +36,8 @@ from typing import Literal, TypeAlias
 
 import torch
 
-from ..errors import D2EMAError
-from ..schedules import sigma_rel_to_gamma
+from d2ema.errors import D2EMAError
+from d2ema.schedules import sigma_rel_to_gamma
 
 Number: TypeAlias = float | torch.Tensor  # profile_dot broadcasts tensors
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .profiles import Fit, PostHocError, Target, check_fit, representable_range, solve
-from .snapshots import INDEX, SnapshotEntry, read_index
+from d2ema.posthoc.profiles import Fit, PostHocError, Target, check_fit, representable_range, solve
+from d2ema.posthoc.snapshots import INDEX, SnapshotEntry, read_index
 
 __all__ = ["Reconstruction", "plan", "reconstruct"]
 

@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .profiles import Fit, PostHocError, Target
-from .rebuild import Reconstruction, plan, reconstruct
+from d2ema.posthoc.profiles import Fit, PostHocError, Target
+from d2ema.posthoc.rebuild import Reconstruction, plan, reconstruct
 
 __all__ = ["DEFAULT_SIGMA_RELS", "Selection", "select", "sweep_targets"]
 

@@ -34,12 +34,12 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_save, atomic_write_text
-from ..confined import confined
-from ..ema import EMA
-from ..errors import one_line
-from ..schedules import SigmaRel
-from .profiles import MAX_SIGMA_REL, PostHocError, gamma_to_sigma_rel
+from d2ema.ema import EMA
+from d2ema.errors import one_line
+from d2ema.io.atomic import atomic_save, atomic_write_text
+from d2ema.io.confined import confined
+from d2ema.posthoc.profiles import MAX_SIGMA_REL, PostHocError, gamma_to_sigma_rel
+from d2ema.schedules import SigmaRel
 
 __all__ = ["INDEX", "SnapshotEntry", "SnapshotWriter", "read_index", "snapshot_dtype"]
 

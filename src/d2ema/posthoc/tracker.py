@@ -30,13 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..ema import EMA
-from ..errors import EMAStateError
-from ..state import unwrap_model
-from .profiles import PostHocError, Target
-from .rebuild import Reconstruction, reconstruct
-from .select import Selection, select, sweep_targets
-from .snapshots import SnapshotWriter
+from d2ema.averaging.state import unwrap_model
+from d2ema.ema import EMA
+from d2ema.errors import EMAStateError
+from d2ema.posthoc.profiles import PostHocError, Target
+from d2ema.posthoc.rebuild import Reconstruction, reconstruct
+from d2ema.posthoc.select import Selection, select, sweep_targets
+from d2ema.posthoc.snapshots import SnapshotWriter
 
 __all__ = ["PostHocEMA", "load_tensors"]
 

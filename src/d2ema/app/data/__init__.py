@@ -8,7 +8,7 @@ images + COCO json) and registers ``shapes_train``, ``shapes_val``, ``digits_tra
 Importing this package does not import detectron2; only :func:`register_datasets` does.
 """
 
-from .registry import (
+from d2ema.app.data.registry import (
     DATASETS,
     ENV_CACHE,
     DatasetFiles,

@@ -19,7 +19,14 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from .common import Sample, box_from_mask, contrasting_colour, luma, noisy_background, sample_rng
+from d2ema.app.data.common import (
+    Sample,
+    box_from_mask,
+    contrasting_colour,
+    luma,
+    noisy_background,
+    sample_rng,
+)
 
 __all__ = [
     "CLASSES",

@@ -27,9 +27,9 @@ from typing import Any
 
 import cv2
 
-from ...errors import D2EMAError
-from . import digits, shapes
-from .common import Sample
+from d2ema.app.data import digits, shapes
+from d2ema.app.data.common import Sample
+from d2ema.errors import D2EMAError
 
 __all__ = [
     "DATASETS",

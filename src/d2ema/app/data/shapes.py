@@ -17,7 +17,14 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 
-from .common import Sample, box_from_mask, contrasting_colour, luma, noisy_background, sample_rng
+from d2ema.app.data.common import (
+    Sample,
+    box_from_mask,
+    contrasting_colour,
+    luma,
+    noisy_background,
+    sample_rng,
+)
 
 __all__ = ["CLASSES", "MAX_HIDDEN", "generate", "render_image"]
 

@@ -9,7 +9,7 @@ Example::
     print(run_demo(DemoOptions(quick=True, output="output/demo")).table())
 """
 
-from .options import (
+from d2ema.app.demo.options import (
     DATASET_FAMILIES,
     PRESETS,
     DemoError,
@@ -18,8 +18,8 @@ from .options import (
     demo_config,
     parse_decays,
 )
-from .report import DemoResult, summary_lines
-from .run import choose_threads, run_demo
+from d2ema.app.demo.report import DemoResult, summary_lines
+from d2ema.app.demo.run import choose_threads, run_demo
 
 __all__ = [
     "DATASET_FAMILIES",

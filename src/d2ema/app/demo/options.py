@@ -15,7 +15,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-from ...errors import D2EMAError
+from d2ema.errors import D2EMAError
 
 __all__ = [
     "DATASET_FAMILIES",
@@ -145,8 +145,8 @@ def check_options(options: DemoOptions) -> tuple[DemoPreset, tuple[float, ...]]:
 
 def demo_config(options: DemoOptions, preset: DemoPreset | None = None):
     """The detectron2 config of the demo (datasets must be registered to train it)."""
-    from ..data import get_dataset_spec
-    from ..model_configs import tiny_detector_config
+    from d2ema.app.data import get_dataset_spec
+    from d2ema.app.model_configs import tiny_detector_config
 
     checked, decays = check_options(options)
     preset = preset or checked

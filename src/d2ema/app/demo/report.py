@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from ...atomic import atomic_write_text
-from .options import METRICS, RAW, DemoOptions, DemoPreset, ema_label, ema_prefix
+from d2ema.app.demo.options import METRICS, RAW, DemoOptions, DemoPreset, ema_label, ema_prefix
+from d2ema.io.atomic import atomic_write_text
 
 __all__ = ["DemoResult", "RunLog", "duration", "summary_lines", "write_json"]
 

@@ -35,9 +35,9 @@ from typing import TextIO
 
 import torch
 
-from .options import RAW, DemoError, DemoOptions, check_options, demo_config
-from .report import DemoResult, RunLog, duration, write_json
-from .trainer import DemoTrainer
+from d2ema.app.demo.options import RAW, DemoError, DemoOptions, check_options, demo_config
+from d2ema.app.demo.report import DemoResult, RunLog, duration, write_json
+from d2ema.app.demo.trainer import DemoTrainer
 
 __all__ = ["choose_threads", "run_demo"]
 
@@ -127,7 +127,7 @@ def run_demo(options: DemoOptions, stream: TextIO | None = None) -> DemoResult:
     with _console_logging(output_dir, options.verbose, stream), _threads(threads):
         from detectron2.utils.env import seed_all_rng
 
-        from ..data import cache_root, get_dataset_spec, register_datasets
+        from d2ema.app.data import cache_root, get_dataset_spec, register_datasets
 
         train, val = cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST[0]
         sizes = {n: s for n, s in ((train, preset.train_images), (val, preset.val_images)) if s}
@@ -156,7 +156,7 @@ def run_demo(options: DemoOptions, stream: TextIO | None = None) -> DemoResult:
         trainer.train()
         train_and_eval = time.perf_counter() - t_train
 
-        from ..plotting import plot_ap_curves
+        from d2ema.app.plotting import plot_ap_curves
 
         plot = plot_ap_curves(
             run.history, output_dir / "ap_curves.png",

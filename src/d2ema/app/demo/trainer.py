@@ -10,9 +10,9 @@ import torch
 from detectron2.engine import HookBase, hooks
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
-from ...d2 import EMATrainer
-from .options import ema_prefix
-from .report import RunLog, duration
+from d2ema.app.demo.options import ema_prefix
+from d2ema.app.demo.report import RunLog, duration
+from d2ema.d2 import EMATrainer
 
 __all__ = ["DemoTrainer"]
 

@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 import d2ema
-
-from .timing import Method
+from d2ema.app.speed.timing import Method
 
 __all__ = [
     "DEFAULT",

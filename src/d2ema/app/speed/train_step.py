@@ -9,7 +9,8 @@ followed by the hooks' ``after_step`` (where :class:`~d2ema.d2.EMAHook` updates)
   config's defaults: flat mode, an update every step);
 * ``every4``: ``MODEL_EMA.UPDATE_EVERY = 4``;
 * ``other_device``: on a CUDA model ``MODEL_EMA.DEVICE = "cpu"``, the background path of
-  :mod:`d2ema.offload`; on a CPU-only machine there is no other device, and the row runs the
+  :mod:`d2ema.averaging.offload`; on a CPU-only machine there is no other device, and the row runs
+  the
   same background path with ``overlap=True`` (snapshot on the CPU, ``lerp_`` in a thread);
 * ``other_device_sync`` (CUDA only): the same CPU-held EMA updated synchronously
   (``overlap=False``): copy, wait, lerp, what the background path saves.
@@ -42,7 +43,7 @@ from typing import Any
 
 import torch
 
-from .timing import RESULTS, environment, quantile, synchronizer
+from d2ema.app.speed.timing import RESULTS, environment, quantile, synchronizer
 
 __all__ = ["CPU_VARIANTS", "VARIANTS", "main", "run"]
 
@@ -56,8 +57,8 @@ def _config(arch: str, device: str):
     RetinaNet R50-FPN (4 conv heads, 256 FPN channels, FrozenBN backbone) from code."""
     from detectron2.config import get_cfg
 
-    from ...d2.config import add_model_ema_configs
-    from ..model_configs import tiny_detector_config
+    from d2ema.app.model_configs import tiny_detector_config
+    from d2ema.d2.config.settings import add_model_ema_configs
 
     if arch == "r18":
         cfg = tiny_detector_config("retinanet", num_classes=5, image_size=128, device=device)
@@ -119,9 +120,9 @@ def _build(name: str, cfg, init: dict, batches, device: torch.device) -> Variant
     from detectron2.modeling import build_model
     from detectron2.solver import build_optimizer
 
-    from ... import EMA
-    from ...d2 import EMAHook, build_model_ema
-    from ...d2.config import ema_settings
+    from d2ema import EMA
+    from d2ema.d2 import EMAHook, build_model_ema
+    from d2ema.d2.config.settings import ema_settings
 
     cfg = cfg.clone()
     cfg.defrost()

@@ -33,8 +33,7 @@ import torch
 from torch import nn
 
 import d2ema
-
-from .methods import (
+from d2ema.app.speed.methods import (
     DEFAULT,
     FLAT,
     MODEL_TITLES,
@@ -46,7 +45,7 @@ from .methods import (
     float_state,
     named_state,
 )
-from .timing import (
+from d2ema.app.speed.timing import (
     BUSY_SHARE,
     INNER,
     MAX_REPS,

@@ -1,0 +1,316 @@
+"""Build the EMAs of a detectron2 model and find them again: the primary EMA, its family of
+extra and post-hoc EMAs, and the warning about an EMA that will mostly be its starting weights.
+
+**Starting weights.** A classic EMA with constant decay ``d`` and no ramp keeps ``d**n`` of the
+weights it started from after ``n`` updates: 0.999**800 = 45%, so a short run's EMA is mostly
+random (or pretrained) initialisation, and evaluating it shows no detections at all. This is the
+most common wrong guess (D2Go's default is 0.999 without a ramp); :func:`initial_share_warning`
+says so when training starts, with the fix.
+
+Example::
+
+    message = initial_share_warning(ema, total_steps=800)
+    if message:
+        logger.warning(message)
+
+**The primary EMA.** The EMA lives on the (unwrapped) model as ``model.ema_state``, the attribute
+D2Go and the seed article use, so every part of a trainer reaches it from the model alone.
+
+Example::
+
+    model = build_model(cfg)
+    ema = build_model_ema(cfg, model)     # None unless cfg.MODEL_EMA.ENABLED
+    assert get_model_ema(model) is ema
+
+**Several EMAs of one model** (``MODEL_EMA.EXTRA_*`` and ``MODEL_EMA.POSTHOC.*``). Besides the
+primary EMA (``MODEL_EMA.DECAY``, checkpoint key ``ema_state`` as D2Go writes it), a model may have
+
+* extra EMAs, one per ``EXTRA_DECAYS`` value (the primary's schedule with another decay, named
+  ``ema_<decay>``) and per ``EXTRA_SIGMA_RELS`` value (power EMAs, ``ema_sigma<sigma_rel>``),
+  each evaluated with the raw weights and logged under its name (``ema_0.99/bbox/AP``: one
+  TensorBoard curve each), saved under the checkpoint key ``ema_extras``;
+* post-hoc EMAs (``POSTHOC.ENABLED``): power EMAs of ``POSTHOC.SIGMA_RELS``, not evaluated,
+  snapshotted every ``POSTHOC.PERIOD`` iterations and at the last one into
+  ``OUTPUT_DIR/ema_snapshots`` by the main process (:class:`~d2ema.PostHocEMA`), saved under
+  ``ema_posthoc`` so that a resumed run continues the series exactly.
+
+They form the model's :class:`EMAFamily`, built by :func:`~d2ema.d2.build_model_ema` and driven
+by :class:`~d2ema.d2.EMAHook` (one hook updates every EMA per step);
+:class:`~d2ema.d2.EMACheckpointer` saves and checks them with the primary.
+
+Example::
+
+    cfg.MODEL_EMA.EXTRA_DECAYS = [0.99, 0.9998]
+    cfg.MODEL_EMA.POSTHOC.ENABLED = True
+    trainer = EMATrainer(cfg)          # evaluates raw, ema/, ema_0.99/, ema_0.9998/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+from d2ema.averaging.state import unwrap_model
+from d2ema.d2.config.settings import EMASettings, ema_settings
+from d2ema.distributed import ShardedEMA
+from d2ema.ema import EMA
+from d2ema.errors import EMAStateError
+from d2ema.posthoc import PostHocEMA
+from d2ema.schedules import Constant, SigmaRel
+
+__all__ = [
+    "ATTRIBUTE",
+    "EXTRAS_KEY",
+    "POSTHOC_KEY",
+    "WARN_SHARE",
+    "EMAFamily",
+    "build_ema_family",
+    "build_model_ema",
+    "check_posthoc_space",
+    "get_ema_family",
+    "get_extra_emas",
+    "get_model_ema",
+    "initial_share",
+    "initial_share_warning",
+]
+
+
+WARN_SHARE = 0.01  # warn when the starting weights keep more than this share at the end
+
+
+def initial_share(ema: EMA, total_steps: int) -> float:
+    """The weight the EMA's starting weights (those at step ``start``) still have at step
+    ``total_steps``: the product of the decays of every update until then."""
+    n = total_steps - ema.start
+    if n <= 0:
+        return 1.0
+    if isinstance(ema.schedule, Constant):
+        return ema.decay ** ((n // ema.every) * ema.every)
+    share = 1.0
+    for k in range(ema.every, n + 1, ema.every):
+        share *= ema.decay_at(ema.start + k)
+        if share < 1e-9:  # ramps and power EMAs get here within a few updates
+            return share
+    return share
+
+
+def initial_share_warning(ema: EMA, total_steps: int, name: str = "the EMA",
+                          keys: str = "MODEL_EMA.") -> str | None:
+    """A warning with the fix if ``ema`` keeps more than :data:`WARN_SHARE` of its starting
+    weights at ``total_steps``, else None. ``keys`` prefixes the config keys it names."""
+    share = initial_share(ema, total_steps)
+    if share <= WARN_SHARE:
+        return None
+    n = total_steps - ema.start
+    constant = isinstance(ema.schedule, Constant)
+    formula = f" ({ema.decay:g}**{n})" if constant else ""
+    ramp = f"a ramp ({keys}SCHEDULE yolov5), " if constant else ""
+    return (
+        f"{name} (decay {ema.decay:g}, schedule {ema.meta()['schedule']}) will still be "
+        f"{share:.0%} its starting weights after {n} steps{formula}: it would mostly show the "
+        f"initial (random or pretrained) weights. Use {ramp}a power EMA ({keys}SCHEDULE "
+        f"sigma_rel, {keys}SIGMA_REL 0.05, which adapts to the run length), or a decay of at "
+        f"most {WARN_SHARE ** (1 / max(n, 1)):.4f} for this run"
+    )
+
+
+ATTRIBUTE = "ema_state"
+
+
+def build_model_ema(cfg: Any, model: nn.Module) -> EMA | None:
+    """Validate the config's EMA settings and, if enabled, attach a new :class:`EMA`
+    (a :class:`~d2ema.distributed.ShardedEMA` with ``SHARDED``), and build the extra and post-hoc
+    EMAs the config asks for (:mod:`d2ema.d2.engine.build`).
+
+    Call it before building the optimizer and wrapping the model in DDP, as
+    :class:`~d2ema.d2.EMATrainer` and ``d2ema train`` do: with ``FLAT`` unset (None) a plain EMA
+    uses flat mode, which re-points the model's tensors into one buffer per dtype
+    (:mod:`d2ema.averaging.flat`) so that an update is one ``lerp_``.
+    """
+    settings = ema_settings(cfg)
+    if not settings.enabled:
+        return None
+    target = unwrap_model(model)
+    if hasattr(target, ATTRIBUTE):
+        raise ValueError(
+            f"the model already has an attribute {ATTRIBUTE!r}: it is reserved for the EMA. "
+            "Build the EMA once per model."
+        )
+    flat = settings.flat if settings.flat is not None else not settings.sharded
+    kwargs = {**settings.ema_kwargs(), "flat": flat}
+    ema = (ShardedEMA if settings.sharded else EMA)(target, **kwargs)
+    setattr(target, ATTRIBUTE, ema)
+    build_ema_family(cfg, target, settings, kwargs)  # MODEL_EMA.EXTRA_* and POSTHOC, if any
+    return ema
+
+
+def get_model_ema(model: nn.Module) -> EMA | None:
+    """The EMA attached to ``model`` (ours, or the one inside a seed/D2Go ``EMAState``)."""
+    holder = getattr(unwrap_model(model), ATTRIBUTE, None)
+    if holder is None or isinstance(holder, EMA):
+        return holder
+    return getattr(holder, "ema", None)
+
+
+logger = logging.getLogger(__name__)
+
+
+EXTRAS_KEY = "ema_extras"
+
+
+POSTHOC_KEY = "ema_posthoc"
+
+
+SNAPSHOT_FOLDER = "ema_snapshots"
+
+
+_FAMILIES: weakref.WeakKeyDictionary[nn.Module, EMAFamily] = weakref.WeakKeyDictionary()
+
+
+class EMAGroupState:
+    """A checkpointable for named EMAs: ``{name: EMA.state_dict()}``, all checked, then all
+    loaded. Names only in the checkpoint are ignored; names only here restart (logged)."""
+
+    def __init__(self, get_emas: Callable[[], Mapping[str, EMA]], key: str,
+                 before_save: Callable[[], None] | None = None):
+        self.emas, self.key, self.before_save = get_emas, key, before_save
+        self.loaded: set[str] = set()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.before_save is not None:
+            self.before_save()
+        return {name: ema.state_dict() for name, ema in self.emas().items()}
+
+    def check(self, state: Any) -> None:
+        if not isinstance(state, Mapping):
+            raise EMAStateError(f"checkpoint key {self.key!r} is a {type(state).__name__}, not a "
+                                "dict of EMA states; nothing was loaded")
+        for name, ema in self.emas().items():
+            if name in state:
+                try:
+                    ema.check_state_dict(state[name])
+                except EMAStateError as e:
+                    raise EMAStateError(f"{self.key}[{name!r}]: {e}") from e
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.check(state)
+        emas = self.emas()
+        for name, ema in emas.items():
+            if name in state:
+                ema.load_state_dict(state[name])
+        self.loaded = set(emas) & set(state)
+        new, gone = sorted(set(emas) - set(state)), sorted(set(state) - set(emas))
+        if new or gone:
+            logger.info("%s: %s start from the loaded weights%s", self.key, new or "none",
+                        f"; {gone} in the checkpoint are not configured (ignored)" if gone else "")
+
+
+@dataclasses.dataclass
+class EMAFamily:
+    """The extra and post-hoc EMAs of one model (see the module docstring)."""
+
+    extras: dict[str, EMA]
+    posthoc: PostHocEMA | None = None
+
+    def __post_init__(self) -> None:
+        self.states = {EXTRAS_KEY: EMAGroupState(lambda: self.extras, EXTRAS_KEY)}
+        if self.posthoc is not None:
+            # a checkpoint at step S resumes the series at S: every snapshot up to S must be on
+            # disk by then (a kill after the save would otherwise leave a gap in the series)
+            self.states[POSTHOC_KEY] = EMAGroupState(lambda: self.posthoc.emas, POSTHOC_KEY,  # type: ignore[union-attr]
+                                                     before_save=self.posthoc.writer.flush)
+
+    def before_train(self, model: nn.Module, max_iter: int | None, start_iter: int = 0) -> None:
+        """Restart the EMAs no checkpoint provided; continue the snapshot series."""
+        for state in self.states.values():
+            for name, ema in state.emas().items():
+                if name not in state.loaded:
+                    ema.reset(model)
+        if self.posthoc is not None and start_iter and not self.states[POSTHOC_KEY].loaded:
+            logger.warning("post-hoc EMA: the checkpoint resumed at iteration %d has no post-hoc "
+                           "EMAs; they start from its weights, as if training had begun there",
+                           start_iter)
+        if self.posthoc is not None:
+            if self.posthoc.writer.enabled:
+                self.posthoc.writer.check_space(self.posthoc.snapshot_every, max_iter or 0,
+                                                start_iter)
+                logger.info(self.posthoc.writer.describe(self.posthoc.snapshot_every,
+                                                         max_iter or 0))
+            self.posthoc.sync()
+            if max_iter is not None and self.posthoc.step == max_iter:
+                self.posthoc.snapshot()
+
+    def after_step(self, model: nn.Module, step: int, max_iter: int | None) -> None:
+        for ema in self.extras.values():
+            ema.update(model, step=step)
+        if self.posthoc is not None:
+            self.posthoc.update(model, step=step)
+            if step == max_iter:
+                self.posthoc.snapshot()
+
+    def after_train(self) -> None:
+        if self.posthoc is not None:
+            self.posthoc.close()
+
+
+def _run_facts(cfg) -> tuple[str, int]:
+    """The output folder and the number of iterations of a yacs or LazyConfig config."""
+    if hasattr(cfg, "SOLVER"):
+        return str(cfg.OUTPUT_DIR), int(cfg.SOLVER.MAX_ITER)
+    train = cfg.train
+    return str(train.get("output_dir", "./output")), int(train.get("max_iter", 0))
+
+
+def build_ema_family(cfg, model: nn.Module, settings: EMASettings,
+                     ema_kwargs: dict[str, Any] | None = None) -> EMAFamily | None:
+    """Build and attach the model's extra and post-hoc EMAs, if the config asks for any;
+    ``ema_kwargs``: those of the primary EMA (default: the settings')."""
+    if not (settings.extra_decays or settings.extra_sigma_rels or settings.posthoc):
+        return None
+    from detectron2.utils import comm
+
+    kwargs = dict(ema_kwargs or settings.ema_kwargs())
+    extras = {}
+    for decay in settings.extra_decays:
+        schedule = dataclasses.replace(settings.schedule, decay=decay)
+        extras[f"ema_{decay:g}"] = EMA(model, **{**kwargs, "decay": decay, "schedule": schedule})
+    for sigma_rel in settings.extra_sigma_rels:
+        extras[f"ema_sigma{sigma_rel:g}"] = EMA(model, **{**kwargs, "schedule": SigmaRel(
+            sigma_rel=sigma_rel)})
+    posthoc = None
+    if settings.posthoc is not None:
+        output_dir, max_iter = _run_facts(cfg)
+        posthoc = PostHocEMA(
+            model, os.path.join(output_dir, settings.posthoc.dir or SNAPSHOT_FOLDER),
+            settings.posthoc.sigma_rels, snapshot_every=settings.posthoc.period_for(max_iter),
+            dtype=settings.posthoc.dtype, enabled=comm.is_main_process(),
+            **{k: v for k, v in kwargs.items() if k not in ("decay", "schedule")},
+        )
+    family = EMAFamily(extras, posthoc)
+    _FAMILIES[unwrap_model(model)] = family
+    return family
+
+
+def check_posthoc_space(model: nn.Module, max_iter: int, start_iter: int = 0) -> None:
+    """Before training: refuse (:class:`~d2ema.posthoc.PostHocError`, one line) a post-hoc
+    snapshot series larger than the free space of its disk (also checked in ``before_train``,
+    for trainers of your own)."""
+    family = get_ema_family(model)
+    if family is not None and family.posthoc is not None:
+        family.posthoc.writer.check_space(family.posthoc.snapshot_every, max_iter, start_iter)
+
+
+def get_ema_family(model: nn.Module) -> EMAFamily | None:
+    return _FAMILIES.get(unwrap_model(model))
+
+
+def get_extra_emas(model: nn.Module) -> dict[str, EMA]:
+    """The model's extra EMAs by name (``ema_0.99``, ``ema_sigma0.1``); empty if none."""
+    family = get_ema_family(model)
+    return dict(family.extras) if family is not None else {}

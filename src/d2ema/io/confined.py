@@ -1,0 +1,76 @@
+"""Files a run folder names, kept inside that folder.
+
+A run folder is data, not a set of instructions: ``last_checkpoint`` and the snapshot index
+``index.json`` name files *in the folder*, and whoever edited them must not make d2ema read or
+delete anything elsewhere. :func:`confined` accepts a plain file name only (no folder part, no
+``..``, not absolute) and, when the file exists, refuses a symbolic link whose target lies
+outside the folder. Symbolic links inside the folder (e.g. a run folder that is itself a link,
+or a snapshot linked to another file of the same folder) keep working.
+
+Example::
+
+    path = confined("output", "model_0000999.pth", "last_checkpoint")   # output/model_0000999.pth
+    confined("output", "../x.pth", "last_checkpoint")                    # OutsideFolderError
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from d2ema.errors import OutsideFolderError
+
+__all__ = ['confined', 'escapes', 'no_links_out']
+
+
+def escapes(folder: str | os.PathLike[str], path: str | os.PathLike[str]) -> bool:
+    """Whether ``path``, with every symbolic link followed, lies outside ``folder``."""
+    root = os.path.realpath(folder)
+    target = os.path.realpath(path)
+    return os.path.commonpath([root, target]) != root
+
+
+def confined(folder: str | os.PathLike[str], name: object, source: str) -> Path:
+    """``folder / name`` if ``name`` is a plain file name whose file (if any) lies inside
+    ``folder``; else :class:`OutsideFolderError` naming ``source`` (what named it) and the fix."""
+    folder = Path(folder)
+    bad = None
+    if not isinstance(name, str) or not name.strip():
+        bad = "is not a file name"
+    elif "\x00" in name or "/" in name or "\\" in name or name in (".", ".."):
+        bad = "is not a plain file name in the folder (it has a folder part)"
+    if bad is None:
+        path = folder / name  # type: ignore[operator]  # a str: checked above
+        if (path.exists() or path.is_symlink()) and escapes(folder, path):
+            bad = f"is a symbolic link to {os.path.realpath(path)}, outside the folder"
+    if bad is not None:
+        raise OutsideFolderError(
+            f"{source} names {name!r}, which {bad}; a run folder may only name its own files, "
+            f"so nothing outside {folder} is read or deleted. Remove or fix that entry (or the "
+            "link), or start the run in a new OUTPUT_DIR")
+    return path
+
+
+def no_links_out(folder: str | os.PathLike[str], what: str, depth: int = 3) -> None:
+    """Refuse a file in ``folder`` (or in its folders, ``depth`` levels down) that is a symbolic
+    link leading out of it: a command writing its outputs there (detectron2's config.yaml,
+    log.txt and metrics.json; checkpoints; snapshots; evaluation results) would replace the
+    file it points to. Linked folders are allowed: a run's folder, or a part of it, may live on
+    another disk."""
+    folder = Path(folder)
+    todo = [(folder, 0)] if folder.is_dir() else []
+    while todo:
+        sub, level = todo.pop()
+        try:
+            entries = list(os.scandir(sub))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir():  # a linked folder (say, data on another disk) is not scanned
+                if level + 1 < depth and not entry.is_symlink():
+                    todo.append((Path(entry.path), level + 1))
+            elif entry.is_symlink() and escapes(sub, entry.path):
+                raise OutsideFolderError(
+                    f"{entry.path} is a symbolic link to {os.path.realpath(entry.path)}, outside "
+                    f"{what}: outputs are written there, so it would replace that file; remove "
+                    "the link, or use another folder")

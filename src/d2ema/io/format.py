@@ -1,0 +1,227 @@
+"""The checkpoint format of an EMA: the one place that knows ``ema_state`` and ``ema_meta``.
+
+A checkpoint holds the EMA under two keys::
+
+    {"ema_state": {name: tensor, ...},      # plain, exactly what D2Go and the seed article write
+     "ema_meta": {"format_version": 1, "step": ..., "num_skipped": ..., "schedule": {...},
+                  "every": ..., "start": ..., "master_dtype": ...}}
+
+``ema_state`` stays a plain name->tensor dict so that D2Go's and the article's checkpoints load
+here and ours load there; ``ema_meta`` rides beside it with what an exact resume needs. A plain
+name->tensor dict (D2Go's ``EMAState.state_dict()``) is accepted wherever a state is loaded.
+
+Example::
+
+    tensors, meta = split_state(torch.load(path)["ema_state"])
+    problems = compare({n: (t.shape, t.dtype) for n, t in tensors.items()}, expected, "the file")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from d2ema.errors import EMAStateError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "META_KEY",
+    "STATE_KEY",
+    "align_names",
+    "compare",
+    "dtype_kind",
+    "has_ema",
+    "meta_problems",
+    "nonfinite_names",
+    "shorten",
+    "split_state",
+    "state_problems",
+    "tensor_problems",
+]
+
+
+FORMAT_VERSION = 1
+
+
+STATE_KEY = "ema_state"
+
+
+META_KEY = "ema_meta"
+
+
+_WRAPPER_PREFIX = "module."
+
+
+def has_ema(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether a loaded checkpoint carries an EMA (``ema_state`` with tensors in it)."""
+    state = checkpoint.get(STATE_KEY)
+    return isinstance(state, Mapping) and len(state) > 0
+
+
+def split_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """``(tensors, meta)`` of our format or of a plain name->tensor dict (meta None)."""
+    if STATE_KEY in state_dict and isinstance(state_dict[STATE_KEY], Mapping):
+        tensors, meta = dict(state_dict[STATE_KEY]), state_dict.get(META_KEY)
+    else:
+        tensors, meta = dict(state_dict), None
+    bad = sorted(n for n, t in tensors.items() if not isinstance(t, torch.Tensor))
+    if bad:
+        raise EMAStateError(
+            f"cannot load this EMA state; the EMA is unchanged: entries {bad[:5]} are not "
+            "tensors (expected {'ema_state': {name: tensor}, 'ema_meta': {...}} or a plain "
+            "name->tensor dict)"
+        )
+    if meta is not None and not isinstance(meta, Mapping):
+        raise EMAStateError(
+            f"cannot load this EMA state; the EMA is unchanged: ema_meta is a "
+            f"{type(meta).__name__}, not a dict"
+        )
+    return tensors, (dict(meta) if meta is not None else None)
+
+
+def align_names(theirs: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, Any]:
+    """Match the names of ``theirs`` to ``reference`` across a wrapper's ``module.`` prefix.
+
+    A state saved from ``DistributedDataParallel(model)`` by hand carries ``module.`` before
+    every name; the prefix is stripped (or added) only when no name matches as it is and every
+    name of one side carries it.
+    """
+    theirs = dict(theirs)
+    if not theirs or set(theirs) & set(reference):
+        return theirs
+    p = _WRAPPER_PREFIX
+    if all(n.startswith(p) for n in theirs):
+        return {n[len(p) :]: t for n, t in theirs.items()}
+    if reference and all(n.startswith(p) for n in reference):
+        return {p + n: t for n, t in theirs.items()}
+    return theirs
+
+
+def dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def compare(
+    given: Mapping[str, tuple[torch.Size, torch.dtype]],
+    expected: Mapping[str, tuple[torch.Size, torch.dtype]],
+    source: str,
+    allow_missing: bool = False,
+) -> list[str]:
+    """Every difference in names, shapes and dtype kinds, one line each (empty: they fit)."""
+    problems = []
+    if not allow_missing:
+        missing = sorted(set(expected) - set(given))
+        unexpected = sorted(set(given) - set(expected))
+        if missing:
+            problems.append(f"missing in {source} ({len(missing)}): {shorten(missing)}")
+        if unexpected:
+            problems.append(f"unexpected in {source} ({len(unexpected)}): {shorten(unexpected)}")
+    for name in sorted(set(given) & set(expected)):
+        (gs, gd), (es, ed) = given[name], expected[name]
+        if tuple(gs) != tuple(es):
+            problems.append(f"{name}: shape {tuple(gs)} in {source}, EMA has {tuple(es)}")
+        elif dtype_kind(gd) != dtype_kind(ed):
+            problems.append(f"{name}: dtype {gd} in {source}, EMA has {ed} ({dtype_kind(ed)})")
+    return problems
+
+
+def nonfinite_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of floating/complex tensors holding NaN or Inf (one reduction each)."""
+    return sorted(
+        n for n, t in tensors.items()
+        if (t.is_floating_point() or t.is_complex()) and t.numel()
+        and not bool(torch.isfinite(t).all())
+    )
+
+
+def tensor_problems(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """What makes tensors unloadable into an EMA, one line per kind of problem: no data (the
+    meta device), not a dense tensor (sparse, quantized, nested), NaN or Inf values."""
+    no_data = sorted(n for n, t in tensors.items() if t.device.type == "meta")
+    not_dense = sorted(
+        f"{n} ({'quantized' if t.is_quantized else 'nested' if t.is_nested else t.layout})"
+        for n, t in tensors.items()
+        if n not in no_data and (t.layout != torch.strided or t.is_quantized or t.is_nested)
+    )
+    problems = []
+    if no_data:
+        problems.append(f"tensors on the meta device hold no data ({len(no_data)}): "
+                        f"{shorten(no_data)}")
+    if not_dense:
+        problems.append(f"tensors that are not dense ({len(not_dense)}): {shorten(not_dense)}; "
+                        "save the EMA's own state_dict()")
+    if not problems:
+        bad = nonfinite_names(tensors)
+        if bad:
+            problems.append(
+                f"tensors holding NaN or Inf ({len(bad)}): {shorten(bad)}; resume from an "
+                "earlier checkpoint, or drop 'ema_state' to restart the EMA from the weights"
+            )
+    return problems
+
+
+def _int_problem(meta: Mapping[str, Any], key: str, low: int) -> str | None:
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        return f"ema_meta {key} {value!r} is not an integer >= {low}"
+    return None
+
+
+def meta_problems(meta: Mapping[str, Any]) -> list[str]:
+    """What is wrong with an ``ema_meta`` dict, one line each (empty: it can be applied)."""
+    problems = []
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        problems.append(f"ema_meta format_version {version!r} is not an integer >= 0")
+    elif version > FORMAT_VERSION:
+        problems.append(
+            f"ema_meta format_version {version!r} is newer than this d2ema reads "
+            f"({FORMAT_VERSION}); upgrade d2ema"
+        )
+    lows = {"step": 0, "num_skipped": 0, "every": 1, "start": 0}
+    problems += [p for k, low in lows.items() if k in meta and (p := _int_problem(meta, k, low))]
+    if meta.get("nonfinite_step") is not None and (p := _int_problem(meta, "nonfinite_step", 0)):
+        problems.append(p)
+    schedule = meta.get("schedule")
+    if schedule is not None and not isinstance(schedule, str) and not (
+        isinstance(schedule, Mapping) and isinstance(schedule.get("name"), str)
+    ):
+        problems.append(
+            f"ema_meta schedule {_brief(schedule)} is neither a schedule dict "
+            "({'name': ..., ...}) nor a string"
+        )
+    dtype = meta.get("master_dtype")
+    if dtype is not None and not isinstance(dtype, str):
+        problems.append(f"ema_meta master_dtype {_brief(dtype)} is not a string")
+    return problems
+
+
+def state_problems(
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any] | None,
+    expected: Mapping[str, tuple[torch.Size, torch.dtype]],
+    strict: bool = True,
+) -> list[str]:
+    """Everything that keeps ``tensors`` and ``meta`` from loading into an EMA that holds
+    ``expected`` (name -> shape, dtype), one line each: names, shapes, dtype kinds (missing and
+    unexpected names allowed unless ``strict``), tensor kinds, NaN/Inf, metadata values."""
+    problems = compare({n: (t.shape, t.dtype) for n, t in tensors.items()}, expected,
+                       "the checkpoint", allow_missing=not strict)
+    problems += tensor_problems(tensors)
+    return problems + (meta_problems(meta) if meta is not None else [])
+
+
+def _brief(value: Any) -> str:
+    text = repr(value) if not isinstance(value, torch.Tensor) else f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def shorten(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

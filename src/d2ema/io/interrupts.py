@@ -1,0 +1,60 @@
+"""SIGTERM and SIGHUP as exceptions, so that ``finally`` blocks run and temporary files go.
+
+By default these signals end Python at once: no ``finally``, no ``except BaseException``, so a
+half-written temporary file of :mod:`d2ema.io.atomic` would stay behind. Inside
+:func:`signals_as_interrupts` they raise :class:`Interrupted`, a ``KeyboardInterrupt``, so that
+whatever cleans up after Ctrl-C cleans up after them too. Signals whose handler someone else
+set are left alone; SIGKILL cannot be caught (its leftovers are removed by the next write into
+the same folder: :func:`d2ema.io.atomic.remove_stale_temps`).
+
+Example::
+
+    with signals_as_interrupts():
+        atomic_save(state, "out/model_ema.pth")     # `kill PID` leaves no .tmp file
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+__all__ = ['Interrupted', 'exit_status', 'signals_as_interrupts']
+
+
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal (SIGTERM, SIGHUP) that asked the process to stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def exit_status(interrupt: KeyboardInterrupt) -> int:
+    """The shell's convention: 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
+    return 128 + getattr(interrupt, "signum", signal.SIGINT)
+
+
+def _raise(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """Inside: SIGTERM and SIGHUP (when at their default action) raise :class:`Interrupted`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in _SIGNALS:
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            previous[sig] = signal.signal(sig, _raise)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
