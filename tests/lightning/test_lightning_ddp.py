@@ -116,3 +116,47 @@ def test_posthoc_choice_is_made_once_and_shared_by_every_rank(tmp_path):
     for name, value in a["weights"].items():
         assert torch.equal(b["weights"][name], value), name
     assert (tmp_path / "posthoc_selection.md").is_file()
+
+
+def _fsdp2_straight_and_resumed(rank: int, world: int, root: str) -> dict:
+    """Three fits in one job: 2 epochs straight, 1 epoch saved, 2 epochs resumed from it."""
+    os.environ.update(TORCHELASTIC_RUN_ID="d2ema-test", RANK=str(rank), LOCAL_RANK=str(rank),
+                      GROUP_RANK="0", WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29558")
+    from _tiny import Tiny, data, trainer
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.fsdp import fully_shard
+
+    from d2ema.distributed import full_state_dict
+    from d2ema.lightning import EMA
+
+    class Sharded(Tiny):
+        def configure_model(self):
+            for i in (0, 2):
+                fully_shard(self.model[i])
+            fully_shard(self.model)
+
+    def fit(epochs: int, ckpt_path: str | None = None) -> tuple:
+        ema = EMA(final="raw")
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+        t = trainer(root, max_epochs=epochs, callbacks=[ema], strategy=strategy, devices=world)
+        t.fit(Sharded(lr=0.02), data(), data(seed=1), ckpt_path=ckpt_path)
+        state = full_state_dict(ema.ema)["ema_state"]
+        return t, ema.ema.step, {k: v.clone() for k, v in state.items()}
+
+    _, straight_step, straight = fit(2)
+    half, _, _ = fit(1)
+    half.save_checkpoint(f"{root}/ckpt")  # a folder: DCP shards plus meta.pt (the callbacks)
+    _, resumed_step, resumed = fit(2, f"{root}/ckpt")
+    return {"steps": (straight_step, resumed_step), "straight": straight, "resumed": resumed}
+
+
+def test_fsdp2_checkpoint_resumes_the_ema(tmp_path):
+    # Lightning's distributed checkpoint keeps one copy of the unsharded buffers (each rank's
+    # own BN statistics are not saved), so only the parameters' EMA can continue bit for bit
+    for r in run_ranks(_fsdp2_straight_and_resumed, 2, tmp_path, str(tmp_path), timeout=120):
+        assert r["steps"] == (8, 8)
+        params = [n for n in r["straight"] if "running_" not in n and "num_batches" not in n]
+        assert len(params) == 6
+        for name in params:
+            assert torch.equal(r["resumed"][name], r["straight"][name]), name

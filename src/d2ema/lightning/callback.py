@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 import d2ema
-from d2ema.distributed import averaged_buffers
+from d2ema.distributed import averaged_buffers, full_state_dict
 from d2ema.lightning.checkpoint import D2GO_KEY, align_prefix, export_weights, foreign_state
 from d2ema.lightning.errors import LightningEMAError
 from d2ema.lightning.validation import two_pass, unwrap_loop
@@ -257,7 +257,9 @@ class EMA(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.ema is None:
             return dict(self._pending[0]) if self._pending else {}
-        self._saving = self.ema.state_dict()  # every rank: gathers a sharded EMA
+        # every rank: gathers a ShardedEMA, and FSDP2's DTensor shards into full tensors (a
+        # checkpoint's callback states are saved with torch.save, which takes no DTensor)
+        self._saving = full_state_dict(self.ema)
         return self._saving
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -268,7 +270,7 @@ class EMA(Callback):
                            checkpoint: dict[str, Any]) -> None:
         saved, self._saving = self._saving, None
         if saved is None and self.ema is not None:
-            saved = self.ema.state_dict()
+            saved = full_state_dict(self.ema)
         if saved:
             # D2Go's key, the same tensors (stored once): D2Go's DefaultTask reads it.
             checkpoint[D2GO_KEY] = dict(saved.get("ema_state", saved))

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 import d2ema
+from d2ema.distributed import full_state_dict
 from d2ema.lightning._engine import atomic_write_bytes, atomic_write_text
 from d2ema.lightning.callback import EMA, _info
 from d2ema.lightning.checkpoint import export_weights
@@ -129,7 +130,9 @@ class PostHocEMA(EMA):
     def state_dict(self) -> dict[str, Any]:
         if self.posthoc is None:
             return dict(self._pending[0]) if self._pending else {}
-        state = {"posthoc": self.posthoc.state_dict()}
+        self.posthoc.writer.flush()  # as PostHocEMA.state_dict: no resume past a lost snapshot
+        state = {"posthoc": {name: full_state_dict(ema)  # see EMA.state_dict
+                             for name, ema in self.posthoc.emas.items()}}
         self._saving = next(iter(state["posthoc"].values()))  # the first EMA: D2Go's model_ema
         return state
 
