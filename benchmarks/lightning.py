@@ -177,6 +177,7 @@ def main() -> int:
         print(json.dumps(speed_variant(args.variant)))
         return 0
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    load = os.getloadavg()[0]
     runs = {}
     for variant in ("none", "d2ema", "lightning"):
         proc = subprocess.run([sys.executable, __file__, "--variant", variant], env=env,
@@ -195,7 +196,9 @@ def main() -> int:
         f"{torch.__version__}, lightning {lightning.__version__}, {platform.processor() or 'CPU'}, "
         f"1 thread. The same MLP ({d2['params'] / 1e6:.1f}M parameters, BatchNorm), "
         f"{d2['steps']} optimizer steps, validation after each of 2 epochs, decay {DECAY}, "
-        "a fresh process per variant.",
+        f"a fresh process per variant; {os.cpu_count()} cores, load average {load:.1f} at the "
+        "start (a shared machine: wall times move by a second from run to run, the per-step "
+        "medians much less).",
         "",
         "| | update per step (median) | peak memory over no EMA | EMA storage | fit() wall time |",
         "| --- | ---: | ---: | ---: | ---: |",
