@@ -104,7 +104,8 @@ def test_bf16_model_keeps_an_fp32_master(tmp_path):
 def test_both_validations_and_monitoring_the_ema(tmp_path):
     rec, ema = Recorder(), EMA(0.9, schedule="constant")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_ema/loss", mode="min")
-    t = trainer(tmp_path, max_epochs=2, callbacks=[rec, ema, ckpt], enable_checkpointing=True)
+    t = trainer(tmp_path, max_epochs=2, callbacks=[rec, ema, ckpt], enable_checkpointing=True,
+                num_sanity_val_steps=2)  # the sanity check validates the raw weights only
     module = Tiny(lr=0.02)
     val = data(seed=1)
     t.fit(module, data(), val)
@@ -142,6 +143,8 @@ def test_final_raw_keeps_the_trained_weights_bit_exact(tmp_path):
     out = t.validate(module, data(seed=1), verbose=False)[0]
     assert set(out) == {"val/loss", "val_ema/loss"}
     close(weights(module), rec.after_step[-1], atol=0)  # the swap gave them back
+    assert set(t.test(module, data(seed=1), verbose=False)[0]) == {"val/loss", "val_ema/loss"}
+    close(weights(module), rec.after_step[-1], atol=0)
     path = ema.export(tmp_path / "ema.pth")
     exported = torch.load(path, weights_only=True)
     close(exported, {n: v.to(torch.float32) if v.is_floating_point() else v
