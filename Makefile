@@ -12,7 +12,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ENV_INPUTS := pyproject.toml requirements/base.txt requirements/detectron2.txt \
-              requirements/docs.txt tools/install_detectron2.py tools/detectron2_C_stub.py
+              requirements/docs.txt requirements/lightning.txt tools/install_detectron2.py \
+              tools/detectron2_C_stub.py
 ENV_KEY := $(shell cat $(ENV_INPUTS) | sha256sum | cut -c1-16)
 STAMP  := $(VENV)/.d2ema-env-$(ENV_KEY)
 BENCH_STAMP := $(VENV)/.d2ema-bench-$(shell cat requirements/bench.txt | sha256sum | cut -c1-16)
@@ -29,7 +30,7 @@ env: $(STAMP)
 $(STAMP): $(ENV_INPUTS)
 	@echo "[d2ema] setting up $(VENV) (once; later runs reuse it)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -r requirements/base.txt -r requirements/docs.txt
+	$(PIP) install -r requirements/base.txt -r requirements/docs.txt -r requirements/lightning.txt
 	$(PY) tools/install_detectron2.py
 	rm -f $(VENV)/.d2ema-env-* $(WHEEL_STAMP)
 	touch $@

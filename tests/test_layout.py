@@ -1,5 +1,6 @@
-"""The package's shape: the core imports no detectron2, imports point one way (cli/app -> d2 ->
-core) with no cycle, modules stay small, and every user-facing error has one base class."""
+"""The package's shape: the core imports no detectron2 (nor Lightning), imports point one way
+(cli/app -> front ends d2 and lightning -> core) with no cycle, modules stay small, and every
+user-facing error has one base class."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ NOT_CORE = {"d2ema.cli", "d2ema.__main__", "d2ema.compat"}
 
 def layer_of(path: Path) -> str:
     rel = path.relative_to(SRC).parts
-    return {"d2": "d2", "app": "app"}.get(rel[0], "core") if len(rel) > 1 else "core"
+    return ({"d2": "d2", "app": "app", "lightning": "lightning"}.get(rel[0], "core")
+            if len(rel) > 1 else "core")
 
 
 def _module_name(path: Path) -> str:
@@ -39,14 +41,17 @@ def layer(module: str) -> str:
         return "d2"
     if module.startswith("d2ema.app"):
         return "app"
+    if module.startswith("d2ema.lightning"):
+        return "lightning"
     return "core"
 
 
 ALLOWED = {
     "core": {"core"},
     "d2": {"core", "d2"},
-    "app": {"core", "d2", "app"},
-    "cli": {"core", "d2", "app", "cli"},
+    "lightning": {"core", "lightning"},  # the Lightning front end: beside d2, never importing it
+    "app": {"core", "d2", "lightning", "app"},
+    "cli": {"core", "d2", "lightning", "app", "cli"},
 }
 
 
@@ -128,14 +133,16 @@ def test_post_hoc_and_multi_process_code_live_in_their_folders():
 
 
 def test_core_modules_import_no_detectron2():
-    """Each core module, imported alone in one fresh interpreter, loads no detectron2/fvcore."""
+    """Each core module, imported alone in one fresh interpreter, loads no detectron2/fvcore
+    (nor Lightning)."""
     code = (
         "import importlib, sys\n"
         f"mods = {CORE!r}\n"
         "bad = {}\n"
         "for m in mods:\n"
         "    importlib.import_module(m)\n"
-        "    loaded = [n for n in sys.modules if n.split('.')[0] in ('detectron2', 'fvcore')]\n"
+        "    loaded = [n for n in sys.modules if n.split('.')[0] in\n"
+        "              ('detectron2', 'fvcore', 'lightning', 'pytorch_lightning')]\n"
         "    if loaded: bad[m] = loaded[:3]; break\n"
         "assert not bad, bad\n"
     )

@@ -172,7 +172,8 @@ def test_torch_floor_is_the_one_pyproject_and_docs_state():
     assert re.search(rf"\| torch \| {re.escape(floor)}\.\d+ \|", docs)  # the tested row
 
 
-PUBLIC = ["d2ema", "d2ema.schedules", "d2ema.posthoc", "d2ema.distributed", "d2ema.d2"]
+PUBLIC = ["d2ema", "d2ema.schedules", "d2ema.posthoc", "d2ema.distributed", "d2ema.d2",
+          "d2ema.lightning"]
 
 
 # The public API: what README.md and docs/ teach. Everything else stays importable from its module
