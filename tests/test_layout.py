@@ -18,7 +18,8 @@ NOT_CORE = {"d2ema.cli", "d2ema.__main__", "d2ema.compat"}
 
 def layer_of(path: Path) -> str:
     rel = path.relative_to(SRC).parts
-    return {"d2": "d2", "app": "app"}.get(rel[0], "core") if len(rel) > 1 else "core"
+    return {"d2": "d2", "compat": "d2", "app": "app"}.get(rel[0], "core") if len(rel) > 1 \
+        else "core"
 
 
 def _module_name(path: Path) -> str:
@@ -35,8 +36,8 @@ CORE_FOLDERS = ("d2ema.posthoc", "d2ema.distributed")
 def layer(module: str) -> str:
     if module in ("d2ema.cli", "d2ema.__main__"):
         return "cli"
-    if module == "d2ema.compat" or module.startswith("d2ema.d2"):
-        return "d2"
+    if module == "d2ema.compat" or module.startswith(("d2ema.compat.", "d2ema.d2")):
+        return "d2"  # D2Go's API; d2ema.compat.ema_state imports no detectron2 all the same
     if module.startswith("d2ema.app"):
         return "app"
     return "core"
