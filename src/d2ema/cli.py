@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="evaluate every K iterations (0: at the end only)")
     demo.add_argument("--threads", type=int, default=None, metavar="N",
                       help="CPU threads (default: one per core, or 1 when other jobs already "
-                      "keep every core busy, which is faster then)")
+                      "keep every core busy: one is faster than several on a busy machine)")
     _add_tail(demo, cmd_demo, "detectron2 config overrides, e.g. SOLVER.BASE_LR 0.0005")
 
     train = sub.add_parser(

@@ -96,7 +96,7 @@ def choose_threads(requested: int | None) -> tuple[int | None, str]:
         return None, ""
     if cores > 1 and load >= cores:
         return 1, (f"the machine is busy (load {load:.1f} on {cores} cores): training on 1 CPU "
-                   f"thread, which is faster then (--threads {cores} to override)")
+                   f"thread, faster than several on a busy machine (--threads {cores} to override)")
     return None, ""
 
 
