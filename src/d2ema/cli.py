@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _quiet_warnings()
             return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
-        resume = "; checkpoints kept: --resume continues" * (prog == f"{PROG} train")
+        resume = (f"; checkpoints kept: {getattr(e, 'resume_note', '--resume continues')}"
+                  * (prog == f"{PROG} train"))
         print(f"{prog}: interrupted{f' by {e}' if str(e) else ''}{resume}", file=sys.stderr)
         return exit_status(e)
     except D2EMAError as e:
