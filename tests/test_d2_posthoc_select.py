@@ -137,7 +137,8 @@ def test_selection_writes_the_chosen_ema_and_reports_it(run):
         f"{r['value']:g}" for r in swept]
     assert table[-1].startswith("misfit: how far") and "sum|x|: " in table[-1]  # the legend
     assert table[-1] in printed
-    assert data["raw_won"] is False and data["verdict"] == f"{chosen['target']} is the best on sel_val"
+    assert data["raw_won"] is False
+    assert data["verdict"] == f"{chosen['target']} is the best on sel_val"
 
 
 def test_raw_weights_that_beat_every_length_are_handed_back(setup, run, tmp_path, monkeypatch):

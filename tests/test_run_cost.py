@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from pathlib import Path
 
 import pytest
 from _loggers import loggers_restored

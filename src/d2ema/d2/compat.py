@@ -62,11 +62,10 @@ class EMAState:
     :meth:`get_ema_model`, or ``EMAHook.before_train``.
     """
 
-    prefix_to_remove = ["_checkpoint_wrapped_module."]  # torch's checkpoint wrapper, as D2Go's
-
     def __init__(self, include_frozen: bool = True, include_buffer: bool = True):
         self.include_frozen = include_frozen
         self.include_buffer = include_buffer
+        self.prefix_to_remove = ["_checkpoint_wrapped_module."]  # torch's, as D2Go strips it
         self.ema: EMA | None = None
         self._pending: dict[str, torch.Tensor] | None = None
         self._pending_meta: dict[str, Any] | None = None

@@ -6,8 +6,9 @@ a few targets per pass over the files), calls ``score_fn`` on each rebuilt EMA a
 A tie goes to the length closest (in log sigma_rel) to ``prefer``, e.g. the run's primary EMA,
 else to the first in sweep order. Given ``raw_score`` (the raw weights' score on the same data),
 the raw weights are a candidate too: when they beat every length, ``Selection.raw_won`` says so
-and ``Selection.tensors`` are the raw weights (a tie goes to the EMA). ``d2ema posthoc --eval``, the end-of-training selection of
-``MODEL_EMA.POSTHOC.SELECT`` and :meth:`d2ema.PostHocEMA.select` all go through it.
+and ``Selection.tensors`` are the raw weights (a tie goes to the EMA). ``d2ema posthoc --eval``,
+the end-of-training selection of ``MODEL_EMA.POSTHOC.SELECT`` and
+:meth:`d2ema.PostHocEMA.select` all go through it.
 
 Score on data the model was not tuned on: the best of a sweep scored on the test set is an
 optimistic estimate of that set's score (the maximum of noisy numbers).
@@ -57,7 +58,10 @@ class Scores(dict[Target, float]):
         return dict.__contains__(self, self._key(key))
 
     def get(self, key: object, default: float | None = None) -> float | None:  # type: ignore[override]
-        return self[key] if key in self else default
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
 
 @dataclasses.dataclass

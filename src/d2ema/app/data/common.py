@@ -9,7 +9,6 @@ wherever detectron2 runs, OpenCV or not.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from types import ModuleType
 
 import numpy as np

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-
 from d2ema.app.data import digits, shapes
 from d2ema.app.data.common import Sample, opencv
 from d2ema.errors import D2EMAError

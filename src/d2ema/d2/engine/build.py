@@ -366,7 +366,8 @@ def run_cost_line(trainer, model: nn.Module, ema: EMA) -> str | None:
         parts[name] = extra.num_bytes
     posthoc = family.posthoc if family else None
     if posthoc is not None:
-        parts[f"{len(posthoc.emas)} post-hoc EMAs"] = sum(e.num_bytes for e in posthoc.emas.values())
+        parts[f"{len(posthoc.emas)} post-hoc EMAs"] = sum(
+            e.num_bytes for e in posthoc.emas.values())
     optimizer, how = _optimizer_bytes(getattr(trainer, "optimizer", None))
     parts[f"optimizer state ({how})"] = optimizer
     each = sum(parts.values())
@@ -374,7 +375,8 @@ def run_cost_line(trainer, model: nn.Module, ema: EMA) -> str | None:
     snapshots = 0
     if posthoc is not None and posthoc.writer.enabled and posthoc.snapshot_every:
         period = posthoc.snapshot_every
-        snapshots = (max_iter // period + (max_iter % period != 0)) * posthoc.writer.bytes_per_snapshot
+        count = max_iter // period + (max_iter % period != 0)
+        snapshots = count * posthoc.writer.bytes_per_snapshot
     if not periodic and not snapshots:
         return None
     kept, total = "", snapshots

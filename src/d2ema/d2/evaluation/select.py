@@ -311,9 +311,10 @@ def _write(trainer, results, outcome, test: dict, select_on: str, report_on: str
     choice = (f"raw weights beat every EMA length on {where}: AP {chosen['AP']:.2f} (the best "
               f"length, {sel.target.label}, {sel.score:.2f}), so the raw weights are kept"
               if sel.raw_won else f"chose {outcome['label']} on {where}: AP {chosen['AP']:.2f}")
+    chosen_as = "chosen" if sel.raw_won else "chosen EMA"
     summary = (f"post-hoc EMA: {choice}; on "
-               f"{report_on}: raw AP {test_ap['raw']:.2f}, EMA AP {test_ap['ema']:.2f}, chosen"
-               f"{'' if sel.raw_won else ' EMA'} AP {test_ap['chosen']:.2f}{' (optimistic)' if optimistic else ''}; "
+               f"{report_on}: raw AP {test_ap['raw']:.2f}, EMA AP {test_ap['ema']:.2f}, "
+               f"{chosen_as} AP {test_ap['chosen']:.2f}{' (optimistic)' if optimistic else ''}; "
                f"weights {out / SELECTED}, table and plot in {out / FOLDER}")
     if optimistic:
         log.warning(f"{report_on} both chose the EMA length and reports its AP, so that "
