@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--decays", default=None,
-                      help="comma-separated EMA decays to compare (default: 0.99,0.998; "
-                      "--quick: 0.9,0.97)")
+                      help="comma-separated constant EMA decays shown beside the power EMA "
+                      "sigma_rel 0.05 (default: 0.99; --quick: 0.97)")
     demo.add_argument("--eval-period", type=int, default=None, metavar="K",
                       help="evaluate every K iterations (0: at the end only)")
     demo.add_argument("--threads", type=int, default=None, metavar="N",

@@ -26,6 +26,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import torch
 
@@ -52,7 +53,7 @@ class Scores(dict[Target, float]):
         return key
 
     def __getitem__(self, key: object) -> float:
-        return dict.__getitem__(self, self._key(key))  # type: ignore[index]
+        return dict.__getitem__(self, cast(Target, self._key(key)))
 
     def __contains__(self, key: object) -> bool:
         return dict.__contains__(self, self._key(key))

@@ -119,7 +119,7 @@ def noisy_background(rng: np.random.Generator, size: int, tint: bool = True) -> 
     coarse = int(rng.integers(3, 9))
     blobs = rng.normal(0, rng.uniform(10, 35), size=(coarse, coarse, 3)).astype(np.float32)
     cv2 = opencv()
-    blobs = cv2.resize(blobs, (size, size), interpolation=cv2.INTER_CUBIC)  # type: ignore[assignment]
+    blobs = cv2.resize(blobs, (size, size), interpolation=cv2.INTER_CUBIC)
     fine = rng.normal(0, rng.uniform(3, 12), size=(size, size, 1)).astype(np.float32)
     image = base.astype(np.float32) + gradient + blobs + fine
     return np.clip(image, 0, 255)
