@@ -183,3 +183,15 @@ def test_modeling_api_each_name_called(tmp_path):
         str(tmp_path / "d2go.pth"))
     model_ema.apply_model_ema(fresh)
     assert torch.equal(fresh[0].weight, d2go["ema_state"]["0.weight"])
+
+
+def test_docs_block_d2go_ema_state():
+    """docs/detectron2.md's block, run as written on a small model."""
+    from _doc_blocks import doc_block
+
+    model = _model()
+    before = model[0].weight.detach().clone()
+    ns = {"model": model}
+    exec(compile(doc_block("d2go-ema-state"), "d2go-ema-state", "exec"), ns)
+    assert torch.equal(model[0].weight, before)  # an update of unchanged weights: the same
+    assert list(ns["ema_state"].state_dict()) == list(_named(model))
