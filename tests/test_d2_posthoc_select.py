@@ -156,6 +156,8 @@ def test_raw_weights_that_beat_every_length_are_handed_back(setup, run, tmp_path
     data = json.loads((out / "posthoc/results.json").read_text())
     assert data["raw_won"] is True and data["chosen"]["target"] == "raw weights"
     assert data["verdict"] == "raw weights beat every EMA length on sel_hold"
+    table = (out / "posthoc" / "table.txt").read_text().splitlines()
+    assert table[-2] == "chosen: raw weights beat every EMA length on sel_hold"
     assert data["chosen"]["AP"] == 60.0 and data["chosen"]["test_AP"] == 30.0
     exported = torch.load(out / "model_final_posthoc.pth", weights_only=True)
     raw = torch.load(out / "model_final.pth", weights_only=True)["model"]

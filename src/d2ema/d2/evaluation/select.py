@@ -287,9 +287,9 @@ def _write(trainer, results, outcome, test: dict, select_on: str, report_on: str
     if outcome.get("left_out"):
         lines.insert(0, f"left out (the snapshots cannot represent them): "
                         f"{', '.join(outcome['left_out'])}")
-    lines.append(report.LEGEND)
     verdict = (f"raw weights beat every EMA length on {select_on}" if sel.raw_won
                else f"{outcome['label']} is the best on {select_on}")
+    lines += [f"chosen: {verdict}", report.LEGEND]
     data = {"step": sel.step, "snapshots": str(outcome["folder"]), "verdict": verdict,
             "raw_won": sel.raw_won, "left_out": outcome.get("left_out", []),
             "select_on": select_on, "report_on": report_on, "optimistic": optimistic,
