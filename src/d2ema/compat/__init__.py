@@ -26,6 +26,8 @@ def __getattr__(name: str) -> Any:
     # d2ema.compat.ema_state (no detectron2) imports this package without it.
     if name.startswith("__") and name != "__all__":
         raise AttributeError(name)
+    if name == "ema_state":  # the submodule, not imported yet
+        return importlib.import_module("d2ema.compat.ema_state")
     modeling = importlib.import_module("d2ema.d2.compat")
     try:
         return getattr(modeling, name)
