@@ -69,3 +69,23 @@ def test_cost_line_matches_the_files_of_the_run(tmp_path):
     assert _close(_mb(kept.group(3)), snapshots), (kept.group(3), snapshots)
     assert _close(_mb(kept.group(4)), snapshots + sum(f.stat().st_size for f in files))
     assert _mb(kept.group(5)) > 0
+
+
+def test_optimizer_state_estimated_before_the_first_step_and_measured_after():
+    """AdamW keeps two float32 tensors per trainable weight: the estimate says so before the
+    first step, and equals what it then holds (bar its scalar step counters)."""
+    import torch
+
+    from d2ema.d2.engine.build import _optimizer_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    model[1].weight.requires_grad_(False)  # frozen: no state
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    estimate, how = _optimizer_bytes(optimizer)
+    assert how == "estimated: 2 per weight for AdamW" and estimate == 2 * 4 * (8 * 4 + 4 + 2)
+    model(torch.randn(3, 8)).sum().backward()
+    optimizer.step()
+    measured, how = _optimizer_bytes(optimizer)
+    assert how == "measured" and measured == estimate + 3 * 4  # + a float32 step per tensor
+    sgd, how = _optimizer_bytes(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert (sgd, how) == (0, "estimated: 0 per weight for SGD")  # no momentum: no state
