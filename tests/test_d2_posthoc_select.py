@@ -113,8 +113,9 @@ def test_selection_writes_the_chosen_ema_and_reports_it(run):
     assert "MODEL_EMA" not in plain and f"WEIGHTS: {out / 'model_final_posthoc.pth'}" in plain
     # the curve: one scalar per length in metrics.json and TensorBoard, at MAX_ITER
     last = json.loads((out / "metrics.json").read_text().splitlines()[-1])
-    tags = {f"posthoc/sigma{r['value']:g}/bbox/AP" for r in swept}
-    assert last["iteration"] == 6 and tags <= set(last) and "posthoc/chosen/bbox/AP" in last
+    tags = {f"posthoc/sel_val/sigma{r['value']:g}/bbox/AP" for r in swept}
+    assert last["iteration"] == 6 and tags <= set(last) and "posthoc/sel_val/chosen/bbox/AP" in last
+    assert "posthoc/sel_val/raw/bbox/AP" in last  # each tag names the dataset it was scored on
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     seen = set()
@@ -134,6 +135,41 @@ def test_selection_writes_the_chosen_ema_and_reports_it(run):
     table = (out / "posthoc" / "table.txt").read_text().splitlines()
     assert [line.split()[1] for line in table if line.startswith("sigma_rel")] == [
         f"{r['value']:g}" for r in swept]
+    assert table[-1].startswith("misfit: how far") and "sum|x|: " in table[-1]  # the legend
+    assert table[-1] in printed
+    assert data["raw_won"] is False
+    assert data["verdict"] == f"{chosen['target']} is the best on sel_val"
+
+
+def test_raw_weights_that_beat_every_length_are_handed_back(setup, run, tmp_path, monkeypatch):
+    """The evaluation is faked so that the raw weights beat every length on the held-out set:
+    the run hands back the raw weights and every output says so."""
+    def fake(trainer, dataset, label):
+        ap = 60.0 if label == "raw weights" and dataset == "sel_hold" else 30.0 \
+            if label == "chosen raw weights" else 20.0 + len(label) / 10
+        return {"bbox": {"AP": ap, "AP50": ap}}
+
+    monkeypatch.setattr(posthoc_select, "_evaluate", fake)
+    out = finished_copy(run[0], tmp_path / "raw")
+    rc, printed = train(setup, out, "--resume", opts=["MODEL_EMA.POSTHOC.SELECT_ON", "sel_hold"])
+    assert rc == 0, printed
+    data = json.loads((out / "posthoc/results.json").read_text())
+    assert data["raw_won"] is True and data["chosen"]["target"] == "raw weights"
+    assert data["verdict"] == "raw weights beat every EMA length on sel_hold"
+    table = (out / "posthoc" / "table.txt").read_text().splitlines()
+    assert table[-2] == "chosen: raw weights beat every EMA length on sel_hold"
+    assert data["chosen"]["AP"] == 60.0 and data["chosen"]["test_AP"] == 30.0
+    exported = torch.load(out / "model_final_posthoc.pth", weights_only=True)
+    raw = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    assert set(exported["model"]) == set(raw)
+    assert all(torch.equal(v, raw[n].to(v.dtype)) for n, v in exported["model"].items())
+    assert exported["d2ema_export"]["posthoc"] == "raw weights"
+    assert "post-hoc EMA: raw weights beat every EMA length on sel_hold (held out): AP 60.00" \
+        in printed and "so the raw weights are kept" in printed and "chosen AP 30.00" in printed
+    last = json.loads((out / "metrics.json").read_text().splitlines()[-1])
+    assert last["posthoc/sel_hold/raw/bbox/AP"] == 60.0
+    assert last["posthoc/sel_val/chosen/bbox/AP"] == 30.0 and "posthoc/chosen_sigma_rel" not in last
+    assert (out / "posthoc" / "ap_vs_length.png").stat().st_size > 1000
 
 
 def test_select_on_a_held_out_set_is_honoured(setup, run, tmp_path, monkeypatch):
@@ -267,6 +303,31 @@ def test_posthoc_command_select_on(run, tmp_path, capsys):
     assert f"on sel_hold; on the test set AP {best['test_AP']:.1f}" in printed
     assert main(["posthoc", str(out), "--eval", "--select-on", "nope"]) == 2
     assert "--select-on nope: no dataset of that name is registered" in _error_line(capsys)
+
+
+def test_posthoc_command_hands_back_raw_weights_that_win(run, tmp_path, capsys, monkeypatch):
+    """``d2ema posthoc --eval --select-on --export-best``, the raw weights scoring best (the
+    evaluation faked): the export holds the raw weights and the command says why."""
+    from d2ema.d2.evaluation.run_eval import RunEvaluator
+
+    real = RunEvaluator.evaluate
+
+    def fake(self, tensors, dataset=None):
+        real(self, tensors, dataset)  # the weights are loaded as for a real evaluation
+        ap = 50.0 if tensors is None else 10.0
+        return {"bbox": {"AP": ap, "AP50": ap}}
+
+    monkeypatch.setattr(RunEvaluator, "evaluate", fake)
+    out = finished_copy(run[0], tmp_path / "run")
+    best = tmp_path / "best.pth"
+    assert main(["posthoc", str(out), "--eval", "--sigma-rel", "0.05,0.1", "--select-on",
+                 "sel_hold", "--export-best", str(best)]) == 0
+    printed = capsys.readouterr().out
+    assert "raw weights beat every EMA length on sel_hold (AP 50.0" in printed
+    exported = torch.load(best, weights_only=True)
+    raw = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    assert all(torch.equal(v, raw[n].to(v.dtype)) for n, v in exported["model"].items())
+    assert exported["d2ema_export"]["posthoc"] == "raw weights"
 
 
 def test_lazy_config_refused_with_the_alternative():

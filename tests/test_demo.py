@@ -46,7 +46,7 @@ def test_exits_zero_quietly(demo_run):
 def test_table_has_raw_and_ema_rows(demo_run):
     proc, _, _ = demo_run
     number = r"\s+-?\d+\.\d"
-    for label in ("raw", "EMA 0.9", "EMA 0.97"):
+    for label in ("raw", "EMA sigma_rel 0.05", "EMA 0.97"):  # the recommended power EMA too
         assert re.search(rf"^{re.escape(label)}{number}{number}{number}", proc.stdout, re.M), (
             label, proc.stdout[-2000:]
         )
@@ -71,11 +71,11 @@ def test_tensorboard_and_results(demo_run):
     acc = EventAccumulator(str(out), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"bbox/AP", "ema_0.9/bbox/AP", "ema_0.97/bbox/AP", "total_loss"} <= tags
+    assert {"bbox/AP", "ema_sigma0.05/bbox/AP", "ema_0.97/bbox/AP", "total_loss"} <= tags
     results = json.loads((out / "results.json").read_text())
     iters = sorted({r["iter"] for r in results["history"]})
     assert iters == [60, 120]
-    assert {r["weights"] for r in results["history"]} == {"raw", "EMA 0.9", "EMA 0.97"}
+    assert {r["weights"] for r in results["history"]} == {"raw", "EMA sigma_rel 0.05", "EMA 0.97"}
     assert (out / "model_final.pth").is_file() and (out / "log.txt").stat().st_size > 0
 
 

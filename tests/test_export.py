@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,16 @@ def test_export_message(trained, tmp_path, capsys):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_tensors_left_out_are_said_to_be_harmless_buffers():
+    """The EMA tracks every buffer; a model's state_dict leaves out its non-persistent ones
+    (detectron2's pixel_mean, pixel_std, anchors): the export says they do not matter."""
+    from d2ema.d2.checkpoint.export import ExportSummary
+
+    text = ExportSummary(Path("in.pth"), Path("out.pth"), 3, 0, 7, 10).describe()
+    assert "7 EMA tensors without a model entry left out (buffers the model does not save" in text
+    assert "harmless" in text
 
 
 def test_cast_and_partial_names():

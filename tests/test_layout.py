@@ -19,7 +19,7 @@ NOT_CORE = {"d2ema.cli", "d2ema.__main__", "d2ema.compat"}
 
 def layer_of(path: Path) -> str:
     rel = path.relative_to(SRC).parts
-    return ({"d2": "d2", "app": "app", "lightning": "lightning"}.get(rel[0], "core")
+    return ({"d2": "d2", "compat": "d2", "app": "app", "lightning": "lightning"}.get(rel[0], "core")
             if len(rel) > 1 else "core")
 
 
@@ -37,8 +37,8 @@ CORE_FOLDERS = ("d2ema.posthoc", "d2ema.distributed")
 def layer(module: str) -> str:
     if module in ("d2ema.cli", "d2ema.__main__"):
         return "cli"
-    if module == "d2ema.compat" or module.startswith("d2ema.d2"):
-        return "d2"
+    if module == "d2ema.compat" or module.startswith(("d2ema.compat.", "d2ema.d2")):
+        return "d2"  # D2Go's API; d2ema.compat.ema_state imports no detectron2 all the same
     if module.startswith("d2ema.app"):
         return "app"
     if module.startswith("d2ema.lightning"):
@@ -247,6 +247,10 @@ BUILTIN_RAISES = {
     ("__init__.py", "AttributeError", "module 'd2ema' has no attribute"):
         "module __getattr__: Python's attribute protocol",
     ("d2/__init__.py", "AttributeError", "module 'd2ema.d2' has no attribute"):
+        "module __getattr__: Python's attribute protocol",
+    ("compat/__init__.py", "AttributeError", ""):
+        "module __getattr__: dunder lookups (copy, pickle) answered as Python expects",
+    ("compat/__init__.py", "AttributeError", "module 'd2ema.compat' has no attribute"):
         "module __getattr__: Python's attribute protocol",
     ("schedules.py", "NotImplementedError", ""): "abstract method of Schedule",
     ("ema.py", "RuntimeError", "EMA.update() called inside EMA.swapped()"):

@@ -53,8 +53,11 @@ def test_select_finds_the_peak_and_returns_its_weights(run):
 
     sel = ph.select(score, SWEEP)
     assert sel.sigma_rel == 0.07 and sel.target == Target("sigma_rel", 0.07)
-    assert list(sel.scores) == [f"sigma_rel {s:g}" for s in SWEEP] and len(calls) == len(SWEEP)
-    assert sel.by_sigma_rel == {s: sel.scores[f"sigma_rel {s:g}"] for s in SWEEP}
+    assert list(sel.scores) == [Target("sigma_rel", s) for s in SWEEP] and len(calls) == len(SWEEP)
+    assert sel.by_sigma_rel == {s: sel.scores[Target("sigma_rel", s)] for s in SWEEP}
+    assert sel.scores[0.07] == sel.scores["sigma_rel 0.07"] == sel.score  # value or label too
+    assert 0.07 in sel.scores and 0.08 not in sel.scores and sel.scores.get(0.08) is None
+    assert sel.raw_score is None and not sel.raw_won and sel.chosen == "sigma_rel 0.07"
     assert sel.score == max(sel.scores.values()) > -1e-4  # rebuilt 0.07 ~ tracked 0.07
     assert sorted(sel.scores.values())[-2] < 10 * sel.score  # the others are clearly worse
     ref = next(reconstruct(ph.folder, [Target("sigma_rel", 0.07)]))
@@ -76,6 +79,31 @@ def test_select_with_a_model_scores_a_copy(run):
     sel = ph.select(score, SWEEP, model=model)
     assert sel.sigma_rel == 0.07 and len(seen) == 1
     assert all(torch.equal(before[n], t) for n, t in weights(model).items())
+    assert sel.raw_score is not None and sel.raw_score < sel.score and not sel.raw_won
+
+
+def test_select_hands_back_the_raw_weights_when_they_beat_every_length(run):
+    """A score that peaks at the raw weights: the selection says raw won and its tensors are the
+    model's own; the same call with the raw weights left out hands back the best EMA."""
+    ph, model, _ = run
+    raw = {n: t.clone() for n, t in weights(model).items()}
+    score = lambda m: closeness(weights(m), raw)  # noqa: E731
+    sel = ph.select(score, SWEEP, model=model)
+    assert sel.raw_won and sel.chosen == "raw weights" and sel.raw_score == 0.0
+    assert sel.score < 0.0 and sel.sigma_rel == 0.03  # the shortest length is the closest EMA
+    for name, value in raw.items():
+        assert torch.equal(sel.tensors[name], value), name
+    without = ph.select(score, SWEEP, model=model, include_raw=False)
+    assert not without.raw_won and without.raw_score is None and without.sigma_rel == 0.03
+
+
+def test_select_raw_score_and_tensors_go_together(run):
+    ph = run[0]
+    with pytest.raises(PostHocError, match="together"):
+        select(ph.folder, lambda rec: 0.0, [Target("sigma_rel", 0.05)], raw_score=1.0)
+    nan = select(ph.folder, lambda rec: 0.0, [Target("sigma_rel", 0.05)],
+                 raw_score=math.nan, raw_tensors={})
+    assert not nan.raw_won  # NaN never wins
 
 
 def test_ties_go_to_the_preferred_length_else_the_first(run):
@@ -90,7 +118,7 @@ def test_ties_go_to_the_preferred_length_else_the_first(run):
 def test_default_sweep_and_named_lengths_out_of_range(run):
     ph, _, peak = run
     sel = select(ph.folder, lambda rec: closeness(rec.tensors, peak))
-    assert list(sel.scores) == [f"sigma_rel {s:g}" for s in DEFAULT_SIGMA_RELS]  # K = T/60
+    assert list(sel.scores) == [Target("sigma_rel", s) for s in DEFAULT_SIGMA_RELS]  # K = T/60
     assert sel.sigma_rel == 0.07
     with pytest.raises(PostHocError, match="outside what the snapshots can represent"):
         ph.select(lambda t: 0.0, (0.004, 0.07))

@@ -147,3 +147,28 @@ def test_ctrl_c_under_train_says_resume_continues(config_file, capsys, monkeypat
     assert main(["train", "--config-file", str(config_file)]) == 130
     assert capsys.readouterr().err.strip() == (
         "d2ema train: interrupted; checkpoints kept: --resume continues")
+
+
+def test_ctrl_c_says_which_iteration_a_resume_starts_from(config_file, tmp_path, capsys,
+                                                           monkeypatch):
+    """Interrupted after the checkpoint of iteration index 4 was saved: --resume starts at 5."""
+    import d2ema.d2.engine.launch as launch_module
+    from d2ema.d2.engine.train_net import resume_note
+
+    out = tmp_path / "out"
+    assert resume_note(out) == "no checkpoint was saved yet: --resume starts from iteration 0"
+
+    def interrupted(*args, **kwargs):
+        out.mkdir(exist_ok=True)
+        (out / "model_0000004.pth").write_bytes(b"")
+        (out / "last_checkpoint").write_text("model_0000004.pth")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch_module, "launch", interrupted)
+    assert main(["train", "--config-file", str(config_file), "OUTPUT_DIR", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "d2ema train: interrupted; checkpoints kept: --resume continues from iteration 5 "
+        "(model_0000004.pth)")
+    (out / "model_final.pth").write_bytes(b"")
+    (out / "last_checkpoint").write_text("model_final.pth")
+    assert resume_note(out) == "--resume continues after the last iteration (model_final.pth)"

@@ -376,3 +376,18 @@ def test_posthoc_in_the_users_own_script(posthoc_run, project):
     assert any(not torch.equal(final[k], v) for k, v in rec.tensors.items())
     results = EMATrainer.test(cfg, model)
     assert set(results) == {"bbox"} and "AP" in results["bbox"]  # NaN: 2 iterations, no boxes
+
+
+def test_dataset_advice_never_tests_on_the_training_set():
+    """With only a training set given, the advice asks for a held-out set, not the same one."""
+    from omegaconf import OmegaConf
+
+    from d2ema.d2.data.datasets import _names_advice
+
+    yacs = _names_advice(get_cfg(), ["my_train"])
+    assert yacs.startswith("DATASETS.TRAIN \"('my_train',)\" DATASETS.TEST \"('HELD_OUT',)\"")
+    assert "a set not trained on" in yacs and "--dataset HELD_OUT=" in yacs
+    lazy = _names_advice(OmegaConf.create({"train": {}}), ["my_train"])
+    assert "dataloader.test.dataset.names=HELD_OUT" in lazy
+    both = _names_advice(get_cfg(), ["my_train", "my_val"])
+    assert both == "DATASETS.TRAIN \"('my_train',)\" DATASETS.TEST \"('my_val',)\""

@@ -84,13 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--decays", default=None,
-                      help="comma-separated EMA decays to compare (default: 0.99,0.998; "
-                      "--quick: 0.9,0.97)")
+                      help="comma-separated constant EMA decays shown beside the power EMA "
+                      "sigma_rel 0.05 (default: 0.99; --quick: 0.97)")
     demo.add_argument("--eval-period", type=int, default=None, metavar="K",
                       help="evaluate every K iterations (0: at the end only)")
     demo.add_argument("--threads", type=int, default=None, metavar="N",
                       help="CPU threads (default: one per core, or 1 when other jobs already "
-                      "keep every core busy, which is faster then)")
+                      "keep every core busy: one is faster than several on a busy machine)")
     _add_tail(demo, cmd_demo, "detectron2 config overrides, e.g. SOLVER.BASE_LR 0.0005")
 
     train = sub.add_parser(
@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _quiet_warnings()
             return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
-        resume = "; checkpoints kept: --resume continues" * (prog == f"{PROG} train")
+        resume = (f"; checkpoints kept: {getattr(e, 'resume_note', '--resume continues')}"
+                  * (prog == f"{PROG} train"))
         print(f"{prog}: interrupted{f' by {e}' if str(e) else ''}{resume}", file=sys.stderr)
         return exit_status(e)
     except D2EMAError as e:

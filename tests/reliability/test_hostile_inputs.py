@@ -369,3 +369,26 @@ def test_read_only_output_dir_refused(tmp_path, monkeypatch, capsys, tally):
     assert main(["train", "--config-file", str(tiny_yaml(tmp_path, out))]) == 2
     assert "cannot write" not in (err := capsys.readouterr().err) and "read-only" in err, err
     tally["refused_cleanly"] += 1
+
+
+def test_refused_load_leaves_the_checkpointer_as_it_was(tmp_path, monkeypatch):
+    """detectron2 main's ``DetectionCheckpointer.load`` sets ``_parsed_url_during_load`` and
+    resets it only after a load that succeeded, asserting it is None first: a load d2ema refuses
+    must leave it None, or the next load on that checkpointer fails. main's behaviour is
+    simulated here, so that the suite on v0.6 checks it too."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from d2ema.d2.checkpoint.checkpointers import AtomicCheckpointer
+    from d2ema.errors import CheckpointError
+
+    def load_as_main_does(self, path, *args, **kwargs):
+        assert getattr(self, "_parsed_url_during_load", None) is None
+        self._parsed_url_during_load = path
+        raise CheckpointError(f"{path}: refused")
+
+    monkeypatch.setattr(DetectionCheckpointer, "load", load_as_main_does)
+    checkpointer = AtomicCheckpointer(torch.nn.Linear(2, 2), str(tmp_path))
+    for _ in range(2):  # the second load finds the checkpointer as the first did
+        with pytest.raises(CheckpointError, match="refused"):
+            checkpointer.load("model_0000001.pth")
+    assert checkpointer._parsed_url_during_load is None

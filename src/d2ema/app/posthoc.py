@@ -104,12 +104,6 @@ def parse_targets(sigma_rels: str | None, decays: str | None) -> tuple[list[Targ
     return list(dict.fromkeys(targets)), True
 
 
-LEGEND = ("misfit: how far the snapshots' combination is from the target's averaging profile "
-          "(relative error); sum|x|: the sum of the combination's absolute weights, how much "
-          "it amplifies the snapshots' rounding (1 for a snapshot or a plain average; large: "
-          "less exact)")
-
-
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
@@ -119,7 +113,7 @@ def _progress(total: int, enabled: bool):
 
 def run_posthoc(options: PostHocOptions, stream: TextIO | None = None) -> PostHocReport:
     """Fit (and with ``evaluate`` rebuild and score) every target; see the module docstring."""
-    from d2ema.d2.evaluation.report import fit_row, table
+    from d2ema.d2.evaluation.report import LEGEND, fit_row, table
 
     stream = stream or sys.stdout
     out = Path(options.output_dir)
@@ -152,8 +146,10 @@ def run_posthoc(options: PostHocOptions, stream: TextIO | None = None) -> PostHo
     if report.best is not None:
         test = (f" on {options.select_on}; on the test set AP {report.best['test_AP']:.1f}"
                 if options.select_on else "")
-        say(f"best: {report.best['target']} (AP {report.best['AP']:.1f}{test}); results and plot "
-            f"in {report.plot.parent}")
+        best = (f"raw weights beat every EMA length on {options.select_on or 'the test set'}"
+                if report.best["kind"] == "raw" else f"best: {report.best['target']}")
+        say(f"{best} (AP {report.best['AP']:.1f}{test}); results and plot in "
+            f"{report.plot.parent}")
     for line in report.export_lines:
         say(line)
     return report
@@ -194,8 +190,9 @@ def _evaluate(options, folder: Path, fits: list[Fit], step: int, report: PostHoc
             return row["AP"]
 
         sel = select(folder, score, [f.target for f in fits], step, batch=options.batch,
-                     skip_unrepresentable=True)
-    report.best = rows[sel.target.label]
+                     skip_unrepresentable=True, raw_score=report.rows[-1]["AP"],
+                     raw_tensors=run.raw)
+    report.best = report.rows[-1] if sel.raw_won else rows[sel.target.label]
     if select_on:
         with quiet:
             report.best["test_AP"] = result_metrics(run.evaluate(sel.tensors))["AP"]
@@ -209,7 +206,7 @@ def _evaluate(options, folder: Path, fits: list[Fit], step: int, report: PostHoc
 
         report.export_lines = export_with_config(
             run.checkpoint, options.export_best, ema=sel.tensors,
-            info={"step": step, "posthoc": sel.target.label, "select_on": select_on or report_on,
+            info={"step": step, "posthoc": sel.chosen, "select_on": select_on or report_on,
                   "format": "d2ema post-hoc EMA export, v1"})
         report.exported = Path(options.export_best)
 

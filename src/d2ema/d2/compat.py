@@ -66,6 +66,7 @@ class EMAState:
     def __init__(self, include_frozen: bool = True, include_buffer: bool = True):
         self.include_frozen = include_frozen
         self.include_buffer = include_buffer
+        self.prefix_to_remove = ["_checkpoint_wrapped_module."]  # torch's, as D2Go strips it
         self.ema: EMA | None = None
         self._pending: dict[str, torch.Tensor] | None = None
         self._pending_meta: dict[str, Any] | None = None
@@ -121,6 +122,32 @@ class EMAState:
     def get_ema_model(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` holding the EMA weights."""
         return self._require(model).model_copy(model)
+
+    @contextlib.contextmanager
+    def apply_and_restore(self, model: nn.Module) -> Iterator[EMAState]:
+        """The EMA weights in ``model`` inside the block, which gets the trained weights as an
+        ``EMAState`` (as D2Go's); they are back in ``model`` after, also when the block raises.
+
+        Example: ``with state.apply_and_restore(model): evaluate(model)``.
+        """
+        ema = self._require(model)
+        old = EMAState.FromModel(unwrap_model(model), str(self.device or ""),
+                                 self.include_frozen, self.include_buffer)
+        with ema.swapped(unwrap_model(model)):
+            yield old
+
+    def get_model_state_iterator(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of what the state tracks in ``model``: the parameters (trainable
+        only without ``include_frozen``), then the buffers with ``include_buffer``."""
+        model = unwrap_model(model)
+        named = [(n, p) for n, p in model.named_parameters()
+                 if p.requires_grad or self.include_frozen]
+        if self.include_buffer:
+            named += list(model.named_buffers())
+        for name, tensor in named:
+            for prefix in self.prefix_to_remove:
+                name = name.replace(prefix, "")
+            yield name, tensor
 
     @property
     def device(self) -> torch.device | None:
@@ -304,6 +331,10 @@ class EMAHook(EMAUpdateHook):
         self._holder = getattr(model, ATTRIBUTE)
         self._device = settings.device
         super().__init__(get_model_ema(model), model)
+
+    def after_backward(self) -> None:
+        """D2Go's hook may update here (``AFTER_BACKWARD``); d2ema updates after the optimizer
+        step either way, so that the average never sees a half-applied step."""
 
     def before_train(self) -> None:
         holder = self._holder

@@ -99,7 +99,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
                         storage_options: Any | None = None) -> None:
         if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO takes no storage_options")
+            raise LightningEMAError("AtomicCheckpointIO takes no storage_options: it writes "
+                                    "local files; use Lightning's own CheckpointIO for remote "
+                                    "storage")
         atomic_save(checkpoint, Path(path))
 
     def load_checkpoint(self, path: Any, map_location: Callable | Any | None = None,

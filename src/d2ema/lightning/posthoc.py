@@ -41,21 +41,13 @@ from d2ema.lightning._engine import atomic_write_bytes, atomic_write_text
 from d2ema.lightning.callback import EMA, _info
 from d2ema.lightning.checkpoint import export_weights
 from d2ema.lightning.errors import LightningEMAError
-from d2ema.posthoc import PostHocError, Selection, load_tensors
+from d2ema.posthoc import PostHocError, load_tensors
 
-__all__ = ["RAW", "PostHocEMA", "weigh_raw"]
+__all__ = ["RAW", "PostHocEMA"]
 
 logger = logging.getLogger(__name__)
 
 RAW = "raw"
-
-
-def weigh_raw(selection: Selection, raw_score: float) -> tuple[str, float]:
-    """The winner of the EMA sweep and the raw weights: ``(label, score)``; raw wins only by a
-    strictly higher score (NaN counts as the worst)."""
-    if not math.isnan(raw_score) and raw_score > selection.score:
-        return RAW, raw_score
-    return selection.target.label, selection.score
 
 
 class PostHocEMA(EMA):
@@ -197,9 +189,11 @@ class PostHocEMA(EMA):
             with scratch.swapped(target):
                 return self._score(trainer, pl_module, loader)
 
-        selection = self.posthoc.select(score, self.select_sigma_rels)
-        label, _ = weigh_raw(selection, raw_score)
-        scores = {RAW: raw_score, **selection.scores}
+        # the raw weights are scored in place and weighed by the core's selection
+        selection = self.posthoc.select(score, self.select_sigma_rels, raw_score=raw_score,
+                                        raw_tensors=target.state_dict())
+        label = RAW if selection.raw_won else selection.target.label
+        scores = {RAW: raw_score, **{t.label: v for t, v in selection.scores.items()}}
         folder = self.out_dir
         assert folder is not None
         chosen = None if label == RAW else {k: v.cpu() for k, v in selection.tensors.items()}

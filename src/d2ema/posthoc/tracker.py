@@ -178,7 +178,9 @@ class PostHocEMA:
 
     def select(self, score_fn: Callable[[Any], float], sigma_rels: Sequence[float] | None = None,
                *, model: nn.Module | None = None, step: int | None = None,
-               prefer: float | None = None, batch: int = 4) -> Selection:
+               prefer: float | None = None, batch: int = 4, include_raw: bool = True,
+               raw_score: float | None = None,
+               raw_tensors: Mapping[str, torch.Tensor] | None = None) -> Selection:
         """Rebuild each length of ``sigma_rels`` (default: 0.01..0.25, leaving out what the
         snapshots cannot represent), score it, and return the best as a
         `Selection` (``sigma_rel``, ``score``, ``scores`` per length,
@@ -186,6 +188,10 @@ class PostHocEMA:
 
         ``score_fn`` gets the rebuilt tensors (name -> tensor), or, with ``model``, one deep
         copy of ``model`` holding them (the same copy each time; ``model`` is not changed).
+        With ``model`` (and ``include_raw``), the raw weights are scored first as a candidate:
+        when they beat every length, ``raw_won`` is True and ``tensors`` are ``model``'s own.
+        A caller that scored the raw weights itself (with them in place, without a copy)
+        passes ``raw_score`` and ``raw_tensors`` instead of ``model``.
         Score on held-out data: the best of a sweep scored on the test set overstates it.
 
         Example::
@@ -196,8 +202,8 @@ class PostHocEMA:
                     return sum((m(x).argmax(1) == y).sum().item() for x, y in val_loader)
 
             best = ph.select(accuracy, model=model)
-            print(f"sigma_rel {best.sigma_rel} scores {best.score}: {best.scores}")
-            load_tensors(model, best.tensors)
+            print(best.chosen, best.score, best.raw_score)   # e.g. sigma_rel 0.05 0.91 0.88
+            load_tensors(model, best.tensors)   # the raw weights stay when they won
         """
         self.writer.flush()
         targets, named = sweep_targets(sigma_rels)
@@ -206,5 +212,9 @@ class PostHocEMA:
             score = lambda rec: score_fn(load_tensors(clone, rec.tensors))  # noqa: E731
         else:
             score = lambda rec: score_fn(rec.tensors)  # noqa: E731
+        if model is not None and include_raw and raw_score is None:
+            raw_tensors = {n: t.detach().clone() for n, t in clone.state_dict().items()}
+            raw_score = float(score_fn(clone))
         return select(self.folder, score, targets, step, prefer=prefer, batch=batch,
-                      skip_unrepresentable=not named)
+                      skip_unrepresentable=not named, raw_score=raw_score,
+                      raw_tensors=raw_tensors)

@@ -1,15 +1,19 @@
 """Pieces shared by the demo-dataset generators: the sample record, backgrounds, box helpers.
 
 Everything here is numpy/OpenCV only (no detectron2), so the generators run and are testable
-without detectron2 installed.
+without detectron2 installed. OpenCV is imported only when an image is drawn (:func:`opencv`), so
+``d2ema train`` on your own data, which imports this package for the demo datasets' names, runs
+wherever detectron2 runs, OpenCV or not.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 
-import cv2
 import numpy as np
+
+from d2ema.errors import DatasetError
 
 __all__ = [
     "Sample",
@@ -17,8 +21,23 @@ __all__ = [
     "contrasting_colour",
     "luma",
     "noisy_background",
+    "opencv",
     "sample_rng",
 ]
+
+
+def opencv() -> ModuleType:
+    """OpenCV, imported when a demo image is drawn or written, with a fix when it is missing.
+
+    Example: ``cv2 = opencv(); cv2.resize(...)``.
+    """
+    try:
+        import cv2
+    except ImportError as exc:
+        raise DatasetError(
+            f"the demo datasets need OpenCV ({exc}): pip install opencv-python-headless, or "
+            "train on your own COCO data with --dataset NAME=ANN.json:IMAGES") from None
+    return cv2
 
 
 @dataclass
@@ -99,7 +118,8 @@ def noisy_background(rng: np.random.Generator, size: int, tint: bool = True) -> 
     gradient = gradient * rng.uniform(-60, 60, size=3).astype(np.float32)
     coarse = int(rng.integers(3, 9))
     blobs = rng.normal(0, rng.uniform(10, 35), size=(coarse, coarse, 3)).astype(np.float32)
-    blobs = cv2.resize(blobs, (size, size), interpolation=cv2.INTER_CUBIC)  # type: ignore[assignment]
+    cv2 = opencv()
+    blobs = cv2.resize(blobs, (size, size), interpolation=cv2.INTER_CUBIC)
     fine = rng.normal(0, rng.uniform(3, 12), size=(size, size, 1)).astype(np.float32)
     image = base.astype(np.float32) + gradient + blobs + fine
     return np.clip(image, 0, 255)

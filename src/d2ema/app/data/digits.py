@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import lru_cache
 
-import cv2
 import numpy as np
 
 from d2ema.app.data.common import (
@@ -25,6 +24,7 @@ from d2ema.app.data.common import (
     contrasting_colour,
     luma,
     noisy_background,
+    opencv,
     sample_rng,
 )
 
@@ -102,6 +102,7 @@ def render_image(
     masks: list[np.ndarray] = []
     categories: list[int] = []
     sources: list[int] = []
+    cv2 = opencv()
     for _ in range(n_objects):
         source = int(pool[rng.integers(len(pool))])
         scale = float(rng.uniform(3.0, 6.0))

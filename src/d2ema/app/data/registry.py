@@ -25,10 +25,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import cv2
-
 from d2ema.app.data import digits, shapes
-from d2ema.app.data.common import Sample
+from d2ema.app.data.common import Sample, opencv
 from d2ema.d2.config.view import ConfigView
 from d2ema.errors import D2EMAError, DatasetError
 
@@ -185,6 +183,7 @@ def _write(spec: DatasetSpec, directory: Path) -> None:
     """Write the images (PNG) and the COCO json of ``spec`` into the new folder ``directory``."""
     image_dir = directory / IMAGES
     image_dir.mkdir(parents=True)
+    cv2 = opencv()
     records = []
     for index, sample in enumerate(samples(spec)):
         file_name = f"{index:06d}.png"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import cv2
 import numpy as np
 
 from d2ema.app.data.common import (
@@ -23,6 +22,7 @@ from d2ema.app.data.common import (
     contrasting_colour,
     luma,
     noisy_background,
+    opencv,
     sample_rng,
 )
 
@@ -67,6 +67,7 @@ def _shape_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
     margin = radius + 1.0
     centre = rng.uniform(margin, size - 1 - margin, size=2)
     mask = np.zeros((size, size), dtype=np.uint8)
+    cv2 = opencv()
     if kind == "circle":
         scale = 1 << _SHIFT
         cx, cy = (round(float(v) * scale) for v in centre)

@@ -27,6 +27,7 @@ __all__ = [
     "demo_config",
     "ema_label",
     "ema_prefix",
+    "ema_sources",
     "parse_decays",
 ]
 
@@ -53,6 +54,8 @@ class DemoPreset:
     decays: tuple[float, ...]  # compared side by side (horizons ~1/(1-d) suit the run length)
     train_images: int | None  # None: the dataset's default size
     val_images: int | None
+    # power EMAs beside the decays: sigma_rel 0.05, what docs/ema-length.md recommends
+    sigma_rels: tuple[float, ...] = (0.05,)
 
 
 # AdamW at a constant LR after warm-up: from scratch on 2 cores it learns several times faster
@@ -61,11 +64,11 @@ class DemoPreset:
 PRESETS = {
     "default": DemoPreset(
         iters=400, eval_period=100, batch_size=8, base_lr=1e-3, weight_decay=0.05,
-        warmup_iters=100, tau=100.0, decays=(0.99, 0.998), train_images=None, val_images=60,
+        warmup_iters=100, tau=100.0, decays=(0.99,), train_images=None, val_images=60,
     ),
     "quick": DemoPreset(
         iters=120, eval_period=60, batch_size=8, base_lr=1e-3, weight_decay=0.05,
-        warmup_iters=40, tau=20.0, decays=(0.9, 0.97), train_images=None, val_images=40,
+        warmup_iters=40, tau=20.0, decays=(0.97,), train_images=None, val_images=40,
     ),
 }
 
@@ -115,6 +118,13 @@ def ema_label(decay: float) -> str:
 def ema_prefix(decay: float) -> str:
     """Result/TensorBoard prefix of the EMA with ``decay``: ``ema_0.99`` (``ema_0.99/bbox/AP``)."""
     return f"ema_{decay:g}"
+
+
+def ema_sources(preset: DemoPreset, decays: Sequence[float]) -> dict[str, str]:
+    """Each EMA of the demo by its label, with its results' prefix: the power EMAs
+    (``EMA sigma_rel 0.05``: ``ema_sigma0.05/bbox``), then the constant decays."""
+    power = {f"EMA sigma_rel {s:g}": f"ema_sigma{s:g}" for s in preset.sigma_rels}
+    return {**power, **{ema_label(d): ema_prefix(d) for d in decays}}
 
 
 def check_options(options: DemoOptions) -> tuple[DemoPreset, tuple[float, ...]]:
@@ -173,6 +183,7 @@ def demo_config(options: DemoOptions, preset: DemoPreset | None = None):
     cfg.MODEL_EMA.ENABLED = True
     cfg.MODEL_EMA.DECAY = decays[0]
     cfg.MODEL_EMA.EXTRA_DECAYS = list(decays[1:])  # named ema_<decay>, as ema_prefix says
+    cfg.MODEL_EMA.EXTRA_SIGMA_RELS = list(preset.sigma_rels)  # ema_sigma<s>, as ema_sources
     cfg.MODEL_EMA.SCHEDULE = "yolov5"
     cfg.MODEL_EMA.TAU = float(preset.tau)
     cfg.MODEL_EMA.EVAL_BOTH = True

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from d2ema.app.demo.options import METRICS, RAW, DemoOptions, DemoPreset, ema_label, ema_prefix
+from d2ema.app.demo.options import METRICS, RAW, DemoOptions, DemoPreset, ema_sources
 from d2ema.io.atomic import atomic_write_text
 
 __all__ = ["DemoResult", "RunLog", "duration", "summary_lines", "write_json"]
@@ -41,7 +41,9 @@ class RunLog:
                  num_val: int):
         self.options, self.preset, self.decays, self.stream = options, preset, decays, stream
         self.num_val = num_val
-        self.labels = [RAW] + [ema_label(d) for d in decays]
+        self.sources = {RAW: "bbox", **{label: f"{prefix}/bbox" for label, prefix
+                                        in ema_sources(preset, decays).items()}}
+        self.labels = list(self.sources)
         self.history: list[dict[str, Any]] = []
         self.eval_seconds = 0.0
         self.eval_durations: list[float] = []
@@ -78,8 +80,7 @@ class RunLog:
     def record(self, it: int, results: dict[str, Any], seconds: float) -> None:
         self.eval_seconds += seconds
         self.eval_durations.append(seconds)
-        sources = {RAW: "bbox", **{ema_label(d): f"{ema_prefix(d)}/bbox" for d in self.decays}}
-        for label, key in sources.items():
+        for label, key in self.sources.items():
             box = results.get(key, {})
             self.history.append(
                 {"iter": it, "weights": label, **{m: _number(box.get(m)) for m in METRICS}}
@@ -141,7 +142,8 @@ class DemoResult:
         final, best = self.final(), self.best()
         last = max(r["iter"] for r in self.history)
         raw_ap = final.get(RAW, {}).get("AP", float("nan"))
-        header = (f"{'weights':<12}{'AP':>7}{'AP50':>7}{'AP75':>7}{'vs raw':>8}   "
+        width = max(12, *(len(label) + 1 for label in self.labels))
+        header = (f"{'weights':<{width}}{'AP':>7}{'AP50':>7}{'AP75':>7}{'vs raw':>8}   "
                   f"best AP (iter)")
         lines = [f"COCO box AP (%) on the validation set at iteration {last}:", header,
                  "-" * len(header)]
@@ -152,7 +154,7 @@ class DemoResult:
             gain = "" if label == RAW else f"{row['AP'] - raw_ap:+.1f}"
             b_ap, b_it = best.get(label, (float("nan"), 0))
             lines.append(
-                f"{label:<12}{row['AP']:>7.1f}{row['AP50']:>7.1f}{row['AP75']:>7.1f}"
+                f"{label:<{width}}{row['AP']:>7.1f}{row['AP50']:>7.1f}{row['AP75']:>7.1f}"
                 f"{gain:>8}   {b_ap:.1f} ({b_it})"
             )
         decays = self.settings.get("decays", [])
@@ -160,7 +162,9 @@ class DemoResult:
             spans = ", ".join(f"{d:g}: ~{round(1 / (1 - d))}" for d in decays)
             lines.append(
                 f"An EMA with decay d averages about the last 1/(1-d) iterations ({spans} of "
-                f"{last}); one that spans much of a run lags while AP still rises."
+                f"{last}); one that spans much of a run lags while AP still rises. A power EMA "
+                f"(sigma_rel) averages a share of the run as it goes, the setting "
+                f"docs/ema-length.md recommends."
             )
         return "\n".join(lines)
 
@@ -183,7 +187,8 @@ def summary_lines(result: DemoResult) -> list[str]:
         result.table(),
         "",
         f"plot:        {result.plot}",
-        f"TensorBoard: tensorboard --logdir {out}   (scalars bbox/AP and ema_<decay>/bbox/AP)",
+        f"TensorBoard: tensorboard --logdir {out}   (scalars bbox/AP, ema_sigma0.05/bbox/AP, "
+        "ema_<decay>/bbox/AP)",
         f"results:     {result.results_json}",
         f"full log:    {out / 'log.txt'}",
     ]

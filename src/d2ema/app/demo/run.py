@@ -2,14 +2,16 @@
 
 A RetinaNet (ResNet-18 FPN, 128 px images, from scratch) trains on an embedded dataset
 (``shapes`` or ``digits``, generated locally, no download) with :class:`~d2ema.d2.EMATrainer`.
-Besides the trainer's own EMA (the first decay), one more EMA per extra decay is kept, so a
-couple of decays are compared side by side in one run. At every evaluation the raw weights and
+The trainer's own EMA has the first decay (yolov5 ramp); beside it are the recommended power
+EMA (sigma_rel 0.05, ``MODEL_EMA.EXTRA_SIGMA_RELS``) and one more EMA per extra decay, compared
+side by side in one run. At every evaluation the raw weights and
 each EMA are scored with COCO AP on the validation split.
 
 Outputs, in the output folder: ``ap_curves.png`` (AP over iterations, raw vs each EMA),
-TensorBoard events (scalars ``bbox/AP`` for the raw weights and ``ema_<decay>/bbox/AP`` for each
-EMA), ``results.json`` (every evaluation), ``log.txt`` (detectron2's full log, which the console
-leaves out) and ``model_final.pth`` (raw weights + the first EMA, for ``d2ema export``).
+TensorBoard events (scalars ``bbox/AP`` for the raw weights, ``ema_sigma0.05/bbox/AP`` and
+``ema_<decay>/bbox/AP`` for the EMAs), ``results.json`` (every evaluation), ``log.txt``
+(detectron2's full log, which the console leaves out) and ``model_final.pth`` (raw weights
++ the first EMA, for ``d2ema export``).
 Measured run times and AP: benchmarks/results/demo.md. The thread count changes float
 rounding, so numbers vary slightly with it (``--threads`` fixes it).
 
@@ -96,7 +98,7 @@ def choose_threads(requested: int | None) -> tuple[int | None, str]:
         return None, ""
     if cores > 1 and load >= cores:
         return 1, (f"the machine is busy (load {load:.1f} on {cores} cores): training on 1 CPU "
-                   f"thread, which is faster then (--threads {cores} to override)")
+                   f"thread, faster than several on a busy machine (--threads {cores} to override)")
     return None, ""
 
 
@@ -144,8 +146,10 @@ def run_demo(options: DemoOptions, stream: TextIO | None = None) -> DemoResult:
         run.say(
             f"training RetinaNet R18-FPN (128 px, from scratch) on {torch.get_num_threads()} "
             f"CPU thread(s): {preset.iters} iterations, batch {cfg.SOLVER.IMS_PER_BATCH}, "
-            f"AdamW lr {cfg.SOLVER.BASE_LR:g}; EMA decays {', '.join(f'{d:g}' for d in decays)} "
-            f"(yolov5 ramp, tau {cfg.MODEL_EMA.TAU:g}); evaluating "
+            f"AdamW lr {cfg.SOLVER.BASE_LR:g}; power EMA sigma_rel "
+            f"{', '.join(f'{s:g}' for s in preset.sigma_rels)} (recommended) and EMA decay "
+            f"{', '.join(f'{d:g}' for d in decays)} (yolov5 ramp, tau {cfg.MODEL_EMA.TAU:g}); "
+            "evaluating "
             + (f"every {preset.eval_period} iterations" if preset.eval_period else "at the end")
         )
         seed_all_rng(int(cfg.SEED))

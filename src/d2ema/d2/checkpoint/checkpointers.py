@@ -210,6 +210,18 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.resumed_from = str(found.path)
         return self.resumed_from
 
+    def load(self, path: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """detectron2's load; a load that fails (a checkpoint refused) leaves the checkpointer as
+        it was, so the next load works: detectron2 main resets ``_parsed_url_during_load`` only
+        after a load that succeeded, and asserts it is None at the start of the next."""
+        try:
+            return super().load(path, *args, **kwargs)
+        except BaseException:
+            if getattr(self, "_parsed_url_during_load", None) is not None:
+                self._parsed_url_during_load = None
+            self._verified = None
+            raise
+
     # resuming: the checkpoint must fit exactly (d2ema.d2.checkpoint.load_checks)
     _exact: bool = False
 

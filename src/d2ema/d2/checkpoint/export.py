@@ -69,8 +69,9 @@ class ExportSummary:
     def describe(self) -> str:
         step = f" (EMA step {self.step})" if self.step is not None else ""
         kept = f", {self.kept_raw} raw (not tracked by the EMA)" if self.kept_raw else ""
-        left = (f"; {self.ema_only} EMA tensors without a model entry left out"
-                if self.ema_only else "")
+        left = (f"; {self.ema_only} EMA tensors without a model entry left out (buffers the "
+                "model does not save, such as pixel_mean and the anchors, which it rebuilds "
+                "from its config: harmless)" if self.ema_only else "")
         return (f"wrote {self.output}: {self.replaced} EMA tensors{step}{kept}{left}. "
                 f"Use it as MODEL.WEIGHTS {self.output}")
 

@@ -298,12 +298,15 @@ def _missing_files(name: str) -> str | None:
 def _names_advice(cfg, names: list[str]) -> str:
     """The overrides that point the config's training and test sets at ``names``."""
     train = [n for n in names if "train" in n.lower()] or names[:1]
-    test = [n for n in names if n not in train] or train
+    test = [n for n in names if n not in train]  # never the training set: its AP says little
+    held_out = "" if test else (" (HELD_OUT: a set not trained on, added with --dataset "
+                                "HELD_OUT=ANNOTATIONS.json:IMAGES)")
+    test = test or ["HELD_OUT"]
     if _is_lazy(cfg):
         return (f"dataloader.train.dataset.names={','.join(train)} "
-                f"dataloader.test.dataset.names={','.join(test)}")
+                f"dataloader.test.dataset.names={','.join(test)}{held_out}")
     as_tuple = lambda ns: "(" + "".join(f"'{n}'," for n in ns) + ")"  # noqa: E731
-    return f'DATASETS.TRAIN "{as_tuple(train)}" DATASETS.TEST "{as_tuple(test)}"'
+    return f'DATASETS.TRAIN "{as_tuple(train)}" DATASETS.TEST "{as_tuple(test)}"{held_out}'
 
 
 def check_datasets_used(cfg, specs: Collection[str] = (), tests_only: bool = False) -> None:

@@ -83,6 +83,8 @@ __all__ = [
     "get_settings",
     "initial_share",
     "initial_share_warning",
+    "log_run_cost",
+    "run_cost_line",
     "settings_given",
 ]
 
@@ -338,6 +340,108 @@ def check_posthoc_space(model: nn.Module, max_iter: int, start_iter: int = 0) ->
     family = get_ema_family(model)
     if family is not None and family.posthoc is not None:
         family.posthoc.writer.check_space(family.posthoc.snapshot_every, max_iter, start_iter)
+
+
+def _tensor_bytes(tensors) -> int:
+    """Bytes of the tensors' data, a tensor tied to another counted once (views into one flat
+    buffer, as flat mode makes them, each count)."""
+    seen = {(t.data_ptr() or id(t), t.numel(), t.dtype): t.numel() * t.element_size()
+            for t in tensors}
+    return sum(seen.values())
+
+
+def _optimizer_bytes(optimizer) -> tuple[int, str]:
+    """The optimizer's state in a checkpoint: measured once it holds any, else estimated from
+    its kind (tensors per trainable weight: SGD with momentum 1, Adam and kin 2, ...)."""
+    import torch
+
+    if optimizer is None:
+        return 0, "no optimizer"
+    held = [v for state in optimizer.state.values() for v in state.values()
+            if isinstance(v, torch.Tensor)]
+    if held:
+        return _tensor_bytes(held), "measured"
+    groups = optimizer.param_groups
+    per = 2.0  # Adam, AdamW, RAdam, NAdam, Adamax, ... (exp_avg, exp_avg_sq)
+    if isinstance(optimizer, torch.optim.SGD):
+        per = float(any(g.get("momentum", 0) for g in groups))
+    elif isinstance(optimizer, (torch.optim.Adagrad, torch.optim.RMSprop)):
+        per = 1.0 + float(any(g.get("momentum", 0) or g.get("centered", False) for g in groups))
+    if any(g.get("amsgrad", False) for g in groups):
+        per += 1
+    trainable = [p for g in groups for p in g["params"] if p.requires_grad]
+    total = sum(p.numel() * max(p.element_size(), 4) for p in trainable)
+    return int(per * total), f"estimated: {per:g} per weight for {type(optimizer).__name__}"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e10 else f"{n / 1e6:.1f} MB"
+
+
+def run_cost_line(trainer, model: nn.Module, ema: EMA) -> str | None:
+    """One line with what the run will write: the size of a checkpoint (model, each EMA,
+    optimizer state), how many are kept (the trainer's ``PeriodicCheckpointer``: every
+    ``period`` iterations plus ``model_final``, ``max_to_keep`` of the periodic ones), the
+    post-hoc snapshot series, and the total against the free space of ``OUTPUT_DIR``'s disk.
+    None when the trainer has no ``PeriodicCheckpointer`` and no snapshots.
+
+    Example: ``logger.info(run_cost_line(trainer, model, ema))`` before training.
+    """
+    import shutil
+
+    from detectron2.engine.hooks import PeriodicCheckpointer
+
+    inner = unwrap_model(model)
+    family = get_ema_family(inner)
+    max_iter = int(getattr(trainer, "max_iter", 0) or 0)
+    parts = {"model": _tensor_bytes(inner.state_dict().values())}
+    parts["EMA"] = getattr(ema, "num_bytes", parts["model"])  # a sharded EMA: gathered whole
+    for name, extra in (family.extras if family else {}).items():
+        parts[name] = extra.num_bytes
+    posthoc = family.posthoc if family else None
+    if posthoc is not None:
+        parts[f"{len(posthoc.emas)} post-hoc EMAs"] = sum(
+            e.num_bytes for e in posthoc.emas.values())
+    optimizer, how = _optimizer_bytes(getattr(trainer, "optimizer", None))
+    parts[f"optimizer state ({how})"] = optimizer
+    each = sum(parts.values())
+    periodic = [h for h in getattr(trainer, "_hooks", []) if isinstance(h, PeriodicCheckpointer)]
+    snapshots = 0
+    if posthoc is not None and posthoc.writer.enabled and posthoc.snapshot_every:
+        period = posthoc.snapshot_every
+        count = max_iter // period + (max_iter % period != 0)
+        snapshots = count * posthoc.writer.bytes_per_snapshot
+    if not periodic and not snapshots:
+        return None
+    kept, total = "", snapshots
+    if periodic and max_iter:
+        hook = periodic[0]
+        count = max_iter // hook.period
+        keep = count if hook.max_to_keep is None else min(count, hook.max_to_keep)
+        files = keep + 1  # and model_final
+        total += files * each
+        kept = (f"; {files} checkpoints kept (every {hook.period} iterations: "
+                f"{'all' if hook.max_to_keep is None else f'the last {hook.max_to_keep}'} "
+                f"of {count}, and model_final) = {_gb(files * each)}")
+    folder = str(periodic[0].checkpointer.save_dir if periodic else posthoc.folder)  # type: ignore[union-attr]
+    where = os.path.abspath(folder)
+    while not os.path.exists(where) and where != os.path.dirname(where):
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free
+    detail = ", ".join(f"{name} {_gb(n)}" for name, n in parts.items())
+    series = f"; post-hoc snapshots {_gb(snapshots)}" if posthoc is not None else ""
+    return (f"disk use of this run: each checkpoint {_gb(each)} ({detail}){kept}{series}; "
+            f"total {_gb(total)}, of {_gb(free)} free on the disk of {folder}")
+
+
+def log_run_cost(trainer, model: nn.Module, ema: EMA) -> None:
+    """:func:`run_cost_line`, logged by the main process (``EMAHook.before_train``)."""
+    from detectron2.utils import comm
+
+    if trainer is not None and comm.is_main_process():
+        line = run_cost_line(trainer, model, ema)
+        if line:
+            logger.info(line)
 
 
 def get_ema_family(model: nn.Module) -> EMAFamily | None:

@@ -32,7 +32,12 @@ from typing import TYPE_CHECKING
 from detectron2.engine import HookBase
 from torch import nn
 
-from d2ema.d2.engine.build import get_ema_family, get_settings, initial_share_warning
+from d2ema.d2.engine.build import (
+    get_ema_family,
+    get_settings,
+    initial_share_warning,
+    log_run_cost,
+)
 from d2ema.distributed import ShardedEMA, averaged_buffers
 from d2ema.ema import EMA
 
@@ -77,6 +82,7 @@ class EMAUpdateHook(HookBase):
         if family is not None:
             with averaged_buffers(self.model):
                 family.before_train(self.model, max_iter, getattr(self.trainer, "start_iter", 0))
+        log_run_cost(self.trainer, self.model, self.ema)
 
     def after_step(self) -> None:
         trainer = self.trainer

@@ -81,7 +81,7 @@ from d2ema.d2.evaluation.evaluator import (
     python_coco_eval,
 )
 from d2ema.d2.evaluation.select import check_selection
-from d2ema.errors import UsageError, one_line
+from d2ema.errors import D2EMAError, UsageError, one_line
 
 __all__ = [
     "check_lazy_keys",
@@ -245,15 +245,40 @@ def train_main(
     in_process = args.num_gpus * args.num_machines == 1  # launch() then calls the worker here
     # one training per OUTPUT_DIR, from before anything is written there; a full disk: one line
     with run_lock(cfg, args), disk_full_as_error(output_dir(cfg)):
-        launch(
-            train_worker,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args, prepare, *((cfg, settings) if in_process else ())),
-        )
+        try:
+            launch(
+                train_worker,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args, prepare, *((cfg, settings) if in_process else ())),
+            )
+        except KeyboardInterrupt as e:  # the command says where --resume will start
+            e.resume_note = resume_note(output_dir(cfg))  # type: ignore[attr-defined]
+            raise
     return 0
+
+
+def resume_note(folder: str | Path) -> str:
+    """Where ``--resume`` continues a run of ``folder``, for the interrupted command's line:
+    from the iteration after the checkpoint ``last_checkpoint`` names.
+
+    Example: ``resume_note("output")`` -> ``"--resume continues from iteration 5000
+    (model_0004999.pth)"``.
+    """
+    from d2ema.d2.checkpoint.resume import tagged_checkpoint
+
+    try:
+        path, _ = tagged_checkpoint(folder)
+    except D2EMAError:
+        path = None
+    if path is None:
+        return "no checkpoint was saved yet: --resume starts from iteration 0"
+    match = re.match(r"^.+_(\d+)\.pth$", path.name)
+    if match is None:  # model_final.pth: training had finished
+        return f"--resume continues after the last iteration ({path.name})"
+    return f"--resume continues from iteration {int(match.group(1)) + 1} ({path.name})"
 
 
 def _datasets(args: argparse.Namespace) -> list[str]:

@@ -28,6 +28,7 @@ from d2ema.io.atomic import atomic_write_bytes, atomic_write_text
 from d2ema.posthoc import Fit
 
 __all__ = [
+    "LEGEND",
     "fit_row",
     "plot_ap_vs_length",
     "primary_ap",
@@ -38,6 +39,12 @@ __all__ = [
 
 
 RESULTS, PLOT, TABLE = "results.json", "ap_vs_length.png", "table.txt"
+
+
+LEGEND = ("misfit: how far the snapshots' combination is from the target's averaging profile "
+          "(relative error); sum|x|: the sum of the combination's absolute weights, how much "
+          "it amplifies the snapshots' rounding (1 for a snapshot or a plain average; large: "
+          "less exact)")
 
 
 _RAW_STYLE: dict[str, Any] = {"color": "0.35", "linestyle": "--"}
@@ -141,8 +148,10 @@ def plot_ap_vs_length(
                 label=f"{r['target']} (~sigma_rel {r['sigma_rel']:.3f})")
     for r in rows:
         if r["kind"] == "raw":
-            ax.axhline(r["AP"], label="raw weights", **_RAW_STYLE)
-    if chosen is not None:
+            won = chosen is not None and chosen.get("kind") == "raw"
+            ax.axhline(r["AP"], label="chosen: raw weights" if won else "raw weights",
+                       **{**_RAW_STYLE, **({"color": "tab:red"} if won else {})})
+    if chosen is not None and chosen.get("kind") != "raw":
         ax.plot([chosen["sigma_rel"]], [chosen["AP"]], marker="o", markersize=14,
                 markerfacecolor="none", markeredgecolor="tab:red", markeredgewidth=2,
                 linestyle="", label=f"chosen: {chosen['target']}")

@@ -4,13 +4,16 @@ After the last checkpoint is saved, :func:`select_after_training` rebuilds each 
 sweep (``POSTHOC.SELECT_SIGMA_RELS``, else ``d2ema posthoc``'s default) from the snapshots,
 evaluates each on the selection set (``POSTHOC.SELECT_ON``, else ``DATASETS.TEST[0]``), keeps
 the best (the first metric of the evaluator, bbox AP for detection; a tie goes to the length
-closest to the primary EMA's) and
+closest to the primary EMA's). The raw weights are scored on the same set and are a candidate
+too: when they beat every length, they are what the run hands back, and every output says
+"raw weights beat every EMA length on SELECT_ON". Then it
 
-* writes it as ``OUTPUT_DIR/model_final_posthoc.pth`` with a plain detectron2 config beside it
-  (``model_final_posthoc.yaml``, as ``d2ema export`` writes);
+* writes the chosen weights as ``OUTPUT_DIR/model_final_posthoc.pth`` with a plain detectron2
+  config beside it (``model_final_posthoc.yaml``, as ``d2ema export`` writes);
 * writes the table, ``results.json`` and ``ap_vs_length.png`` (the chosen length ringed) to
-  ``OUTPUT_DIR/posthoc/``, and every length's metrics to ``metrics.json`` and TensorBoard
-  (``posthoc/sigma0.05/bbox/AP``, ...);
+  ``OUTPUT_DIR/posthoc/``, and every length's metrics to ``metrics.json`` and TensorBoard, the
+  tags naming the dataset scored (``posthoc/SELECT_ON/sigma0.05/bbox/AP``,
+  ``posthoc/SELECT_ON/raw/bbox/AP``, ``posthoc/TEST/chosen/bbox/AP``);
 * reports the chosen EMA on ``DATASETS.TEST[0]`` next to the raw weights and the primary EMA
   (``posthoc/bbox/AP`` in the results, ``metrics.json``, ``log.txt`` and the summary line).
 
@@ -66,6 +69,7 @@ from d2ema.posthoc import (
     solve,
     sweep_targets,
 )
+from d2ema.posthoc.select import RAW
 from d2ema.schedules import SigmaRel, sigma_rel_to_gamma
 
 __all__ = ['SELECTED', 'check_selection', 'select_after_training']
@@ -147,7 +151,7 @@ def _evaluate(trainer, dataset: str, label: str) -> dict:
     from detectron2.utils import comm
 
     cfg, cls, model = trainer.cfg, type(trainer), trainer.model
-    if cfg.TEST.PRECISE_BN.ENABLED and label != "raw weights":
+    if cfg.TEST.PRECISE_BN.ENABLED and label != RAW:
         precise_bn(model, cls.build_train_loader(cfg), cfg.TEST.PRECISE_BN.NUM_ITER)
     one = cfg.clone()
     one.defrost()
@@ -205,7 +209,7 @@ def select_after_training(trainer, results: Mapping[str, Any] | None) -> Mapping
     raw = {k: v.detach().clone() for k, v in inner.state_dict().items()}
     folder = family.posthoc.folder
     try:
-        outcome = _choose(trainer, folder, settings, select_on, main)
+        outcome = _choose(trainer, folder, settings, select_on, main, raw)
         test = outcome.get("selection_results", {})
         if select_on != report_on:  # the chosen EMA, on the test set
             if main:
@@ -220,8 +224,10 @@ def select_after_training(trainer, results: Mapping[str, Any] | None) -> Mapping
     return _write(trainer, results, {**outcome, "folder": folder}, test, select_on, report_on)
 
 
-def _choose(trainer, folder, settings, select_on: str, main: bool) -> dict[str, Any]:
-    """Rebuild, broadcast and evaluate every length; on the main process the outcome."""
+def _choose(trainer, folder, settings, select_on: str, main: bool,
+            raw: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Rebuild, broadcast and evaluate every length (and the ``raw`` weights, a candidate
+    too); on the main process the outcome."""
     scored: dict[str, dict] = {}
     outcome: dict[str, Any] = {}
     if not main:
@@ -246,18 +252,19 @@ def _choose(trainer, folder, settings, select_on: str, main: bool) -> dict[str, 
     targets, named = sweep_targets(settings.posthoc.select_sigma_rels)
     max_iter = int(trainer.cfg.SOLVER.MAX_ITER)
     try:
-        _from_main(("next", "raw weights"))
+        _from_main(("next", RAW))
         _broadcast_weights(trainer.model)
-        scored["raw weights"] = _evaluate(trainer, select_on, "raw weights")
+        scored[RAW] = _evaluate(trainer, select_on, RAW)
         sel = select(folder, score, targets, prefer=_prefer(settings, max_iter),
-                     skip_unrepresentable=not named)
+                     skip_unrepresentable=not named, raw_score=_ap(scored[RAW]),
+                     raw_tensors=raw)
     except BaseException as e:
         _from_main(("error", one_line(str(e)) or type(e).__name__))
         raise
-    _from_main(("done", sel.target.label))
-    label = sel.target.label
-    return {"selection": sel, "scored": scored, "label": label, "tensors": sel.tensors,
-            "selection_results": scored[label]}
+    _from_main(("done", sel.chosen))
+    left_out = [t.label for t in targets if t not in {f.target for f in sel.fits}]
+    return {"selection": sel, "scored": scored, "label": sel.chosen, "tensors": sel.tensors,
+            "selection_results": scored[sel.chosen], "left_out": left_out}
 
 
 def _write(trainer, results, outcome, test: dict, select_on: str, report_on: str):
@@ -272,8 +279,7 @@ def _write(trainer, results, outcome, test: dict, select_on: str, report_on: str
     optimistic = select_on == report_on
     rows = [{**report.fit_row(f), **report.result_metrics(scored[f.target.label])}
             for f in sel.fits]
-    rows.append({"target": "raw weights", "kind": "raw",
-                 **report.result_metrics(scored["raw weights"])})
+    rows.append({"target": RAW, "kind": "raw", **report.result_metrics(scored[RAW])})
     chosen = next(r for r in rows if r["target"] == outcome["label"])
     test_ap = {"raw": _ap(_task_results(results, "", report_on)),
                "ema": _ap(_task_results(results, "ema/", report_on)), "chosen": _ap(test)}
@@ -282,29 +288,41 @@ def _write(trainer, results, outcome, test: dict, select_on: str, report_on: str
         "step": sel.step, "posthoc": outcome["label"], "select_on": select_on,
         "format": "d2ema post-hoc EMA export, v1"})
     lines = report.table(rows, evaluated=True)
-    data = {"step": sel.step, "snapshots": str(outcome["folder"]),
+    if outcome.get("left_out"):
+        lines.insert(0, f"left out (the snapshots cannot represent them): "
+                        f"{', '.join(outcome['left_out'])}")
+    verdict = (f"raw weights beat every EMA length on {select_on}" if sel.raw_won
+               else f"{outcome['label']} is the best on {select_on}")
+    lines += [f"chosen: {verdict}", report.LEGEND]
+    data = {"step": sel.step, "snapshots": str(outcome["folder"]), "verdict": verdict,
+            "raw_won": sel.raw_won, "left_out": outcome.get("left_out", []),
             "select_on": select_on, "report_on": report_on, "optimistic": optimistic,
             "chosen": {**chosen, "test_AP": test_ap["chosen"]}, "test_AP": test_ap,
             "weights": str(out / SELECTED), "rows": rows}
     report.write_results(out / FOLDER, data, rows, chosen=chosen, lines=lines, title=(
         f"{out.name}: EMA length chosen on {select_on} (step {sel.step})"))
-    scalars = flatten_results_dict({f"posthoc/{_tag(f.target)}": scored[f.target.label]
+    scalars = flatten_results_dict({f"posthoc/{select_on}/{_tag(f.target)}": scored[f.target.label]
                                     for f in sel.fits})
-    scalars.update(flatten_results_dict({"posthoc/raw": scored["raw weights"],
-                                         "posthoc/chosen": test}))
-    scalars["posthoc/chosen_sigma_rel"] = sel.sigma_rel
+    scalars.update(flatten_results_dict({f"posthoc/{select_on}/raw": scored[RAW],
+                                         f"posthoc/{report_on}/chosen": test}))
+    if not sel.raw_won:
+        scalars["posthoc/chosen_sigma_rel"] = sel.sigma_rel
     _log_scalars(cfg, scalars)
     log = logging.getLogger(__name__)
     for line in [*lines, *export]:
         log.info(line)
     where = (f"{select_on}, the test set itself" if optimistic else f"{select_on} (held out)")
-    summary = (f"post-hoc EMA: chose {outcome['label']} on {where}: AP {chosen['AP']:.2f}; on "
-               f"{report_on}: raw AP {test_ap['raw']:.2f}, EMA AP {test_ap['ema']:.2f}, chosen "
-               f"EMA AP {test_ap['chosen']:.2f}{' (optimistic)' if optimistic else ''}; "
+    choice = (f"raw weights beat every EMA length on {where}: AP {chosen['AP']:.2f} (the best "
+              f"length, {sel.target.label}, {sel.score:.2f}), so the raw weights are kept"
+              if sel.raw_won else f"chose {outcome['label']} on {where}: AP {chosen['AP']:.2f}")
+    chosen_as = "chosen" if sel.raw_won else "chosen EMA"
+    summary = (f"post-hoc EMA: {choice}; on "
+               f"{report_on}: raw AP {test_ap['raw']:.2f}, EMA AP {test_ap['ema']:.2f}, "
+               f"{chosen_as} AP {test_ap['chosen']:.2f}{' (optimistic)' if optimistic else ''}; "
                f"weights {out / SELECTED}, table and plot in {out / FOLDER}")
     if optimistic:
         log.warning(f"{report_on} both chose the EMA length and reports its AP, so that "
-                f"AP is optimistic (the best of {len(rows) - 1} scores of one set); set "
+                f"AP is optimistic (the best of {len(rows)} scores of one set); set "
                 f"{_KEY}SELECT_ON to a held-out dataset for an unbiased one")
     log.info(summary)
     merged = OrderedDict(results or {})
