@@ -30,7 +30,10 @@ _ARGS = Namespace(eval_only=False, machine_rank=0)
 
 
 class _Cfg:
+    """The two keys of a yacs config that the lock reads (MODEL says it is yacs)."""
+
     def __init__(self, out: Path):
+        self.MODEL = None
         self.OUTPUT_DIR = str(out)
 
 
