@@ -29,12 +29,11 @@ pytestmark = pytest.mark.usefixtures("restore_loggers")
 _ARGS = Namespace(eval_only=False, machine_rank=0)
 
 
-class _Cfg:
-    """The two keys of a yacs config that the lock reads (MODEL says it is yacs)."""
+def _Cfg(out: Path):
+    """A yacs config with what the lock reads: OUTPUT_DIR (MODEL makes it a yacs one)."""
+    from detectron2.config import CfgNode
 
-    def __init__(self, out: Path):
-        self.MODEL = None
-        self.OUTPUT_DIR = str(out)
+    return CfgNode({"MODEL": {}, "OUTPUT_DIR": str(out)})
 
 
 def _hold(out: str, ready) -> None:
