@@ -18,7 +18,7 @@ from _d2_helpers import Trainer, make_cfg, register_tiny
 
 from d2ema.cli import main
 from d2ema.d2.config import settings as config_settings
-from d2ema.d2.engine.build import get_settings
+from d2ema.d2.family import get_settings
 
 pytestmark = pytest.mark.usefixtures("restore_loggers")
 

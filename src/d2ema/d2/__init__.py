@@ -25,17 +25,17 @@ from d2ema.d2.config.settings import (  # noqa: F401
     lazy_model_ema_defaults,
 )
 from d2ema.d2.data.datasets import register_coco_dataset
-from d2ema.d2.engine.build import (  # noqa: F401
-    EMAFamily,
-    build_model_ema,
-    get_ema_family,
-    get_extra_emas,
-    get_model_ema,
-)
+from d2ema.d2.engine.build import build_model_ema  # noqa: F401
 from d2ema.d2.engine.hooks import EMAUpdateHook
 from d2ema.d2.engine.run_folder import setup_run
 from d2ema.d2.engine.trainer import EMATrainer, EMATrainerMixin
 from d2ema.d2.evaluation.evaluator import build_evaluator, evaluate_with_ema  # noqa: F401
+from d2ema.d2.family import (  # noqa: F401
+    EMAFamily,
+    get_ema_family,
+    get_extra_emas,
+    get_model_ema,
+)
 from d2ema.errors import ConfigError, DatasetError, EMANotLoadedError, TrainerError  # noqa: F401
 
 # What the docs teach. The names marked noqa stay importable from here, as before 0.3.0

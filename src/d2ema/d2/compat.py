@@ -34,8 +34,8 @@ from torch import nn
 from d2ema.averaging.state import unwrap_model
 from d2ema.d2.checkpoint.checkpointers import ema_checkpointables
 from d2ema.d2.config.settings import add_model_ema_configs, d2go_schedule, ema_settings
-from d2ema.d2.engine.build import ATTRIBUTE, get_model_ema
 from d2ema.d2.engine.hooks import EMAUpdateHook
+from d2ema.d2.family import ATTRIBUTE, get_model_ema
 from d2ema.ema import EMA
 from d2ema.errors import ConfigError, EMANotBuiltError, EMANotLoadedError, ReservedAttributeError
 from d2ema.io.format import split_state

@@ -56,7 +56,7 @@ from d2ema.d2.config import settings as config_settings
 from d2ema.d2.config.keys import named_in_config
 from d2ema.d2.config.settings import EMASettings
 from d2ema.d2.config.view import ConfigView
-from d2ema.d2.engine.build import EMAGroupState, get_ema_family, get_settings
+from d2ema.d2.family import EMAGroupState, get_ema_family, get_settings
 from d2ema.distributed import ShardedEMA
 from d2ema.ema import EMA
 from d2ema.errors import CheckpointError, ConfigError, D2EMAError

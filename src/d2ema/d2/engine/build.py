@@ -52,8 +52,7 @@ import contextvars
 import dataclasses
 import logging
 import os
-import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
@@ -62,25 +61,24 @@ from d2ema.averaging.state import unwrap_model
 from d2ema.d2.config import settings as config_settings
 from d2ema.d2.config.settings import EMASettings
 from d2ema.d2.config.view import ConfigView
+from d2ema.d2.family import (
+    ATTRIBUTE,
+    EMAFamily,
+    attach_family,
+    attach_settings,
+    get_ema_family,
+)
 from d2ema.distributed import ShardedEMA
 from d2ema.ema import EMA
-from d2ema.errors import EMAStateError, ReservedAttributeError
+from d2ema.errors import ReservedAttributeError
 from d2ema.posthoc import PostHocEMA
 from d2ema.schedules import Constant, SigmaRel
 
 __all__ = [
-    "ATTRIBUTE",
-    "EXTRAS_KEY",
-    "POSTHOC_KEY",
     "WARN_SHARE",
-    "EMAFamily",
     "build_ema_family",
     "build_model_ema",
     "check_posthoc_space",
-    "get_ema_family",
-    "get_extra_emas",
-    "get_model_ema",
-    "get_settings",
     "initial_share",
     "initial_share_warning",
     "log_run_cost",
@@ -130,9 +128,6 @@ def initial_share_warning(ema: EMA, total_steps: int, name: str = "the EMA",
     )
 
 
-ATTRIBUTE = "ema_state"
-
-
 _GIVEN: contextvars.ContextVar[EMASettings | None] = contextvars.ContextVar(
     "d2ema_settings", default=None)
 
@@ -155,14 +150,6 @@ def settings_given(settings: EMASettings | None) -> Iterator[None]:
         _GIVEN.reset(token)
 
 
-_SETTINGS: weakref.WeakKeyDictionary[nn.Module, EMASettings] = weakref.WeakKeyDictionary()
-
-
-def get_settings(model: nn.Module) -> EMASettings | None:
-    """The settings `build_model_ema` built ``model``'s EMAs with (None if it did not)."""
-    return _SETTINGS.get(unwrap_model(model))
-
-
 def build_model_ema(cfg: Any, model: nn.Module,
                     settings: EMASettings | None = None) -> EMA | None:
     """Validate the config's EMA settings (unless ``settings`` are given, or given by
@@ -178,7 +165,7 @@ def build_model_ema(cfg: Any, model: nn.Module,
     """
     settings = settings or _GIVEN.get() or config_settings.ema_settings(cfg)
     target = unwrap_model(model)
-    _SETTINGS[target] = settings
+    attach_settings(target, settings)
     if not settings.enabled:
         return None
     if hasattr(target, ATTRIBUTE):
@@ -194,113 +181,10 @@ def build_model_ema(cfg: Any, model: nn.Module,
     return ema
 
 
-def get_model_ema(model: nn.Module) -> EMA | None:
-    """The EMA attached to ``model`` (ours, or the one inside a seed/D2Go ``EMAState``)."""
-    holder = getattr(unwrap_model(model), ATTRIBUTE, None)
-    if holder is None or isinstance(holder, EMA):
-        return holder
-    return getattr(holder, "ema", None)
-
-
 logger = logging.getLogger(__name__)
 
 
-EXTRAS_KEY = "ema_extras"
-
-
-POSTHOC_KEY = "ema_posthoc"
-
-
 SNAPSHOT_FOLDER = "ema_snapshots"
-
-
-_FAMILIES: weakref.WeakKeyDictionary[nn.Module, EMAFamily] = weakref.WeakKeyDictionary()
-
-
-class EMAGroupState:
-    """A checkpointable for named EMAs: ``{name: EMA.state_dict()}``, all checked, then all
-    loaded. Names only in the checkpoint are ignored; names only here restart (logged)."""
-
-    def __init__(self, get_emas: Callable[[], Mapping[str, EMA]], key: str,
-                 before_save: Callable[[], None] | None = None):
-        self.emas, self.key, self.before_save = get_emas, key, before_save
-        self.loaded: set[str] = set()
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.before_save is not None:
-            self.before_save()
-        return {name: ema.state_dict() for name, ema in self.emas().items()}
-
-    def check(self, state: Any) -> None:
-        if not isinstance(state, Mapping):
-            raise EMAStateError(f"checkpoint key {self.key!r} is a {type(state).__name__}, not a "
-                                "dict of EMA states; nothing was loaded")
-        for name, ema in self.emas().items():
-            if name in state:
-                try:
-                    ema.check_state_dict(state[name])
-                except EMAStateError as e:
-                    raise EMAStateError(f"{self.key}[{name!r}]: {e}") from e
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.check(state)
-        emas = self.emas()
-        for name, ema in emas.items():
-            if name in state:
-                ema.load_state_dict(state[name])
-        self.loaded = set(emas) & set(state)
-        new, gone = sorted(set(emas) - set(state)), sorted(set(state) - set(emas))
-        if new or gone:
-            logger.info("%s: %s start from the loaded weights%s", self.key, new or "none",
-                        f"; {gone} in the checkpoint are not configured (ignored)" if gone else "")
-
-
-@dataclasses.dataclass
-class EMAFamily:
-    """The extra and post-hoc EMAs of one model (see the module docstring)."""
-
-    extras: dict[str, EMA]
-    posthoc: PostHocEMA | None = None
-
-    def __post_init__(self) -> None:
-        self.states = {EXTRAS_KEY: EMAGroupState(lambda: self.extras, EXTRAS_KEY)}
-        if self.posthoc is not None:
-            # a checkpoint at step S resumes the series at S: every snapshot up to S must be on
-            # disk by then (a kill after the save would otherwise leave a gap in the series)
-            self.states[POSTHOC_KEY] = EMAGroupState(lambda: self.posthoc.emas, POSTHOC_KEY,  # type: ignore[union-attr]
-                                                     before_save=self.posthoc.writer.flush)
-
-    def before_train(self, model: nn.Module, max_iter: int | None, start_iter: int = 0) -> None:
-        """Restart the EMAs no checkpoint provided; continue the snapshot series."""
-        for state in self.states.values():
-            for name, ema in state.emas().items():
-                if name not in state.loaded:
-                    ema.reset(model)
-        if self.posthoc is not None and start_iter and not self.states[POSTHOC_KEY].loaded:
-            logger.warning("post-hoc EMA: the checkpoint resumed at iteration %d has no post-hoc "
-                           "EMAs; they start from its weights, as if training had begun there",
-                           start_iter)
-        if self.posthoc is not None:
-            if self.posthoc.writer.enabled:
-                self.posthoc.writer.check_space(self.posthoc.snapshot_every, max_iter or 0,
-                                                start_iter)
-                logger.info(self.posthoc.writer.describe(self.posthoc.snapshot_every,
-                                                         max_iter or 0))
-            self.posthoc.sync()
-            if max_iter is not None and self.posthoc.step == max_iter:
-                self.posthoc.snapshot()
-
-    def after_step(self, model: nn.Module, step: int, max_iter: int | None) -> None:
-        for ema in self.extras.values():
-            ema.update(model, step=step)
-        if self.posthoc is not None:
-            self.posthoc.update(model, step=step)
-            if step == max_iter:
-                self.posthoc.snapshot()
-
-    def after_train(self) -> None:
-        if self.posthoc is not None:
-            self.posthoc.close()
 
 
 def build_ema_family(model: nn.Module, settings: EMASettings,
@@ -329,7 +213,7 @@ def build_ema_family(model: nn.Module, settings: EMASettings,
             **{k: v for k, v in kwargs.items() if k not in ("decay", "schedule")},
         )
     family = EMAFamily(extras, posthoc)
-    _FAMILIES[unwrap_model(model)] = family
+    attach_family(model, family)
     return family
 
 
@@ -444,11 +328,3 @@ def log_run_cost(trainer, model: nn.Module, ema: EMA) -> None:
             logger.info(line)
 
 
-def get_ema_family(model: nn.Module) -> EMAFamily | None:
-    return _FAMILIES.get(unwrap_model(model))
-
-
-def get_extra_emas(model: nn.Module) -> dict[str, EMA]:
-    """The model's extra EMAs by name (``ema_0.99``, ``ema_sigma0.1``); empty if none."""
-    family = get_ema_family(model)
-    return dict(family.extras) if family is not None else {}

@@ -32,12 +32,8 @@ from typing import TYPE_CHECKING
 from detectron2.engine import HookBase
 from torch import nn
 
-from d2ema.d2.engine.build import (
-    get_ema_family,
-    get_settings,
-    initial_share_warning,
-    log_run_cost,
-)
+from d2ema.d2.engine.build import initial_share_warning, log_run_cost
+from d2ema.d2.family import get_ema_family, get_settings
 from d2ema.distributed import ShardedEMA, averaged_buffers
 from d2ema.ema import EMA
 

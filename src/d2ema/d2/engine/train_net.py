@@ -333,7 +333,7 @@ def _yacs_main(cfg, args, prepare: Prepare | None, settings: EMASettings):
     from detectron2.evaluation import verify_results
     from detectron2.utils import comm
 
-    from d2ema.d2.engine.build import get_model_ema
+    from d2ema.d2.family import get_model_ema
 
     run = setup_run(cfg, args)
     if prepare is not None:

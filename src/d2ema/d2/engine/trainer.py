@@ -49,13 +49,7 @@ from d2ema.d2.checkpoint.checkpointers import (
 from d2ema.d2.config import settings as config_settings
 from d2ema.d2.config.keys import core_words_named
 from d2ema.d2.config.settings import EMASettings
-from d2ema.d2.engine.build import (
-    build_model_ema,
-    get_extra_emas,
-    get_model_ema,
-    get_settings,
-    settings_given,
-)
+from d2ema.d2.engine.build import build_model_ema, settings_given
 from d2ema.d2.engine.hooks import EMAUpdateHook
 from d2ema.d2.evaluation.evaluator import (
     EMA_PREFIX,
@@ -65,6 +59,7 @@ from d2ema.d2.evaluation.evaluator import (
     precise_bn,
 )
 from d2ema.d2.evaluation.select import select_after_training
+from d2ema.d2.family import get_extra_emas, get_model_ema, get_settings
 from d2ema.ema import EMA
 from d2ema.errors import TrainerError
 

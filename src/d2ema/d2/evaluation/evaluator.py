@@ -57,7 +57,7 @@ from d2ema.averaging.health import NONFINITE_FIX, nonfinite_message
 from d2ema.averaging.state import unwrap_model
 from d2ema.d2.config.keys import named_in_config
 from d2ema.d2.config.view import ConfigView
-from d2ema.d2.engine.build import get_extra_emas, get_settings
+from d2ema.d2.family import get_extra_emas, get_settings
 from d2ema.distributed import all_reduce_mean_
 from d2ema.ema import EMA
 from d2ema.errors import EMANotLoadedError, NoEvaluatorError

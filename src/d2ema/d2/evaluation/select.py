@@ -54,10 +54,10 @@ from d2ema.averaging.state import unwrap_model
 from d2ema.d2.config import settings as config_settings
 from d2ema.d2.config.settings import EMASettings
 from d2ema.d2.config.view import ConfigView
-from d2ema.d2.engine.build import get_ema_family
 from d2ema.d2.evaluation import report
 from d2ema.d2.evaluation.evaluator import precise_bn
 from d2ema.d2.evaluation.report import primary_ap
+from d2ema.d2.family import get_ema_family
 from d2ema.errors import ConfigError, one_line
 from d2ema.posthoc import (
     PostHocError,
