@@ -16,11 +16,12 @@ Example::
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
-from d2ema.errors import OutsideFolderError
+from d2ema.errors import D2EMAError, OutsideFolderError
 
-__all__ = ['confined', 'escapes', 'no_links_out']
+__all__ = ['confined', 'escapes', 'no_links_out', 'read_regular']
 
 
 def escapes(folder: str | os.PathLike[str], path: str | os.PathLike[str]) -> bool:
@@ -74,3 +75,42 @@ def no_links_out(folder: str | os.PathLike[str], what: str, depth: int = 3) -> N
                     f"{entry.path} is a symbolic link to {os.path.realpath(entry.path)}, outside "
                     f"{what}: outputs are written there, so it would replace that file; remove "
                     "the link, or use another folder")
+
+
+def read_regular(path: str | os.PathLike[str], limit: int, what: str, fix: str,
+                 error: type[D2EMAError] = D2EMAError) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes; else
+    ``error`` in one line naming ``what`` it should be and ``fix``.
+
+    Opened without blocking and checked with ``fstat`` before any byte is read, so that a FIFO
+    or a device named where a file is expected never hangs a command, and a huge (or sparse)
+    file is refused instead of read. Example::
+
+        text = read_regular("output/last_checkpoint", 4096, "last_checkpoint", "rewrite it",
+                            CheckpointError).decode()
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}; {fix}") from e
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{what} {path} is not a regular file (a FIFO, device or folder); {fix}")
+        if info.st_size > limit:
+            raise error(f"{what} {path} is {info.st_size} bytes, more than the {limit} bytes "
+                        f"one can be; {fix}")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:  # grew while read
+            raise error(f"{what} {path} is more than {limit} bytes; {fix}")
+        return b"".join(chunks)
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}; {fix}") from e
+    finally:
+        os.close(fd)

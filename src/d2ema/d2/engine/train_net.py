@@ -48,7 +48,7 @@ from d2ema.d2.checkpoint.checkpointers import (
     NoEMACheckpointer,
     check_resume_keeps_ema,
 )
-from d2ema.d2.config.saved import check_saved_config, is_run_config
+from d2ema.d2.config.saved import check_saved_config, is_run_config, load_saved_lazy
 from d2ema.d2.config.settings import add_model_ema_configs, check_device, ema_settings
 from d2ema.d2.config.view import is_lazy
 from d2ema.d2.data.datasets import (
@@ -77,7 +77,7 @@ from d2ema.d2.evaluation.evaluator import (
     python_coco_eval,
 )
 from d2ema.d2.evaluation.select import check_selection
-from d2ema.errors import UsageError, one_line
+from d2ema.errors import D2EMAError, UsageError, one_line
 
 __all__ = [
     "check_lazy_keys",
@@ -118,8 +118,10 @@ def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str
     if is_lazy(path_text):
         from detectron2.config import LazyConfig
 
-        try:
-            cfg = LazyConfig.load(str(path))
+        try:  # a run's saved config.yaml: built from checked data, never by detectron2's loader
+            cfg = load_saved_lazy(path) if is_run_config(path) else LazyConfig.load(str(path))
+        except D2EMAError:
+            raise
         except Exception as e:
             raise UsageError(f"cannot load LazyConfig {path}: {_reason(e)}") from e
         try:

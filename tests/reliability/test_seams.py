@@ -1,0 +1,92 @@
+"""The third stranger's round (issue 23): what came in at the seams, where one kind of file was
+read by two paths or a check matched a string rather than the object it names. Each finding is
+a test here: code named through an allowed module, data lost, hangs, silent acceptance, writes
+outside the run, tracebacks. Marker files stand for code that ran."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("detectron2")
+
+from _hostile import finished_run
+
+from d2ema.cli import main
+
+pytestmark = pytest.mark.usefixtures("restore_loggers")
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    return finished_run(tmp_path)
+
+
+def _refused(tally, capsys, argv, *names, seconds: float = 60.0) -> str:
+    tally["bad_inputs"] += 1
+    tally["hostile_checks"] += 1
+    start = time.monotonic()
+    assert main(argv) == 2
+    took = time.monotonic() - start
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no error line"
+    line = err[-1]
+    for name in names:
+        assert str(name) in line, f"{name!r} not in: {line}"
+    assert "Traceback" not in "\n".join(err)
+    assert took < seconds, f"refused after {took:.0f} s"
+    tally["refused_cleanly"] += 1
+    return line
+
+
+def _no_code(tally, marker: Path) -> None:
+    tally["code_executions"] += int(marker.exists())
+    tally["hostile_checks"] += 1
+    assert not marker.exists(), f"{marker} was created: code ran"
+
+
+# ----------------------------------------------------------------------------- saved configs
+def _lazy(run: Path, model: str) -> Path:
+    path = run / "config.yaml"
+    path.write_text("train:\n  output_dir: x\n  max_iter: 1\nmodel:\n" + model
+                    + "dataloader: {}\noptimizer: {}\nlr_multiplier: {}\n")
+    return path
+
+
+THROUGH = {  # an allowed module's attribute that is code from elsewhere
+    "coco_os_system": "  _target_: detectron2.data.datasets.coco.os.system\n  command: {cmd!r}\n",
+    "module_torch_load": "  _target_: torch.nn.modules.module.torch.load\n  f: {m!r}\n",
+    "name_tag": "  _target_: detectron2.modeling.build_model\n"
+                "  cfg: !!python/name:detectron2.data.datasets.coco.os.system ''\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(THROUGH))
+def test_a_target_through_an_allowed_module_runs_nothing(run, tmp_path, case, tally, capsys):
+    marker = tmp_path / "marker"
+    _lazy(run, THROUGH[case].format(cmd=f"touch {marker}", m=str(marker)))
+    _refused(tally, capsys, ["train", "--config-file", str(run / "config.yaml"), "--resume"],
+             "config.yaml", "outside the allowed packages")
+    _no_code(tally, marker)
+    _refused(tally, capsys, ["posthoc", str(run), "--eval", "--sigma-rel", "0.07"],
+             "config.yaml", "outside the allowed packages")
+    _no_code(tally, marker)
+
+
+def test_an_alias_bomb_is_refused_at_once(run, tally, capsys):
+    bomb = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10))
+    (run / "config.yaml").write_text("train: {output_dir: x}\nmodel: {}\n" + bomb)
+    _refused(tally, capsys, ["train", "--config-file", str(run / "config.yaml"), "--resume"],
+             "aliases", seconds=10)
+
+
+def test_a_deeply_nested_config_is_one_line_in_export(run, tmp_path, tally, capsys):
+    (run / "config.yaml").write_text("MODEL:\n  WEIGHTS: " + "[" * 3000 + "]" * 3000 + "\n")
+    torch.save({"model": {"w": torch.zeros(2)}, "ema_state": {"w": torch.ones(2)}},
+               run / "model_final.pth")
+    _refused(tally, capsys, ["export", str(run / "model_final.pth"), "-o",
+                             str(tmp_path / "e.pth")], "nested more than")
