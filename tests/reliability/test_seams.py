@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from _hostile import finished_run
+from _hostile import finished_run, snapshot
 
 from d2ema.cli import main
 
@@ -90,3 +90,61 @@ def test_a_deeply_nested_config_is_one_line_in_export(run, tmp_path, tally, caps
                run / "model_final.pth")
     _refused(tally, capsys, ["export", str(run / "model_final.pth"), "-o",
                              str(tmp_path / "e.pth")], "nested more than")
+
+
+# ----------------------------------------------------------------------------- data lost
+def _series(run: Path) -> dict[Path, float]:
+    return snapshot(run / "ema_snapshots")
+
+
+def test_a_weights_only_resume_point_is_never_trained_from(run, tmp_path, tally, capsys):
+    """``last_checkpoint`` naming an export (``{"model": ...}``): skipped for the newest
+    complete checkpoint, or refused when there is none; the series is kept either way."""
+    from d2ema.d2.checkpoint.resume import find_resume_checkpoint
+
+    torch.save({"model": torch.load(run / "model_final.pth")["model"]}, run / "model_ema.pth")
+    (run / "last_checkpoint").write_text("model_ema.pth")
+    found = find_resume_checkpoint(run)
+    assert found.path.name == "model_final.pth" and "not a training checkpoint" in found.warning
+    (run / "model_final.pth").unlink()
+    before = _series(run)
+    _refused(tally, capsys, ["train", "--config-file", str(run / "config.yaml"), "--resume"],
+             "model_ema.pth", "not a training checkpoint")
+    assert _series(run) == before
+
+
+def test_a_new_run_never_deletes_another_runs_series(run, tmp_path, tally, capsys):
+    """Forgetting --resume on a finished run: refused in one line naming the choices, before
+    anything is written; the core refuses too (PostHocEMA at step 0 on another run's series)."""
+    import _kill_child
+
+    from d2ema import PostHocEMA
+    from d2ema.errors import D2EMAError
+
+    before = _series(run)
+    _refused(tally, capsys, ["train", "--config-file", str(run / "config.yaml")],
+             "holds another run", "--resume", "--start-over", "another OUTPUT_DIR")
+    tally["bad_inputs"] += 1
+    tracker = PostHocEMA(_kill_child.ReliabilityTinyNet(), run / "ema_snapshots", (0.05, 0.1),
+                         background=False)
+    with pytest.raises(D2EMAError, match="another run's series"):
+        tracker.update(_kill_child.ReliabilityTinyNet(), 1)
+    tally["refused_cleanly"] += 1
+    assert _series(run) == before
+
+
+def test_start_over_moves_the_earlier_run_aside(run):
+    from d2ema.d2.engine.run_folder import earlier_run, move_earlier_run
+    from d2ema.d2.engine.train_net import load_config
+
+    cfg = load_config(str(run / "config.yaml"))
+    sizes = {p.relative_to(run): p.stat().st_size for p in run.rglob("*") if p.is_file()}
+    assert earlier_run(cfg) == ["1 checkpoints", "ema_snapshots/ snapshots"]
+    aside = move_earlier_run(cfg)
+    assert aside is not None and aside.parent == run and aside.name.startswith("previous-")
+    assert earlier_run(cfg) == []
+    moved = {p.relative_to(aside): p.stat().st_size for p in aside.rglob("*") if p.is_file()}
+    kept = {p.relative_to(run): p.stat().st_size for p in run.rglob("*") if p.is_file()
+            and aside not in p.parents}
+    assert moved | kept == sizes  # nothing deleted, nothing copied
+    assert Path("model_final.pth") in moved and Path("ema_snapshots/index.json") in moved

@@ -13,7 +13,7 @@ be written again, so the series has neither duplicates nor gaps.
 Example::
 
     writer = SnapshotWriter("out/ema_snapshots", {"sigma0.05": ema_05, "sigma0.1": ema_10})
-    writer.sync(step=0)                  # new run: start a new series
+    writer.sync(step=0)                  # new run: an empty folder (another run's: refused)
     ...; writer.write(step)              # every K steps and at the last one
     writer.close()
 """
@@ -268,11 +268,12 @@ class SnapshotWriter:
 
     # ------------------------------------------------------------------ series
     def sync(self, step: int) -> None:
-        """Continue the series of ``folder`` at ``step`` (0: a new run starts a new series).
+        """Continue the series of ``folder`` at ``step``.
 
         Snapshots taken after ``step`` came from a run that went further than the checkpoint
         now resumed; they are deleted and will be written again. Raises
-        :class:`PostHocError` if the kept snapshots are of other EMAs than these.
+        :class:`PostHocError` if the kept snapshots are of other EMAs than these, and at step 0
+        (a new run) if the folder holds another run's series: that is never deleted.
         """
         if not self.enabled:
             return
@@ -302,11 +303,15 @@ class SnapshotWriter:
                 "track (it tracks " + ", ".join(f"{s:g}" for s, _ in self.power.values()) + "); "
                 "they are kept: resume with the same MODEL_EMA.POSTHOC.SIGMA_RELS, or move the "
                 "folder away (or set MODEL_EMA.POSTHOC.DIR to a new folder)")
+        if dropped and step == 0:  # another run's series: kept until the user says otherwise
+            raise PostHocError(
+                f"{self.folder} holds another run's series ({len(dropped)} snapshots up to step "
+                f"{max(e.step for e in dropped)}), which a new run would delete; resume that run "
+                "(d2ema train --resume; PostHocEMA.load_state_dict), or snapshot into another "
+                "folder, or move that one away (d2ema train --start-over moves it aside)")
         if dropped:
-            why = ("a new run starts a new series" if step == 0 else
-                   f"from a run that went further than step {step}, resumed now")
-            logger.warning("post-hoc EMA: deleting %d snapshots in %s (%s)", len(dropped),
-                           self.folder, why)
+            logger.warning("post-hoc EMA: deleting %d snapshots in %s (from a run that went "
+                           "further than step %d, resumed now)", len(dropped), self.folder, step)
             for e in dropped:
                 (self.folder / e.file).unlink(missing_ok=True)
         self.entries = keep

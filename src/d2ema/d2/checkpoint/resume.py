@@ -5,10 +5,10 @@ A training folder holds checkpoints named ``PREFIX_0000123.pth`` / ``PREFIX_fina
 text file ``last_checkpoint`` naming the newest. d2ema writes both atomically
 (:mod:`d2ema.io.atomic`), but a folder may come from elsewhere: a run of another tool killed while
 it wrote, a disk that filled up, a copy cut short. :func:`find_resume_checkpoint` reads the
-tagged checkpoint and, when that one is missing, truncated or unreadable, the others from the
-newest down, and says in a warning which it took instead. A candidate must be a dict with
-``model`` and ``iteration`` (what a trainer saves), so an export (``d2ema export``) or a
-stray file never becomes a resume point.
+tagged checkpoint and, when that one is missing, truncated, unreadable or not complete, the
+others from the newest down, and says in a warning which it took instead. Every candidate, the
+tagged one included, must be a dict with ``model`` and ``iteration`` (what a trainer saves), so
+an export (``d2ema export``, ``{"model": ...}``) or a stray file never becomes a resume point.
 
 Example::
 
@@ -126,9 +126,10 @@ def find_resume_checkpoint(folder: str | os.PathLike[str]) -> ResumePoint:
         except _Unreadable as e:
             why = f"{TAG_FILE} names {tagged.name}, which {e.problem}"
         else:
-            if isinstance(checkpoint, Mapping):
+            if _complete(checkpoint, need_iteration=True):
                 return ResumePoint(tagged, checkpoint, None)
-            why = f"{TAG_FILE} names {tagged.name}, which holds no checkpoint dict"
+            why = (f"{TAG_FILE} names {tagged.name}, which is not a training checkpoint (no "
+                   "'model' and 'iteration': weights only, e.g. a d2ema export)")
     for path in checkpoint_candidates(folder):
         if tagged is not None and path == tagged:
             continue

@@ -44,7 +44,9 @@ Example::
     run = setup_run(cfg, args)                                             # each worker
 
 **Before start**, :func:`check_output_dir` refuses an OUTPUT_DIR that is a file, cannot be
-written, or links out.
+written, or links out, and a new run (no ``--resume``) in a folder that holds another run's
+checkpoints or snapshots: that run is kept until the user says otherwise (``--resume``, another
+OUTPUT_DIR, or ``--start-over``, which moves it into ``OUTPUT_DIR/previous-<time>/``).
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ def run_lock(cfg, args) -> Iterator[Path | None]:
                 "wait for it to finish or stop it, or train into another OUTPUT_DIR") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if getattr(args, "start_over", False) and not getattr(args, "resume", False):
+            move_earlier_run(cfg)  # under the lock: no other training is using them
         yield path
     finally:
         os.close(fd)  # releases the lock
@@ -237,6 +241,61 @@ def _writable(folder: Path, key: str) -> None:
                          "user); give a folder you can write")
 
 
+PREVIOUS = "previous-"
+
+
+def _earlier_files(cfg) -> list[Path]:
+    """What a training left in the run's folder that a new run would replace: its checkpoints,
+    ``last_checkpoint`` and its snapshot series."""
+    from d2ema.d2.checkpoint.resume import TAG_FILE, checkpoint_candidates
+    from d2ema.d2.config.settings import ema_settings
+    from d2ema.d2.engine.build import SNAPSHOT_FOLDER
+
+    folder = output_dir(cfg)
+    if not folder or "://" in folder or not Path(folder).is_dir():
+        return []
+    found = checkpoint_candidates(folder)
+    if Path(folder, TAG_FILE).is_file():
+        found.append(Path(folder, TAG_FILE))
+    lazy = _is_lazy(cfg)
+    has_ema = not lazy or "model_ema" in cfg.get("train", {})
+    posthoc = getattr(ema_settings(cfg), "posthoc", None) if has_ema else None
+    series = Path(folder, getattr(posthoc, "dir", "") or SNAPSHOT_FOLDER)
+    if (series / "index.json").is_file():
+        found.append(series)
+    return found
+
+
+def earlier_run(cfg) -> list[str]:
+    """What another run left in the run's folder, in words (empty: nothing)."""
+    files = _earlier_files(cfg)
+    checkpoints = [p for p in files if p.suffix == ".pth"]
+    said = [f"{len(checkpoints)} checkpoints"] if checkpoints else []
+    said += [f"{p.name}/ snapshots" for p in files if p.is_dir()]
+    return said or [p.name for p in files]
+
+
+def move_earlier_run(cfg) -> Path | None:
+    """Move what another run left (:func:`_earlier_files`) into ``OUTPUT_DIR/previous-<time>/``
+    (``d2ema train --start-over``): renamed within the folder, nothing deleted or copied."""
+    files = _earlier_files(cfg)
+    if not files:
+        return None
+    aside = Path(output_dir(cfg), PREVIOUS + time.strftime("%Y%m%d-%H%M%S"))
+    n = 0
+    while aside.exists():
+        n += 1
+        aside = aside.with_name(f"{aside.name.split('.')[0]}.{n}")
+    aside.mkdir()
+    for path in files:
+        target = aside / path.relative_to(output_dir(cfg))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    logging.getLogger(__name__).warning("--start-over: the earlier run's checkpoints and "
+                                        "snapshots were moved into %s", aside)
+    return aside
+
+
 def check_output_dir(cfg, args) -> None:
     """The run's output folder (and its snapshot folder) can be written, and a training has
     steps to run: checked before any process starts or anything is written."""
@@ -260,6 +319,13 @@ def check_output_dir(cfg, args) -> None:
             _writable(Path(folder, posthoc.dir), sub)
     if args.eval_only:
         return
+    earlier = earlier_run(cfg)
+    if earlier and not args.resume and not getattr(args, "start_over", False):
+        raise UsageError(
+            f"{key} = {folder} holds another run ({', '.join(earlier)}), which a new run would "
+            "replace; add --resume to continue it, train into another OUTPUT_DIR, or add "
+            f"--start-over to move it into {Path(folder, PREVIOUS + '<time>')} first (nothing "
+            "is deleted)")
     iters = train.get("max_iter", None) if lazy else cfg.SOLVER.MAX_ITER
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         name = "train.max_iter" if lazy else "SOLVER.MAX_ITER"
