@@ -17,8 +17,8 @@ import torch
 pytest.importorskip("detectron2")
 
 import _kill_child
+from _hostile import posthoc_series as _posthoc_series
 from _hostile import snapshot, tiny_yaml
-from test_hostile_files import _posthoc_series
 
 from d2ema.cli import main
 from d2ema.d2 import add_model_ema_configs, ema_settings, get_model_ema
