@@ -5,6 +5,7 @@ outside the run, tracebacks. Marker files stand for code that ran."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -148,3 +149,70 @@ def test_start_over_moves_the_earlier_run_aside(run):
             and aside not in p.parents}
     assert moved | kept == sizes  # nothing deleted, nothing copied
     assert Path("model_final.pth") in moved and Path("ema_snapshots/index.json") in moved
+
+
+# ----------------------------------------------------------------------------- one reader
+def _with_ema(run: Path, change) -> Path:
+    """model_final.pth as a training with an EMA saves it, then ``change``-d."""
+    path = run / "model_final.pth"
+    data = torch.load(path, weights_only=True)
+    data["ema_state"] = {k: v.clone() for k, v in data["model"].items()}
+    data["ema_meta"] = {"format_version": 1, "step": 3}
+    change(data)
+    torch.save(data, path)
+    return path
+
+
+def _first_float(data) -> str:
+    return next(k for k, v in data["model"].items() if v.is_floating_point())
+
+
+BAD_CHECKPOINTS = {
+    "int_ema": (lambda d: d["ema_state"].update({_first_float(d): torch.full_like(
+        d["model"][_first_float(d)], 7, dtype=torch.int64)}), "another kind"),
+    "bool_ema": (lambda d: d["ema_state"].update({_first_float(d): torch.ones_like(
+        d["model"][_first_float(d)], dtype=torch.bool)}), "another kind"),
+    "complex_nan": (lambda d: d["ema_state"].update({_first_float(d): torch.full_like(
+        d["model"][_first_float(d)], complex(float("nan"), 0), dtype=torch.complex64)}),
+        "another kind"),
+    "format_99": (lambda d: d["ema_meta"].update(format_version=99), "format_version 99"),
+    "meta_tensor": (lambda d: d["ema_state"].update({_first_float(d): torch.empty(
+        d["model"][_first_float(d)].shape, device="meta")}), "meta device"),
+    "step_1e30": (lambda d: d["ema_meta"].update(step=10**30), "more than"),
+    "iteration_1e12": (lambda d: d.update(iteration=10**12), "not a step number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_every_command_refuses_a_bad_checkpoint_with_the_same_line(run, tmp_path, case, tally,
+                                                                   capsys):
+    change, expected = BAD_CHECKPOINTS[case]
+    path = _with_ema(run, change)
+    out = tmp_path / "export.pth"
+    lines = [
+        _refused(tally, capsys, ["export", str(path), "-o", str(out)], expected, path.name),
+        _refused(tally, capsys, ["train", "--config-file", str(run / "config.yaml"),
+                                 "--eval-only", "MODEL.WEIGHTS", str(path)], expected),
+    ]
+    assert not out.exists()
+    reason = lines[0][lines[0].index(str(path)):]
+    assert all(reason.split(";")[0] in line for line in lines), lines
+
+
+def test_a_fifo_or_huge_last_checkpoint_never_hangs(run, tally):
+    from d2ema.d2.checkpoint.resume import find_resume_checkpoint
+
+    tag = run / "last_checkpoint"
+    tag.unlink()
+    os.mkfifo(tag)
+    start = time.monotonic()
+    found = find_resume_checkpoint(run)  # skipped, with the reason: never opened for reading
+    assert found.path.name == "model_final.pth" and "not a regular file" in found.warning
+    tag.unlink()
+    with open(tag, "wb") as f:
+        f.truncate(6 << 30)  # sparse: 6 GB that take no disk
+    found = find_resume_checkpoint(run)
+    assert found.path.name == "model_final.pth" and "bytes" in found.warning
+    assert time.monotonic() - start < 10
+    tally["bad_inputs"] += 2
+    tally["refused_cleanly"] += 2

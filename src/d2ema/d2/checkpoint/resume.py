@@ -23,14 +23,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from d2ema.errors import CheckpointError, one_line
-from d2ema.io.confined import confined, escapes
+from d2ema.errors import CheckpointError, D2EMAError, one_line
+from d2ema.io.confined import confined, escapes, read_regular
+from d2ema.io.format import checkpoint_problems
 
 __all__ = [
     "TAG_FILE",
@@ -54,19 +56,39 @@ class _Unreadable(CheckpointError):
         self.problem = problem
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> Any:
-    """``torch.load`` to the CPU, as detectron2's checkpointer does; any failure becomes a
-    one-line :class:`CheckpointError` naming the file and the reason."""
+def read_checkpoint(path: str | os.PathLike[str],
+                    error: type[D2EMAError] | None = None) -> Any:
+    """The one reader of a checkpoint file (training, EMA or export), for every command:
+    a regular file (a FIFO or device is never opened), ``torch.load``-ed to the CPU as plain data
+    (``weights_only``), then checked whole (:func:`d2ema.io.format.checkpoint_problems`: tensor
+    kinds, meta tensors, format version, step bounds) before any of it is used. Any failure is
+    one line naming the file and the reason: :class:`CheckpointError`, or ``error``."""
     try:
-        return torch.load(path, map_location=torch.device("cpu"), weights_only=True)
-    except OSError as e:
-        raise _Unreadable(path, f"cannot be read ({e.strerror or e})") from e
-    except Exception as e:
-        # torch's own messages run on ("This is an internal miniz error. If you ..."): the
-        # first sentence says it.
-        reason = one_line(e).split(". ")[0][:120]
-        raise _Unreadable(path, "is truncated or not a PyTorch checkpoint "
-                          f"({type(e).__name__}{': ' + reason if reason else ''})") from e
+        try:
+            info = os.stat(path)
+        except OSError as e:
+            raise _Unreadable(path, f"cannot be read ({e.strerror or e})") from e
+        if not stat.S_ISREG(info.st_mode):
+            raise _Unreadable(path, "is not a regular file (a FIFO, device or folder)")
+        try:
+            checkpoint = torch.load(path, map_location=torch.device("cpu"), weights_only=True)
+        except OSError as e:
+            raise _Unreadable(path, f"cannot be read ({e.strerror or e})") from e
+        except Exception as e:
+            # torch's own messages run on ("This is an internal miniz error. If you ..."): the
+            # first sentence says it.
+            reason = one_line(e).split(". ")[0][:120]
+            raise _Unreadable(path, "is truncated or not a PyTorch checkpoint "
+                              f"({type(e).__name__}{': ' + reason if reason else ''})") from e
+        problems = checkpoint_problems(checkpoint)
+        if problems:
+            raise _Unreadable(path, "; ".join(problems[:3]) + (
+                f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
+        return checkpoint
+    except _Unreadable as e:
+        if error is None:
+            raise
+        raise error(str(e)) from None
 
 
 def checkpoint_candidates(folder: str | os.PathLike[str]) -> list[Path]:
@@ -96,11 +118,14 @@ def tagged_checkpoint(folder: str | os.PathLike[str]) -> tuple[Path | None, str]
     """The checkpoint ``last_checkpoint`` names, or None and why not; OutsideFolderError if
     it names a file outside ``folder``."""
     folder = Path(folder)
-    try:
-        name = (folder / TAG_FILE).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
+    if not (folder / TAG_FILE).exists():
         return None, f"there is no {TAG_FILE}"
-    except (OSError, UnicodeDecodeError) as e:
+    try:  # a FIFO or a huge file named last_checkpoint: refused, never waited on or read
+        name = read_regular(folder / TAG_FILE, 4096, TAG_FILE, "remove it (a resume then takes "
+                            "the newest complete checkpoint)").decode("utf-8").strip()
+    except D2EMAError as e:
+        return None, str(e).split("; remove it")[0]
+    except UnicodeDecodeError as e:
         return None, f"{TAG_FILE} cannot be read ({one_line(e)})"
     if not name:
         return None, f"{TAG_FILE} is empty"
