@@ -33,7 +33,7 @@ from d2ema.d2.checkpoint.resume import find_resume_checkpoint
 from d2ema.errors import D2EMAError, OutsideFolderError, PickleRefusedError, one_line
 from d2ema.io.safe_pickle import TRUST_ENV, load_pickle, trust_pickles
 from d2ema.posthoc import Target, plan, reconstruct
-from d2ema.posthoc.snapshots import SnapshotWriter
+from d2ema.posthoc.snapshots import SnapshotWriter, file_crc32
 
 pytestmark = pytest.mark.usefixtures("restore_loggers")
 
@@ -238,7 +238,7 @@ def test_snapshot_file_with_code_never_runs(run, tmp_path, tally, capsys):
     data = json.loads(index.read_text())
     for e in data["snapshots"]:
         if e["file"] == victim.name:
-            e["bytes"] = victim.stat().st_size
+            e["bytes"], e["crc32"] = victim.stat().st_size, file_crc32(victim)
     index.write_text(json.dumps(data))
     assert size != victim.stat().st_size
     tally["bad_inputs"] += 1

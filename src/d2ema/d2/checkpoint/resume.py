@@ -82,7 +82,7 @@ def read_checkpoint(path: str | os.PathLike[str],
                               f"({type(e).__name__}{': ' + reason if reason else ''})") from e
         problems = checkpoint_problems(checkpoint)
         if problems:
-            raise _Unreadable(path, "; ".join(problems[:3]) + (
+            raise _Unreadable(path, "is refused: " + "; ".join(problems[:3]) + (
                 f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
         return checkpoint
     except _Unreadable as e:
@@ -167,5 +167,6 @@ def find_resume_checkpoint(folder: str | os.PathLike[str]) -> ResumePoint:
                                "the newest complete checkpoint in the folder")
     raise CheckpointError(
         f"cannot resume from {folder}: {why}, and no other complete checkpoint is there; "
-        "train without --resume to start over, or give MODEL.WEIGHTS a checkpoint to start from"
+        "nothing was loaded. Restore a training checkpoint, or start a new run without --resume "
+        "(--start-over moves this one aside; or another OUTPUT_DIR; MODEL.WEIGHTS for weights)"
     )
