@@ -216,3 +216,114 @@ def test_a_fifo_or_huge_last_checkpoint_never_hangs(run, tally):
     assert time.monotonic() - start < 10
     tally["bad_inputs"] += 2
     tally["refused_cleanly"] += 2
+
+
+# ----------------------------------------------------------------------------- snapshots
+def _victim(run: Path) -> tuple[Path, dict]:
+    from d2ema.posthoc.snapshots import read_index
+
+    entry = next(e for e in read_index(run / "ema_snapshots") if e.step == 4)
+    path = run / "ema_snapshots" / entry.file
+    return path, torch.load(path, weights_only=True)
+
+
+def _forge(path: Path, data: dict) -> None:
+    """Rewrite a snapshot and its index entry (size and checksum), as a forger would."""
+    import json
+
+    from d2ema.posthoc.snapshots import file_crc32
+
+    torch.save(data, path)
+    index = path.parent / "index.json"
+    raw = json.loads(index.read_text())
+    for e in raw["snapshots"]:
+        if e["file"] == path.name:
+            e["bytes"], e["crc32"] = path.stat().st_size, file_crc32(path)
+    index.write_text(json.dumps(raw))
+
+
+def _weight(data: dict) -> str:
+    return next(n for n in data["dtypes"] if n.endswith("weight"))
+
+
+SNAPSHOT_CASES = {
+    "int64_weight": lambda d: d["tensors"].update({_weight(d): torch.full_like(
+        d["tensors"][_weight(d)], 7, dtype=torch.int64)}),
+    "int64_weight_unlisted": lambda d: (d["tensors"].update({_weight(d): torch.full_like(
+        d["tensors"][_weight(d)], 7, dtype=torch.int64)}), d["dtypes"].pop(_weight(d))),
+    "complex_nan": lambda d: d["tensors"].update({_weight(d): torch.full_like(
+        d["tensors"][_weight(d)], complex(float("nan"), 0), dtype=torch.complex64)}),
+}
+
+
+def _rebuild_into_model(run: Path) -> None:
+    """What ``d2ema posthoc --eval`` and the selection do: rebuild, then load into the model."""
+    import _kill_child
+
+    from d2ema.posthoc import Target, load_tensors, reconstruct
+
+    for rec in reconstruct(run / "ema_snapshots", [Target("sigma_rel", 0.07)]):
+        load_tensors(_kill_child.ReliabilityTinyNet(), rec.tensors)
+
+
+def _refused_call(tally, call, *names) -> str:
+    from d2ema.errors import D2EMAError
+
+    tally["bad_inputs"] += 1
+    with pytest.raises(D2EMAError) as e:
+        call()
+    line = str(e.value)
+    assert "\n" not in line and all(str(n) in line for n in names), line
+    tally["refused_cleanly"] += 1
+    return line
+
+
+@pytest.mark.parametrize("case", sorted(SNAPSHOT_CASES))
+def test_a_snapshot_of_another_dtype_is_never_mixed_in(run, case, tally):
+    path, data = _victim(run)
+    SNAPSHOT_CASES[case](data)
+    _forge(path, data)
+    _refused_call(tally, lambda: _rebuild_into_model(run),
+                  "int64" if case.startswith("int64") else "complex64")
+
+
+def test_a_same_size_bit_flip_is_named(run, tally):
+    path, _ = _victim(run)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    _refused_call(tally, lambda: _rebuild_into_model(run), path.name, "checksum")
+
+
+def test_an_index_without_checksums_still_loads(run):
+    """What 0.2.0 wrote: version 1, no crc32."""
+    import json
+
+    from d2ema.posthoc import Target, reconstruct
+
+    index = run / "ema_snapshots" / "index.json"
+    raw = json.loads(index.read_text())
+    raw["version"] = 1
+    for e in raw["snapshots"]:
+        del e["crc32"]
+    index.write_text(json.dumps(raw))
+    (rec,) = reconstruct(run / "ema_snapshots", [Target("sigma_rel", 0.07)])
+    assert rec.step == 4 and rec.tensors
+
+
+def test_a_forged_index_of_20000_entries_is_refused_before_any_solve(run, tally, capsys):
+    import json
+
+    from d2ema.posthoc.profiles import sigma_rel_to_gamma
+
+    index = run / "ema_snapshots" / "index.json"
+    raw = json.loads(index.read_text())
+    entries = []
+    for step in range(1, 10_001):
+        for s in (0.05, 0.1):
+            entries.append({**raw["snapshots"][0], "sigma_rel": s, "gamma": sigma_rel_to_gamma(s),
+                            "t": step, "step": step, "file": f"sigma{s:g}_step{step:08d}.pth"})
+    raw["snapshots"] = entries
+    index.write_text(json.dumps(raw))
+    _refused(tally, capsys, ["posthoc", str(run), "--sigma-rel", "0.07"], "20000 snapshots",
+             seconds=20)
