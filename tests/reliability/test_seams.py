@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from _hostile import finished_run, snapshot
+from _hostile import files_outside, finished_run, snapshot
 
 from d2ema.cli import main
 
@@ -327,3 +327,51 @@ def test_a_forged_index_of_20000_entries_is_refused_before_any_solve(run, tally,
     index.write_text(json.dumps(raw))
     _refused(tally, capsys, ["posthoc", str(run), "--sigma-rel", "0.07"], "20000 snapshots",
              seconds=20)
+
+
+# ----------------------------------------------------------------------------- writes outside
+def test_a_posthoc_folder_linked_out_is_refused_before_evaluation(run, tmp_path, tally, capsys):
+    victim = tmp_path / "OUTSIDE" / "posthoc"
+    victim.mkdir()
+    (victim / "results.json").write_text("keep me")
+    os.symlink(victim, run / "posthoc")
+    before = snapshot(tmp_path / "OUTSIDE")
+    _refused(tally, capsys, ["posthoc", str(run), "--eval", "--sigma-rel", "0.07"],
+             "symbolic link", str(victim))
+    changed = files_outside(tmp_path / "OUTSIDE", before)
+    tally["outside_touched"] += len(changed)
+    assert not changed and [p.name for p in victim.iterdir()] == ["results.json"]
+
+
+def _no_evaluation(monkeypatch) -> list:
+    from d2ema.d2.evaluation.run_eval import RunEvaluator
+
+    calls: list = []
+    monkeypatch.setattr(RunEvaluator, "load", lambda *a, **k: calls.append(a))
+    return calls
+
+
+def test_a_read_only_run_is_one_line_before_evaluation(run, monkeypatch, tally, capsys):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    calls = _no_evaluation(monkeypatch)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)  # root writes through chmod
+    _refused(tally, capsys, ["posthoc", str(run), "--eval", "--sigma-rel", "0.07"],
+             "Read-only file system", "posthoc")
+    assert not calls
+
+
+def test_a_full_disk_is_one_line_before_evaluation(run, monkeypatch, tally, capsys):
+    import collections
+    import shutil
+
+    calls = _no_evaluation(monkeypatch)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    _refused(tally, capsys, ["posthoc", str(run), "--eval", "--sigma-rel", "0.07"],
+             "MB free", "posthoc")
+    assert not calls

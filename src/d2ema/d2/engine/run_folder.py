@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from d2ema.errors import D2EMAError, RunLockedError, UsageError
-from d2ema.io.confined import no_links_out
+from d2ema.io.confined import no_links_out, output_folder
 
 __all__ = [
     "EVAL_FOLDER",
@@ -186,6 +186,8 @@ def _set_output_dir(cfg, folder: str) -> None:
 
 def new_eval_dir(run: str) -> str:
     """``run/eval/<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``, ... when that one exists already)."""
+    if os.path.isdir(run):  # eval/ inside the run, writable, before the evaluation
+        output_folder(run, EVAL_FOLDER, error=UsageError)
     base = os.path.join(run, EVAL_FOLDER, time.strftime("%Y%m%d-%H%M%S"))
     folder, n = base, 1
     while os.path.exists(folder):
@@ -242,6 +244,7 @@ def _writable(folder: Path, key: str) -> None:
 
 
 PREVIOUS = "previous-"
+_WRITTEN = ("inference", "posthoc", EVAL_FOLDER)
 
 
 def _earlier_files(cfg) -> list[Path]:
@@ -306,6 +309,9 @@ def check_output_dir(cfg, args) -> None:
     if folder and "://" not in folder:
         _writable(Path(folder), key)
         no_links_out(folder, f"{key} = {folder}")  # no planted link makes a write land elsewhere
+        for sub in _WRITTEN:  # nor a planted folder link (only OUTPUT_DIR and snapshots follow)
+            if Path(folder, sub).is_symlink():
+                output_folder(folder, sub, error=UsageError)
         if args.resume and Path(folder).is_dir():
             from d2ema.d2.checkpoint.resume import tagged_checkpoint
 
