@@ -101,3 +101,16 @@ def finished_run(tmp_path: Path) -> Path:
     torch.save({"model": model.state_dict(), "iteration": 99}, outside / "victim.pth")
     (outside / "sigma0.05_step00000009.pth").write_bytes(b"victim")
     return out
+
+
+def rank_one_dies() -> None:
+    """A training process body for ``launch``: rank 1 is SIGKILLed, rank 0 waits for the rest."""
+    import os
+    import signal
+    import time
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)

@@ -375,3 +375,35 @@ def test_a_full_disk_is_one_line_before_evaluation(run, monkeypatch, tally, caps
     _refused(tally, capsys, ["posthoc", str(run), "--eval", "--sigma-rel", "0.07"],
              "MB free", "posthoc")
     assert not calls
+
+
+# ----------------------------------------------------------------------------- distributed
+def test_a_busy_port_is_one_line_naming_it(tally):
+    import socket
+
+    from d2ema.d2.engine.launch import launch
+    from d2ema.errors import UsageError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        tally["bad_inputs"] += 1
+        with pytest.raises(UsageError, match=f"port {port} .* in use.*--dist-url"):
+            launch(print, 2, dist_url=f"tcp://127.0.0.1:{port}")
+        tally["refused_cleanly"] += 1
+
+
+def test_a_dead_rank_ends_the_others_with_one_line(tally):
+    from _hostile import rank_one_dies
+
+    from d2ema.d2.engine.launch import launch
+    from d2ema.errors import D2EMAError
+
+    tally["kills"] += 1
+    start = time.monotonic()
+    with pytest.raises(D2EMAError) as e:
+        launch(rank_one_dies, 2, dist_url="auto")
+    line = str(e.value)
+    assert "rank 1" in line and "SIGKILL" in line and "--resume" in line, line
+    assert time.monotonic() - start < 50  # rank 0 was stopped, not waited for
