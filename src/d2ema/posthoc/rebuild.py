@@ -123,14 +123,14 @@ def plan(
         steps = sorted({e.step for e in entries})
         raise PostHocError(f"no snapshot at step {step}; snapshots exist at steps "
                            f"{steps[0]}..{steps[-1]} (e.g. {', '.join(map(str, steps[-4:]))})")
-    used = [e for e in entries if e.t <= at[0]]
-    if len(used) > MAX_SOLVE:
+    upto = [e for e in entries if e.t <= at[0]]
+    if len(upto) > MAX_SOLVE:
         raise PostHocError(
-            f"{folder}/{INDEX} lists {len(used)} snapshots up to step {step}; a solve over more "
-            f"than {MAX_SOLVE} would take {len(used) ** 2 * 8 * 3 / 1e9:.1f} GB and O(n^3) time; "
+            f"{folder}/{INDEX} lists {len(upto)} snapshots up to step {step}; a solve over more "
+            f"than {MAX_SOLVE} would take {len(upto) ** 2 * 8 * 3 / 1e9:.1f} GB and O(n^3) time; "
             "the index is damaged or forged, or the series far denser than needed: rebuild at "
             "an earlier --step, or move the extra snapshots (and their entries) away")
-    for e in used:
+    for e in upto:
         e.check(folder)  # files and sizes before any solve, and before hours of streaming
     times, gammas = [e.t for e in entries], [e.gamma for e in entries]
     fits = solve(times, gammas, targets, at=at[0])

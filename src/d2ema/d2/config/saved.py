@@ -220,26 +220,27 @@ _Saved.add_multi_constructor("tag:yaml.org,2002:python/object:", _data_class)
 def _bounded(text: str) -> None:
     """Refuse YAML nested deeper than :data:`_MAX_DEPTH`, or whose aliases expand it past
     :data:`_MAX_NODES` nodes (an alias bomb), from its events: no recursion, no expansion."""
-    depth, anchors, sizes = 0, {}, [[None, 0]]
+    depth, anchors = 0, {}
+    sizes: list[tuple[str | None, list[int]]] = [(None, [0])]  # open collections: anchor, size
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > _MAX_DEPTH:
                 raise _Refused("the YAML", f"is nested more than {_MAX_DEPTH} levels deep")
-            sizes.append([event.anchor, 1])
+            sizes.append((event.anchor, [1]))
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
-            anchor, size = sizes.pop()
+            anchor, (size,) = sizes.pop()
             if anchor is not None:
                 anchors[anchor] = size
-            sizes[-1][1] += size
+            sizes[-1][1][0] += size
         elif isinstance(event, yaml.ScalarEvent):
             if event.anchor is not None:
                 anchors[event.anchor] = 1
-            sizes[-1][1] += 1
+            sizes[-1][1][0] += 1
         elif isinstance(event, yaml.AliasEvent):
-            sizes[-1][1] += anchors.get(event.anchor, 1)
-        if sizes[-1][1] > _MAX_NODES or sum(s for _, s in sizes) > _MAX_NODES:
+            sizes[-1][1][0] += anchors.get(event.anchor, 1)
+        if sum(s for _, (s,) in sizes) > _MAX_NODES:
             raise _Refused("the YAML", f"expands to more than {_MAX_NODES} values (aliases)")
 
 
