@@ -1,10 +1,11 @@
 """detectron2's own LazyConfig model files hold its data classes (``ShapeSpec``), which
 ``LazyConfig.save`` writes into ``OUTPUT_DIR/config.yaml`` as Python object tags (issue 24,
 item 3). A run of such a config resumes and runs ``d2ema posthoc --eval`` from that file alone,
-without the ``.py``: the objects are rebuilt from an allow-list of data classes. The model file
-below is ``configs/common/models/mask_rcnn_fpn.py`` of detectron2 (not in the v0.6 sdist) made
-tiny: ResNet-18, 64 px, box heads only (the shapes dataset has no masks); its ``ShapeSpec``
-objects are as there. One run, shared by the tests of this module."""
+without the ``.py``: the objects are rebuilt from an allow-list of data classes. The model files
+below are ``configs/common/models/mask_rcnn_fpn.py`` and ``retinanet.py`` of detectron2 (not in
+the v0.6 sdist) made tiny: ResNet-18, 64 px, 16 channels, Mask R-CNN's box heads only (the
+dataset has no masks); their ``ShapeSpec`` objects are as there (RetinaNet's one object five
+times, which YAML writes as an alias). One run per family, shared by the tests of this module."""
 
 from __future__ import annotations
 
@@ -77,8 +78,52 @@ model = L(GeneralizedRCNN)(
 )
 """
 
+RETINANET = """\
+from detectron2.config import LazyCall as L
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.meta_arch import RetinaNet
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.backbone.fpn import LastLevelP6P7
+from detectron2.modeling.backbone import BasicStem, FPN, ResNet
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+model = L(RetinaNet)(
+    backbone=L(FPN)(
+        bottom_up=L(ResNet)(
+            stem=L(BasicStem)(in_channels=3, out_channels=64, norm="FrozenBN"),
+            stages=L(ResNet.make_default_stages)(depth=18, norm="FrozenBN"),
+            out_features=["res3", "res4", "res5"],
+        ),
+        in_features=["res3", "res4", "res5"],
+        out_channels=16,
+        top_block=L(LastLevelP6P7)(in_channels=512, out_channels="${..out_channels}"),
+    ),
+    head=L(RetinaNetHead)(
+        input_shape=[ShapeSpec(channels=16)] * 5,  # one object five times: a YAML alias
+        num_classes="${..num_classes}", conv_dims=[16], prior_prob=0.01, num_anchors=9,
+    ),
+    anchor_generator=L(DefaultAnchorGenerator)(
+        sizes=[[x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)] for x in [8, 16, 32, 64, 128]],
+        aspect_ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32, 64, 128], offset=0.0),
+    box2box_transform=L(Box2BoxTransform)(weights=[1.0, 1.0, 1.0, 1.0]),
+    anchor_matcher=L(Matcher)(thresholds=[0.4, 0.5], labels=[0, -1, 1],
+                              allow_low_quality_matches=True),
+    num_classes=2,
+    head_in_features=["p3", "p4", "p5", "p6", "p7"],
+    focal_loss_alpha=0.25,
+    focal_loss_gamma=2.0,
+    pixel_mean=[103.530, 116.280, 123.675],
+    pixel_std=[1.0, 1.0, 1.0],
+    input_format="BGR",
+)
+"""
+
+FAMILIES = {"mask_rcnn_fpn": RCNN_FPN, "retinanet": RETINANET}
+
 CHILD = """\
-from ..common.models.mask_rcnn_fpn import model
+from ..common.models.{family} import model
 from ..common.data import dataloader
 from ..common.train import lr_multiplier, optimizer, train
 from d2ema.d2 import lazy_model_ema_defaults
@@ -90,18 +135,21 @@ train.model_ema.posthoc.period = 1
 """
 
 
-@pytest.fixture(scope="module")
-def lazy_run(tmp_path_factory):
-    """A tiny Mask R-CNN FPN-style LazyConfig trained 2 iterations; its .py then removed."""
-    root = tmp_path_factory.mktemp("lazy_families")
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def lazy_run(request, tmp_path_factory):
+    """A tiny LazyConfig of one family trained 2 iterations; its .py then removed."""
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
     project = make_project(root)
     project.write("common/models/__init__.py", "")
-    project.write("common/models/mask_rcnn_fpn.py", RCNN_FPN)
-    config = project.write("my/mask_rcnn.py", CHILD)
+    project.write(f"common/models/{family}.py", FAMILIES[family])
+    config = project.write(f"my/{family}.py", CHILD.replace("{family}", family))
     out = root / "output"
     argv = ["train", "--config-file", str(config),
-            "--dataset", project.spec("fam_train"), "--dataset", project.spec("fam_val", "val"),
-            "dataloader.train.dataset.names=fam_train", "dataloader.test.dataset.names=fam_val",
+            "--dataset", project.spec(f"{family}_train"),
+            "--dataset", project.spec(f"{family}_val", "val"),
+            f"dataloader.train.dataset.names={family}_train",
+            f"dataloader.test.dataset.names={family}_val",
             f"train.output_dir={out}", "optimizer.lr=0.0001"]  # 0.01 diverges in 3 steps
     assert main(argv) == 0
     shutil.rmtree(project.configs)  # the .py is gone: only output/config.yaml is left
