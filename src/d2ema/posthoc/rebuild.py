@@ -30,9 +30,10 @@ from d2ema.posthoc.snapshots import INDEX, SnapshotEntry, read_index
 
 __all__ = ["MAX_SOLVE", "Reconstruction", "plan", "reconstruct"]
 
-MAX_SOLVE = 4096
-"""The most snapshots one solve mixes (a 4096 x 4096 system: 0.4 GB, seconds); a run that
-snapshots every 1000 of 1M iterations with two widths has 2000."""
+MAX_SOLVE = 2048
+"""The most snapshots one solve mixes: a 2048 x 2048 system, 0.1 GB and about 8 s on one core
+(which a SIGTERM cannot interrupt inside ``torch.linalg``: the cost is bounded instead); a run
+that snapshots every 1000 of 1M iterations with two widths has 2000."""
 
 
 @dataclasses.dataclass
@@ -127,7 +128,8 @@ def plan(
     if len(upto) > MAX_SOLVE:
         raise PostHocError(
             f"{folder}/{INDEX} lists {len(upto)} snapshots up to step {step}; a solve over more "
-            f"than {MAX_SOLVE} would take {len(upto) ** 2 * 8 * 3 / 1e9:.1f} GB and O(n^3) time; "
+            f"than {MAX_SOLVE} would take {len(upto) ** 2 * 8 * 3 / 1e9:.1f} GB and about "
+            f"{8 * (len(upto) / 2048) ** 3 / 60:.0f} min on one core, uninterruptible; "
             "the index is damaged or forged, or the series far denser than needed: rebuild at "
             "an earlier --step, or move the extra snapshots (and their entries) away")
     for e in upto:
