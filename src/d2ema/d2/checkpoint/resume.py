@@ -135,9 +135,14 @@ def tagged_checkpoint(folder: str | os.PathLike[str]) -> tuple[Path | None, str]
     return path, ""
 
 
+_TRAINING_STATE = ("iteration", "trainer", "optimizer", "scheduler")
+
+
 def _complete(checkpoint: Any, need_iteration: bool) -> bool:
+    """A training checkpoint: ``model`` and training state (what detectron2's checkpointers
+    save beside it); a weights-only file (``{"model": ...}``, an export) is not."""
     return isinstance(checkpoint, Mapping) and "model" in checkpoint and (
-        not need_iteration or "iteration" in checkpoint
+        not need_iteration or any(k in checkpoint for k in _TRAINING_STATE)
     )
 
 
@@ -153,8 +158,9 @@ def find_resume_checkpoint(folder: str | os.PathLike[str]) -> ResumePoint:
         else:
             if _complete(checkpoint, need_iteration=True):
                 return ResumePoint(tagged, checkpoint, None)
-            why = (f"{TAG_FILE} names {tagged.name}, which is not a training checkpoint (no "
-                   "'model' and 'iteration': weights only, e.g. a d2ema export)")
+            why = (f"{TAG_FILE} names {tagged.name}, which is not a training checkpoint "
+                   "('model' but no iteration, trainer or optimizer state: weights only, e.g. a "
+                   "d2ema export)")
     for path in checkpoint_candidates(folder):
         if tagged is not None and path == tagged:
             continue

@@ -282,7 +282,7 @@ def _parse(path: str | os.PathLike[str], error: type[D2EMAError], fix: str) -> d
         raise error(f"{path} holds the Python YAML tag {tag}, which would run code; "
                     f"{fix}") from None
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
-        raise error(f"{path} is not valid YAML ({type(e).__name__}); {fix}") from None
+        raise error(f"cannot read {path} as plain YAML ({type(e).__name__}); {fix}") from None
     if not isinstance(data, dict):
         raise error(f"{path} is not a YAML mapping; {fix}")
     return data

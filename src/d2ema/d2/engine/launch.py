@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from d2ema.errors import D2EMAError, UsageError
 
-__all__ = ['check_port_free', 'launch', 'prepare_cpu_process']
+__all__ = ['check_port_free', 'free_default', 'launch', 'prepare_cpu_process']
 
 
 def launch(
@@ -69,6 +69,17 @@ def launch(
             f"training process of rank {rank} {how}; the other processes were stopped. The "
             "checkpoints written so far are whole: d2ema train --resume continues from the last "
             "one") from None
+
+
+def free_default(dist_url: str) -> str:
+    """The default ``--dist-url``, or ``"auto"`` (a free port) when another process holds its
+    port: every user of one machine shares the default, and a busy port would otherwise stop
+    the run (a ``--dist-url`` the user gave is checked by :func:`check_port_free` instead)."""
+    try:
+        check_port_free(dist_url, lambda: 0)
+    except UsageError:
+        return "auto"
+    return dist_url
 
 
 def check_port_free(dist_url: str | None, free_port: Callable[[], int]) -> None:

@@ -224,6 +224,10 @@ def train_main(
     _check_launch(args, cfg)
     if getattr(args, "dist_url", None) is None:
         args.dist_url = getattr(args, "default_dist_url", "auto")
+        if getattr(args, "num_machines", 1) == 1 and getattr(args, "num_gpus", 1) > 1:
+            from d2ema.d2.engine.launch import free_default  # the default port busy: another
+
+            args.dist_url = free_default(args.dist_url)
     if args.eval_only:  # one folder for every rank; the run's config.yaml stays as it is
         args.eval_dir = new_eval_dir(run_dir(cfg))
     from d2ema.d2.engine.launch import launch
