@@ -2,10 +2,11 @@
 ``LazyConfig.save`` writes into ``OUTPUT_DIR/config.yaml`` as Python object tags (issue 24,
 item 3). A run of such a config resumes and runs ``d2ema posthoc --eval`` from that file alone,
 without the ``.py``: the objects are rebuilt from an allow-list of data classes. The model files
-below are ``configs/common/models/mask_rcnn_fpn.py`` and ``retinanet.py`` of detectron2 (not in
-the v0.6 sdist) made tiny: ResNet-18, 64 px, 16 channels, Mask R-CNN's box heads only (the
-dataset has no masks); their ``ShapeSpec`` objects are as there (RetinaNet's one object five
-times, which YAML writes as an alias). One run per family, shared by the tests of this module."""
+below are ``configs/common/models/mask_rcnn_fpn.py``, ``retinanet.py`` and ``cascade_rcnn.py`` of
+detectron2 (not in the v0.6 sdist) made tiny: ResNet-18, 64 px, 16 channels, box heads only
+(the dataset has no masks); their ``ShapeSpec`` objects are as there (RetinaNet's one object
+five times, which YAML writes as an alias). One run per family, shared by this module's tests;
+keypoints are left out (the dataset has none)."""
 
 from __future__ import annotations
 
@@ -120,7 +121,34 @@ model = L(RetinaNet)(
 )
 """
 
-FAMILIES = {"mask_rcnn_fpn": RCNN_FPN, "retinanet": RETINANET}
+CASCADE = """\
+from detectron2.config import LazyCall as L
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.roi_heads import FastRCNNOutputLayers, FastRCNNConvFCHead, CascadeROIHeads
+
+from .mask_rcnn_fpn import model
+
+[model.roi_heads.pop(k) for k in ["box_head", "box_predictor", "proposal_matcher"]]
+
+model.roi_heads.update(
+    _target_=CascadeROIHeads,
+    box_heads=[L(FastRCNNConvFCHead)(input_shape=ShapeSpec(channels=16, height=7, width=7),
+                                     conv_dims=[], fc_dims=[32]) for k in range(3)],
+    box_predictors=[
+        L(FastRCNNOutputLayers)(
+            input_shape=ShapeSpec(channels=32), test_score_thresh=0.05,
+            box2box_transform=L(Box2BoxTransform)(weights=(w1, w1, w2, w2)),
+            cls_agnostic_bbox_reg=True, num_classes="${...num_classes}")
+        for (w1, w2) in [(10, 5), (20, 10), (30, 15)]
+    ],
+    proposal_matchers=[L(Matcher)(thresholds=[th], labels=[0, 1], allow_low_quality_matches=False)
+                       for th in [0.5, 0.6, 0.7]],
+)
+"""
+
+FAMILIES = {"mask_rcnn_fpn": RCNN_FPN, "retinanet": RETINANET, "cascade_rcnn": CASCADE}
 
 CHILD = """\
 from ..common.models.{family} import model
@@ -142,7 +170,8 @@ def lazy_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(family)
     project = make_project(root)
     project.write("common/models/__init__.py", "")
-    project.write(f"common/models/{family}.py", FAMILIES[family])
+    for name, text in FAMILIES.items():  # cascade_rcnn.py imports mask_rcnn_fpn.py, as there
+        project.write(f"common/models/{name}.py", text)
     config = project.write(f"my/{family}.py", CHILD.replace("{family}", family))
     out = root / "output"
     argv = ["train", "--config-file", str(config),
