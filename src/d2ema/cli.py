@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "train.coco_instances), so a resume needs no --dataset")
     train.add_argument("--resume", action="store_true",
                        help="resume from the last checkpoint of the output folder")
+    train.add_argument("--start-over", action="store_true",
+                       help="start a new run in an OUTPUT_DIR that holds another run: its "
+                       "checkpoints and snapshots are moved into OUTPUT_DIR/previous-<time>/")
     train.add_argument("--eval-only", action="store_true", help="evaluate only")
     add_trust_pickle(train)
     train.add_argument("--num-gpus", type=int, default=1, help="GPUs per machine (default 1)")

@@ -5,6 +5,7 @@ marker file when unpickled, a finished post-hoc run folder, and the tally of wha
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import _kill_child
@@ -68,3 +69,48 @@ def files_outside(root: Path, before: dict[Path, float]) -> list[Path]:
 
 def snapshot(root: Path) -> dict[Path, float]:
     return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def posthoc_series(folder: Path, steps: int = 4) -> None:
+    from d2ema import PostHocEMA
+
+    torch.manual_seed(0)
+    model = _kill_child.ReliabilityTinyNet()
+    ph = PostHocEMA(model, folder, (0.05, 0.1), snapshot_every=1, background=False)
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * step)
+        ph.update(model, step)
+    ph.close()
+
+
+def finished_run(tmp_path: Path) -> Path:
+    """A finished run: config.yaml (tests on shapes_val), model_final.pth, last_checkpoint and
+    a post-hoc series of 4 steps; and OUTSIDE/ beside it, with a victim file."""
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg_path = tiny_yaml(tmp_path, out, **{"DATASETS.TEST": ("shapes_val",)})
+    shutil.copy(cfg_path, out / "config.yaml")
+    model = _kill_child.ReliabilityTinyNet()
+    torch.save({"model": model.state_dict(), "iteration": 3}, out / "model_final.pth")
+    (out / "last_checkpoint").write_text("model_final.pth")
+    posthoc_series(out / "ema_snapshots")
+    outside = tmp_path / "OUTSIDE"
+    outside.mkdir()
+    torch.save({"model": model.state_dict(), "iteration": 99}, outside / "victim.pth")
+    (outside / "sigma0.05_step00000009.pth").write_bytes(b"victim")
+    return out
+
+
+def rank_one_dies() -> None:
+    """A training process body for ``launch``: rank 1 is SIGKILLed, rank 0 waits for the rest."""
+    import os
+    import signal
+    import time
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,15 @@ import torch
 pytest.importorskip("detectron2")
 
 import _kill_child
-from _hostile import evil_pickle, evil_torch_file, files_outside, snapshot, tiny_state, tiny_yaml
+from _hostile import (
+    evil_pickle,
+    evil_torch_file,
+    files_outside,
+    finished_run,
+    snapshot,
+    tiny_state,
+    tiny_yaml,
+)
 
 from d2ema import PostHocEMA
 from d2ema.cli import main
@@ -26,7 +33,7 @@ from d2ema.d2.checkpoint.resume import find_resume_checkpoint
 from d2ema.errors import D2EMAError, OutsideFolderError, PickleRefusedError, one_line
 from d2ema.io.safe_pickle import TRUST_ENV, load_pickle, trust_pickles
 from d2ema.posthoc import Target, plan, reconstruct
-from d2ema.posthoc.snapshots import SnapshotWriter
+from d2ema.posthoc.snapshots import SnapshotWriter, file_crc32
 
 pytestmark = pytest.mark.usefixtures("restore_loggers")
 
@@ -68,35 +75,9 @@ def _untouched(tally, root: Path, before) -> None:
 
 
 # ----------------------------------------------------------------------------- a run folder
-def _posthoc_series(folder: Path, steps: int = 4) -> None:
-    torch.manual_seed(0)
-    model = _kill_child.ReliabilityTinyNet()
-    ph = PostHocEMA(model, folder, (0.05, 0.1), snapshot_every=1, background=False)
-    for step in range(1, steps + 1):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.01 * step)
-        ph.update(model, step)
-    ph.close()
-
-
 @pytest.fixture
 def run(tmp_path) -> Path:
-    """A finished run: config.yaml (tests on shapes_val), model_final.pth, last_checkpoint and
-    a post-hoc series of 4 steps; and OUTSIDE/ beside it, with a victim file."""
-    out = tmp_path / "run"
-    out.mkdir()
-    cfg_path = tiny_yaml(tmp_path, out, **{"DATASETS.TEST": ("shapes_val",)})
-    shutil.copy(cfg_path, out / "config.yaml")
-    model = _kill_child.ReliabilityTinyNet()
-    torch.save({"model": model.state_dict(), "iteration": 3}, out / "model_final.pth")
-    (out / "last_checkpoint").write_text("model_final.pth")
-    _posthoc_series(out / "ema_snapshots")
-    outside = tmp_path / "OUTSIDE"
-    outside.mkdir()
-    torch.save({"model": model.state_dict(), "iteration": 99}, outside / "victim.pth")
-    (outside / "sigma0.05_step00000009.pth").write_bytes(b"victim")
-    return out
+    return finished_run(tmp_path)
 
 
 def _plant(run: Path, **fields) -> None:
@@ -257,7 +238,7 @@ def test_snapshot_file_with_code_never_runs(run, tmp_path, tally, capsys):
     data = json.loads(index.read_text())
     for e in data["snapshots"]:
         if e["file"] == victim.name:
-            e["bytes"] = victim.stat().st_size
+            e["bytes"], e["crc32"] = victim.stat().st_size, file_crc32(victim)
     index.write_text(json.dumps(data))
     assert size != victim.stat().st_size
     tally["bad_inputs"] += 1

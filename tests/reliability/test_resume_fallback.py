@@ -68,7 +68,7 @@ def test_saves_are_atomic(folder):
         (lambda f: _truncate(f / "model_final.pth"), "is truncated or not a PyTorch checkpoint",
          "model_0000001.pth"),
         (lambda f: (f / "model_final.pth").write_bytes(b""), "is truncated", "model_0000001.pth"),
-        (lambda f: torch.save([1, 2], f / "model_final.pth"), "holds no checkpoint dict",
+        (lambda f: torch.save([1, 2], f / "model_final.pth"), "not a checkpoint dict",
          "model_0000001.pth"),
         (lambda f: (f / "last_checkpoint").write_text(""), "last_checkpoint is empty",
          "model_final.pth"),

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from d2ema.errors import UsageError
-from d2ema.io.confined import no_links_out
+from d2ema.io.confined import no_links_out, output_folder
 from d2ema.posthoc import DEFAULT_SIGMA_RELS, Fit, PostHocError, Target, plan, select
 
 __all__ = [
@@ -162,11 +162,14 @@ def _evaluate(options, folder: Path, fits: list[Fit], step: int, report: PostHoc
     from d2ema.d2.evaluation.run_eval import RunEvaluator
 
     out = Path(options.output_dir)
-    results_dir = out / "posthoc"
     no_links_out(out, f"the run folder {out}")  # results are written in it, links not followed
-    results_dir.mkdir(parents=True, exist_ok=True)
+    results_dir = output_folder(out, "posthoc", error=UsageError)  # before any evaluation
     run = RunEvaluator.load(out, options.config_file, prepare=register_for_config,
                             inference_dir=results_dir, datasets=options.datasets)
+    if options.export_best:  # the export's room too, before the evaluation
+        export = Path(options.export_best).resolve()
+        output_folder(export.parent.parent, export.parent.name, run.checkpoint.stat().st_size,
+                      UsageError, scan=False)
     select_on = _selection_set(options.select_on, run)
     report_on = "the test set" if run.lazy else run.cfg.DATASETS.TEST[0]
     quiet = contextlib.nullcontext() if options.verbose else contextlib.redirect_stdout(

@@ -27,9 +27,11 @@ from d2ema.errors import EMAStateError
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_STEP",
     "META_KEY",
     "STATE_KEY",
     "align_names",
+    "checkpoint_problems",
     "compare",
     "dtype_kind",
     "has_ema",
@@ -186,6 +188,8 @@ def meta_problems(meta: Mapping[str, Any]) -> list[str]:
         )
     lows = {"step": 0, "num_skipped": 0, "every": 1, "start": 0}
     problems += [p for k, low in lows.items() if k in meta and (p := _int_problem(meta, k, low))]
+    problems += [f"ema_meta {k} {meta[k]!r} is more than {MAX_STEP} steps, which no training "
+                 "takes" for k in lows if isinstance(meta.get(k), int) and meta[k] > MAX_STEP]
     if meta.get("nonfinite_step") is not None and (p := _int_problem(meta, "nonfinite_step", 0)):
         problems.append(p)
     schedule = meta.get("schedule")
@@ -215,6 +219,63 @@ def state_problems(
                        "the checkpoint", allow_missing=not strict)
     problems += tensor_problems(tensors)
     return problems + (meta_problems(meta) if meta is not None else [])
+
+
+MAX_STEP = 10**9
+"""The most steps (iterations, EMA updates) a checkpoint may record: a billion."""
+
+
+def checkpoint_problems(checkpoint: Any) -> list[str]:
+    """Everything that keeps a training, EMA or export checkpoint (``torch.load``-ed) from being
+    used, one line each, checked whole before any of it is: a dict; its ``model`` a dict whose
+    tensors are dense and hold data (no meta tensors) and are not complex; its ``ema_state``
+    (if any) tensors that :func:`tensor_problems` accepts, each of the dtype kind of the model's
+    tensor of that name (an integer, bool or complex tensor never stands in for a floating
+    weight); its ``ema_meta`` a format this code knows (:func:`meta_problems`); its
+    ``iteration`` a whole number between -1 and :data:`MAX_STEP`. The one check of every
+    command that reads a checkpoint (``train --resume``, ``--eval-only``, ``export``,
+    ``posthoc``). Example::
+
+        problems = checkpoint_problems(torch.load(path, weights_only=True))
+    """
+    if not isinstance(checkpoint, Mapping):
+        return [f"holds a {type(checkpoint).__name__}, not a checkpoint dict"]
+    problems = []
+    model = checkpoint.get("model")
+    model_tensors: dict[str, torch.Tensor] = {}
+    if model is not None:
+        if not isinstance(model, Mapping):
+            return [f"its 'model' is a {type(model).__name__}, not a state dict"]
+        model_tensors = {str(n): t for n, t in model.items() if isinstance(t, torch.Tensor)}
+        bad = sorted(n for n, t in model_tensors.items() if t.is_complex())
+        if bad:
+            problems.append(f"its model holds complex tensors ({len(bad)}): {shorten(bad)}")
+        problems += [f"its model: {p}" for p in tensor_problems(model_tensors)
+                     if "NaN" not in p]  # raw weights with NaN: the trainer's own checks say so
+    it = checkpoint.get("iteration", 0)
+    if isinstance(it, bool) or not isinstance(it, int) or not -1 <= it <= MAX_STEP:
+        problems.append(f"its iteration is {_brief(it)}, not a step number (-1 to {MAX_STEP})")
+    ema = checkpoint.get(STATE_KEY)
+    if ema is not None:
+        if not isinstance(ema, Mapping) or not all(isinstance(t, torch.Tensor)
+                                                   for t in ema.values()):
+            return [*problems, f"its '{STATE_KEY}' is not a dict of tensors"]
+        tensors, meta = split_state(ema)
+        tensors = align_names(tensors, model_tensors) if model_tensors else tensors
+        kinds = sorted(f"{n} ({t.dtype}; the model's is {model_tensors[n].dtype})"
+                       for n, t in tensors.items() if n in model_tensors
+                       and dtype_kind(t.dtype) != dtype_kind(model_tensors[n].dtype))
+        kinds += sorted(f"{n} ({t.dtype})" for n, t in tensors.items()
+                        if n not in model_tensors and t.is_complex())
+        if kinds:
+            problems.append(f"its EMA holds tensors of another kind than the model's "
+                            f"({len(kinds)}): {shorten(kinds, 3)}")
+        problems += [f"its EMA: {p}" for p in tensor_problems(tensors) if "NaN" not in p]
+        meta = checkpoint.get(META_KEY, meta)
+        if meta is not None:
+            problems += (meta_problems(meta) if isinstance(meta, Mapping)
+                         else [f"its '{META_KEY}' is not a dict"])
+    return problems
 
 
 def _brief(value: Any) -> str:

@@ -13,7 +13,7 @@ be written again, so the series has neither duplicates nor gaps.
 Example::
 
     writer = SnapshotWriter("out/ema_snapshots", {"sigma0.05": ema_05, "sigma0.1": ema_10})
-    writer.sync(step=0)                  # new run: start a new series
+    writer.sync(step=0)                  # new run: an empty folder (another run's: refused)
     ...; writer.write(step)              # every K steps and at the last one
     writer.close()
 """
@@ -26,7 +26,9 @@ import json
 import logging
 import math
 import os
+import stat
 import time
+import zlib
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +39,7 @@ import torch
 from d2ema.ema import EMA
 from d2ema.errors import one_line
 from d2ema.io.atomic import atomic_save, atomic_write_text
-from d2ema.io.confined import confined
+from d2ema.io.confined import confined, read_regular
 from d2ema.posthoc.profiles import MAX_SIGMA_REL, PostHocError, gamma_to_sigma_rel
 from d2ema.schedules import SigmaRel
 
@@ -47,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 INDEX = "index.json"
 FORMAT = "d2ema post-hoc EMA snapshots"
+INDEX_VERSION = 2  # 2: entries carry crc32 (0.3.0); 1 (0.2.0) is read too, unchecked
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -73,17 +76,34 @@ class SnapshotEntry:
     dtype: str
     bytes: int
     rounding: float  # ||stored - fp32|| / ||fp32|| of the floating tensors
+    crc32: int | None = None  # zlib.crc32 of the file's bytes (None: an index of 0.2.0)
 
-    def check(self, folder: Path) -> None:
+    def check(self, folder: Path, checksum: bool = False) -> None:
+        """The file is there, a regular file of the size the index says, and (``checksum``)
+        holds the bytes written: a same-size bit flip is named, not mixed in."""
         path = folder / self.file
-        if not path.is_file():
-            raise PostHocError(f"snapshot {path} (step {self.step}) is missing; restore it, or "
-                               f"reconstruct at a step before {self.step} (--step)")
-        size = path.stat().st_size
-        if size != self.bytes:
-            raise PostHocError(f"snapshot {path} is truncated or changed ({size} bytes, the index "
-                               f"says {self.bytes}); restore it, or reconstruct at a step before "
-                               f"{self.step} (--step)")
+        fix = f"restore it, or reconstruct at a step before {self.step} (--step)"
+        try:
+            info = path.stat()
+        except OSError:
+            raise PostHocError(f"snapshot {path} (step {self.step}) is missing; {fix}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise PostHocError(f"snapshot {path} is not a regular file; {fix}")
+        if info.st_size != self.bytes:
+            raise PostHocError(f"snapshot {path} is truncated or changed ({info.st_size} bytes, "
+                               f"the index says {self.bytes}); {fix}")
+        if checksum and self.crc32 is not None and file_crc32(path) != self.crc32:
+            raise PostHocError(f"snapshot {path} does not hold the bytes written (checksum "
+                               f"differs: a bit flip or an edit of the same size); {fix}")
+
+
+def file_crc32(path: Path) -> int:
+    """``zlib.crc32`` of a file, read in 4 MiB pieces (about 1 GB/s: benchmarks/checksum.py)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _drop_from_page_cache(path: Path) -> None:
@@ -117,14 +137,19 @@ def read_index(folder: str | os.PathLike[str]) -> list[SnapshotEntry]:
                                "was not written by d2ema or the index was deleted")
         raise PostHocError(f"no post-hoc EMA snapshots in {folder} (no {INDEX}); train with "
                            "d2ema.PostHocEMA to write them", parameters=("PostHocEMA",))
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
+    try:  # a regular file of bounded size: a FIFO or a huge file is refused, never read
+        data = json.loads(read_regular(index, _MAX_INDEX_BYTES, "snapshot index", "restore it, "
+                                       "or move the folder away", PostHocError))
+    except (ValueError, RecursionError) as e:
         raise PostHocError(f"cannot read {index} ({type(e).__name__}: {one_line(e)[:120]}); it is "
                            "damaged or not a d2ema snapshot index") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise PostHocError(f"{index} is not a d2ema snapshot index (format {found!r})")
+    version = data.get("version", 1)
+    if type(version) is not int or not 1 <= version <= INDEX_VERSION:
+        raise PostHocError(f"{index} has version {version!r}; this d2ema reads versions 1 to "
+                           f"{INDEX_VERSION}: upgrade d2ema, or restore the index")
     if not isinstance(data.get("snapshots"), list):
         raise PostHocError(f"{index} has no list of snapshots; it is damaged: restore it, or "
                            "move the folder away")
@@ -133,6 +158,7 @@ def read_index(folder: str | os.PathLike[str]) -> list[SnapshotEntry]:
     return sorted(entries, key=lambda e: (e.t, e.sigma_rel))
 
 
+_MAX_INDEX_BYTES = 64 << 20  # about 250,000 entries
 _MAX_STEP = 10**12  # far beyond any training; larger means a damaged or forged index
 _INT_FIELDS = {"t": 1, "step": 1, "bytes": 0}
 
@@ -144,6 +170,8 @@ def _entry(folder: Path, index: Path, i: int, raw: Any) -> SnapshotEntry:
                             "was edited: restore it, or move the folder away")
 
     fields = {f.name for f in dataclasses.fields(SnapshotEntry)}
+    if isinstance(raw, dict) and "crc32" not in raw:  # written by 0.2.0: no checksum
+        raw = {**raw, "crc32": None}
     if not isinstance(raw, dict) or set(raw) != fields:
         got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise bad(f"has fields {got}, expected {sorted(fields)}")
@@ -162,6 +190,9 @@ def _entry(folder: Path, index: Path, i: int, raw: Any) -> SnapshotEntry:
     if not math.isclose(gamma_to_sigma_rel(raw["gamma"]), raw["sigma_rel"], rel_tol=1e-6):
         raise bad(f"has gamma = {raw['gamma']!r}, which is not the exponent of sigma_rel "
                   f"{raw['sigma_rel']!r}")
+    if raw["crc32"] is not None and (type(raw["crc32"]) is not int
+                                     or not 0 <= raw["crc32"] < 2**32):
+        raise bad(f"has crc32 = {raw['crc32']!r}, not a 32-bit checksum")
     if raw["dtype"] not in _DTYPES:
         raise bad(f"has dtype = {raw['dtype']!r}, not one of {sorted(_DTYPES)}")
     expected = f"sigma{raw['sigma_rel']:g}_step{raw['step']:08d}.pth"  # what write() names it
@@ -269,11 +300,12 @@ class SnapshotWriter:
 
     # ------------------------------------------------------------------ series
     def sync(self, step: int) -> None:
-        """Continue the series of ``folder`` at ``step`` (0: a new run starts a new series).
+        """Continue the series of ``folder`` at ``step``.
 
         Snapshots taken after ``step`` came from a run that went further than the checkpoint
         now resumed; they are deleted and will be written again. Raises
-        :class:`PostHocError` if the kept snapshots are of other EMAs than these.
+        :class:`PostHocError` if the kept snapshots are of other EMAs than these, and at step 0
+        (a new run) if the folder holds another run's series: that is never deleted.
         """
         if not self.enabled:
             return
@@ -304,11 +336,15 @@ class SnapshotWriter:
                 "they are kept: resume with the same PostHocEMA(sigma_rels=...), or move the "
                 "folder away (or give PostHocEMA a new folder)",
                 parameters=("PostHocEMA.sigma_rels", "PostHocEMA.folder"))
+        if dropped and step == 0:  # another run's series: kept until the user says otherwise
+            raise PostHocError(
+                f"{self.folder} holds another run's series ({len(dropped)} snapshots up to step "
+                f"{max(e.step for e in dropped)}), which a new run would delete; resume that run "
+                "(PostHocEMA.load_state_dict), or give PostHocEMA another folder, or move that one "
+                "away", parameters=("PostHocEMA.folder",))
         if dropped:
-            why = ("a new run starts a new series" if step == 0 else
-                   f"from a run that went further than step {step}, resumed now")
-            logger.warning("post-hoc EMA: deleting %d snapshots in %s (%s)", len(dropped),
-                           self.folder, why)
+            logger.warning("post-hoc EMA: deleting %d snapshots in %s (from a run that went "
+                           "further than step %d, resumed now)", len(dropped), self.folder, step)
             for e in dropped:
                 (self.folder / e.file).unlink(missing_ok=True)
         self.entries = keep
@@ -407,8 +443,9 @@ class SnapshotWriter:
         for entry, payload in jobs:
             path = confined(self.folder, entry.file, "the snapshot writer")
             atomic_save(payload, path)
+            crc = file_crc32(path)  # read back from the page cache, before it is dropped
             _drop_from_page_cache(path)
-            done = dataclasses.replace(entry, bytes=path.stat().st_size)
+            done = dataclasses.replace(entry, bytes=path.stat().st_size, crc32=crc)
             self.entries = [e for e in self.entries
                             if (e.sigma_rel, e.t) != (done.sigma_rel, done.t)] + [done]
         self._save_index()
@@ -416,6 +453,6 @@ class SnapshotWriter:
     def _save_index(self) -> None:
         entries = sorted(self.entries, key=lambda e: (e.t, e.sigma_rel))
         confined(self.folder, INDEX, "the snapshot writer")  # never replace a file elsewhere
-        _atomic_json({"format": FORMAT, "version": 1,
+        _atomic_json({"format": FORMAT, "version": INDEX_VERSION,
                       "snapshots": [dataclasses.asdict(e) for e in entries]},
                      self.folder / INDEX)

@@ -56,6 +56,13 @@ def load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Mo
         raise PostHocError(f"the reconstruction's {n} has shape {tuple(tensors[n].shape)}, the "
                            f"model's {tuple(state[n].shape)} ({len(wrong)} such tensors); load it "
                            "into the model the snapshots were taken from")
+    kinds = [n for n, v in tensors.items() if v.is_floating_point() != state[n].is_floating_point()
+             or v.is_complex() != state[n].is_complex()]
+    if kinds:  # copy_ would cast 7 (int64) into a weight of 7.0 everywhere
+        n = kinds[0]
+        raise PostHocError(f"the reconstruction's {n} is {tensors[n].dtype}, the model's "
+                           f"{state[n].dtype} ({len(kinds)} such tensors); the snapshots are "
+                           "damaged: restore them, or rebuild at an earlier --step")
     with torch.no_grad():
         for name, value in tensors.items():
             state[name].copy_(value)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from d2ema.d2.checkpoint.resume import read_checkpoint
 from d2ema.d2.config.saved import (
     RUN_CONFIG,
     find_run_config,
@@ -82,15 +83,8 @@ def _load(path: Path) -> Mapping[str, Any]:
                           "training run wrote (e.g. output/model_final.pth)")
     if not path.is_file():
         raise ExportError(f"checkpoint {path} is not a file; pass a .pth file")
-    try:
-        # Plain data only (tensors, numbers, strings, dicts): never run code from a pickle.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise ExportError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"cannot load checkpoint {path} as a PyTorch checkpoint of plain "
-                          f"data ({reason}); pass a .pth file written by torch.save") from e
+    # plain data only, checked whole: the reader --resume and --eval-only use
+    checkpoint = read_checkpoint(path, ExportError)
     if not isinstance(checkpoint, Mapping):
         raise ExportError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
     return checkpoint

@@ -10,13 +10,17 @@ is another matter: commands that read a run folder (``d2ema posthoc RUN --eval``
 A config is *a run's saved config* when it is named ``config.yaml`` and its folder holds what a
 training writes there (``last_checkpoint``, ``model_*.pth``, ``ema_snapshots/``,
 ``metrics.json``, ``log.txt``): what d2ema itself writes, found without reading the config. Such
-a file is parsed with a safe YAML loader first and refused (:class:`~d2ema.errors.UsageError`,
-one line) if it holds a Python tag other than those ``LazyConfig.save`` writes for a config
-of those libraries (``!!python/tuple``; ``!!python/name:`` and ``functools.partial`` of a
-class or function of them), a ``_BASE_`` (a saved config is complete), or, for a LazyConfig, a
-``_target_`` outside the libraries a training config builds from (detectron2's model, data,
-solver and evaluation parts, ``torch.nn``, ``torch.optim``, fvcore's schedulers, d2ema's model
-configs and datasets). Only then does detectron2's own loader read it.
+a file is read by one function, :func:`read_saved_config`, whatever the command: a regular file
+of bounded size, YAML of bounded depth whose aliases are counted (an alias bomb is refused before
+anything is expanded), Python tags only for what ``LazyConfig.save`` writes (``!!python/tuple``;
+``!!python/name:`` and ``functools.partial`` of a class or function; detectron2's data classes
+such as ``ShapeSpec``), no ``_BASE_`` (a saved config is complete). Every ``!!python/name:`` and
+``_target_`` is resolved to the object without calling it and admitted only if that object is
+*defined* in the libraries a training config builds from (detectron2's model, data, solver and
+evaluation parts, ``torch.nn``, ``torch.optim``, fvcore's schedulers, d2ema's model configs and
+datasets): ``detectron2.data.datasets.coco.os.system`` passes through the module ``os`` and is
+refused. A saved LazyConfig is then built from that data (:func:`load_saved_lazy`), so
+detectron2's own loader (``yaml.unsafe_load``) never reads it.
 
 For example::
 
@@ -45,17 +49,19 @@ from typing import Any
 
 import yaml
 
-from d2ema.errors import ExportError, UsageError
+from d2ema.errors import D2EMAError, ExportError, UsageError
 from d2ema.io.atomic import atomic_write_text
-from d2ema.io.confined import escapes
+from d2ema.io.confined import escapes, read_regular
 
 __all__ = [
     "check_saved_config",
     "find_run_config",
     "is_run_config",
+    "load_saved_lazy",
     "plain_config_path",
     "plain_config_text",
     "plain_output_dir",
+    "read_saved_config",
     "write_plain_config",
 ]
 
@@ -63,10 +69,76 @@ __all__ = [
 _RUN_FILES = ("last_checkpoint", "ema_snapshots", "metrics.json", "log.txt")
 
 
-_TARGETS = ("detectron2.modeling.", "detectron2.layers.", "detectron2.data.",
-            "detectron2.evaluation.", "detectron2.solver.", "detectron2.structures.",
-            "torch.nn.", "torch.optim.", "fvcore.common.param_scheduler.",
-            "d2ema.app.model_configs.", "d2ema.d2.data.datasets.", "torchvision.transforms.")
+_PACKAGES = ("detectron2.modeling", "detectron2.layers", "detectron2.data",
+             "detectron2.evaluation", "detectron2.solver", "detectron2.structures",
+             "torch.nn", "torch.optim", "fvcore.common.param_scheduler",
+             "d2ema.app.model_configs", "d2ema.d2.data.datasets", "torchvision.transforms")
+"""Where a saved config's ``_target_`` / ``!!python/name`` objects may be *defined*."""
+
+_DATA_CLASSES = ("detectron2.layers.shape_spec.ShapeSpec",)
+"""detectron2's data classes ``LazyConfig.save`` writes as Python objects, rebuilt from plain
+field values (``!!python/object/new:`` for v0.6's namedtuple, ``!!python/object:`` for the
+dataclass of detectron2 main)."""
+
+_MAX_BYTES = 4 << 20
+_MAX_DEPTH = 64
+_MAX_NODES = 100_000
+
+
+def _allowed(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in _PACKAGES)
+
+
+def _resolve(path: object) -> object:
+    """The object a dotted ``path`` names, found without calling anything it names: modules are
+    imported only inside :data:`_PACKAGES` (and their parents), attributes walked after that.
+    Raises ``ValueError`` (the reason) for a path through a module outside the list, a private
+    or dunder step, or an object not defined in the list (``detectron2.data.datasets.coco.os.
+    system`` is ``os.system``: refused)."""
+    import importlib
+    import inspect
+
+    if not isinstance(path, str) or not path or not all(p.isidentifier() for p in
+                                                        path.split(".")):
+        raise ValueError("is not a dotted name")
+    parts = path.split(".")
+    obj: object = None
+    i = 0
+    while i < len(parts):
+        name = ".".join(parts[:i + 1])
+        if _allowed(name):
+            try:
+                obj = importlib.import_module(name)
+            except ImportError:
+                if obj is None:
+                    raise ValueError("cannot be imported") from None
+                break
+        elif any(p.startswith(name + ".") for p in _PACKAGES):
+            pass  # a parent of an allowed package (torch, detectron2): imported with it
+        else:
+            break
+        i += 1
+    if obj is None:
+        raise ValueError("is outside the allowed packages")
+    for part in parts[i:]:
+        if part.startswith("__"):
+            raise ValueError(f"walks the special attribute {part!r}")
+        try:
+            obj = inspect.getattr_static(obj, part) if not inspect.ismodule(obj) else getattr(
+                obj, part)
+        except AttributeError:
+            raise ValueError("does not exist") from None
+        if isinstance(obj, (staticmethod, classmethod)):
+            obj = obj.__func__
+        if inspect.ismodule(obj) and not _allowed(obj.__name__):
+            raise ValueError(f"passes through the module {obj.__name__}, outside the allowed "
+                             "packages")
+    if inspect.ismodule(obj) or not callable(obj):
+        raise ValueError("is not a class or function")
+    module = getattr(obj, "__module__", None)
+    if not isinstance(module, str) or not _allowed(module):
+        raise ValueError(f"is defined in {module}, outside the allowed packages")
+    return obj
 
 
 class _Loader(yaml.SafeLoader):
@@ -78,33 +150,102 @@ _Loader.add_constructor(
 )
 
 
-class _Check(_Loader):
-    """:class:`_Loader` plus the Python references ``LazyConfig.save`` writes for classes and
-    ``functools.partial`` (``norm_layer=partial(nn.LayerNorm, eps=1e-6)``), admitted only for
-    the libraries of :data:`_TARGETS`; they are checked here, not built."""
+class _Saved(_Loader):
+    """:class:`_Loader` plus what ``LazyConfig.save`` writes for the objects of a training
+    config: classes and functions (``!!python/name:``), ``functools.partial`` of them, and
+    detectron2's data classes; each admitted only as the object :func:`_resolve` finds."""
 
 
-def _refuse(tag: str, node) -> yaml.constructor.ConstructorError:
-    return yaml.constructor.ConstructorError(
-        None, None, f"could not determine a constructor for the tag {tag!r}", node.start_mark)
+class _Refused(yaml.YAMLError):
+    def __init__(self, what: str, why: str):
+        super().__init__(f"{what} {why}")
 
 
 def _name(loader, suffix: str, node):
-    if not suffix.startswith(_TARGETS):
-        raise _refuse(f"tag:yaml.org,2002:python/name:{suffix}", node)
-    return f"<{suffix}>"
+    try:
+        return _resolve(suffix)
+    except ValueError as e:
+        raise _Refused(f"the Python YAML tag python/name:{suffix}", str(e)) from None
 
 
 def _partial(loader, node):
+    import functools
+
+    fields = (loader.construct_mapping(node, deep=True) if isinstance(node, yaml.MappingNode)
+              else {"args": loader.construct_sequence(node, deep=True)})
+    args, state = fields.get("args") or [], fields.get("state")
+    if not args or not callable(args[0]) or isinstance(args[0], str):
+        raise _Refused("the Python YAML tag python/object/apply:functools.partial",
+                       "does not name an allowed class or function")
+    made = functools.partial(*args)
+    if state is not None:
+        func, pargs, keywords, extra = (list(state) + [None] * 4)[:4]
+        if func is not args[0] or extra:
+            raise _Refused("the Python YAML tag python/object/apply:functools.partial",
+                           "has a state that is not its own")
+        made = functools.partial(func, *(pargs or ()), **(keywords or {}))
+    return made
+
+
+def _data_class(loader, suffix: str, node):
+    what = f"the Python YAML tag python/object:{suffix}"
+    if suffix not in _DATA_CLASSES:
+        raise _Refused(what, "is not one of detectron2's data classes that a saved config "
+                             f"holds ({', '.join(_DATA_CLASSES)})")
+    cls = _resolve(suffix)
     if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node, deep=True)  # args/state: names checked inside
-    return loader.construct_sequence(node, deep=True)
+        fields = loader.construct_mapping(node, deep=True)
+        if set(fields) <= {"args", "state", "kwds", "listitems", "dictitems"} and "args" in \
+                fields:
+            args, kwargs = fields.get("args") or [], fields.get("kwds") or {}
+        else:
+            args, kwargs = [], fields
+    else:
+        args, kwargs = loader.construct_sequence(node, deep=True), {}
+    values = list(args) + list(kwargs.values())
+    if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
+        raise _Refused(what, "has fields that are not whole numbers")
+    try:
+        return cls(*args, **kwargs)  # type: ignore[operator]
+    except TypeError as e:
+        raise _Refused(what, f"has fields it does not take ({e})") from None
 
 
-_Check.add_multi_constructor("tag:yaml.org,2002:python/name:", _name)
+_Saved.add_multi_constructor("tag:yaml.org,2002:python/name:", _name)
+_Saved.add_constructor("tag:yaml.org,2002:python/object/apply:functools.partial", _partial)
+_Saved.add_multi_constructor("tag:yaml.org,2002:python/object/new:", _data_class)
+_Saved.add_multi_constructor("tag:yaml.org,2002:python/object:", _data_class)
 
 
-_Check.add_constructor("tag:yaml.org,2002:python/object/apply:functools.partial", _partial)
+def _bounded(text: str) -> None:
+    """Refuse YAML nested deeper than :data:`_MAX_DEPTH`, or whose aliases expand it past
+    :data:`_MAX_NODES` nodes (an alias bomb), from its events: no recursion, no expansion."""
+    depth, anchors = 0, {}
+    sizes: list[tuple[str | None, list[int]]] = [(None, [0])]  # open collections: anchor, size
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > _MAX_DEPTH:
+                raise _Refused("the YAML", f"is nested more than {_MAX_DEPTH} levels deep")
+            sizes.append((event.anchor, [1]))
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+            anchor, (size,) = sizes.pop()
+            if anchor is not None:
+                anchors[anchor] = size
+            sizes[-1][1][0] += size
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor is not None:
+                anchors[event.anchor] = 1
+            sizes[-1][1][0] += 1
+        elif isinstance(event, yaml.AliasEvent):
+            sizes[-1][1][0] += anchors.get(event.anchor, 1)
+        if sum(s for _, (s,) in sizes) > _MAX_NODES:
+            raise _Refused("the YAML", f"expands to more than {_MAX_NODES} values (aliases)")
+
+
+_FIX = ("a run's saved config.yaml is read as data; restore it, or pass the config file you "
+        "trained with (your own .yaml or LazyConfig .py)")
 
 
 def is_run_config(path: str | os.PathLike[str]) -> bool:
@@ -128,31 +269,67 @@ def _targets(node: Any, where: str = ""):
             yield from _targets(value, f"{where}[{i}]")
 
 
-def check_saved_config(path: str | os.PathLike[str]) -> None:
-    """Refuse a run's saved config that would run code when loaded; see the module doc."""
-    fix = ("a run's saved config.yaml is read as data; restore it, or pass the config file you "
-           "trained with (your own .yaml or LazyConfig .py)")
+def _parse(path: str | os.PathLike[str], error: type[D2EMAError], fix: str) -> dict[str, Any]:
+    raw = read_regular(path, _MAX_BYTES, "saved config", fix, error)
     try:
-        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Check)
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
+        text = raw.decode("utf-8")
+        _bounded(text)
+        data = yaml.load(text, Loader=_Saved)
+    except _Refused as e:
+        raise error(f"{path}: {e}, and is not read as data; {fix}") from None
     except yaml.constructor.ConstructorError as e:
         tag = str(e.problem or e).replace("could not determine a constructor for the tag ", "")
-        raise UsageError(f"{path} holds the Python YAML tag {tag}, which would run code; "
-                         f"{fix}") from None
+        raise error(f"{path} holds the Python YAML tag {tag}, which would run code; "
+                    f"{fix}") from None
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
-        raise UsageError(f"{path} is not valid YAML ({type(e).__name__}); {fix}") from e
+        raise error(f"cannot read {path} as plain YAML ({type(e).__name__}); {fix}") from None
     if not isinstance(data, dict):
-        raise UsageError(f"{path} is not a YAML mapping; {fix}")
+        raise error(f"{path} is not a YAML mapping; {fix}")
+    return data
+
+
+def read_saved_config(path: str | os.PathLike[str], error: type[D2EMAError] = UsageError,
+                      fix: str = _FIX) -> dict[str, Any]:
+    """A run's saved config as data, checked whole: the one reader of a run's ``config.yaml``.
+
+    A regular file of at most 4 MiB; YAML nested at most 64 deep whose aliases expand to at
+    most 100,000 values; Python tags only for the objects ``LazyConfig.save`` writes, each
+    resolved to the object and admitted only if defined in the allowed packages (nothing is
+    called but the constructors of detectron2's data classes such as ``ShapeSpec``, with whole
+    numbers); no ``_BASE_``; every ``_target_`` resolved the same way. Raises ``error`` (one
+    line naming the file, what is wrong and ``fix``)."""
+    data = _parse(path, error, fix)
     if "_BASE_" in data:
-        raise UsageError(f"{path} has a _BASE_ ({data['_BASE_']!r}), which a saved config never "
-                         f"has; {fix}")
+        raise error(f"{path} has a _BASE_ ({data['_BASE_']!r}), which a saved config never "
+                    f"has; {fix}")
     for where, target in _targets(data):
-        if not isinstance(target, str) or not target.startswith(_TARGETS):
-            raise UsageError(f"{path}: {where}._target_ = {target!r} is not a part of "
-                             f"detectron2's model/data/solver/evaluation, torch.nn/optim, fvcore's "
-                             f"schedulers or d2ema's model configs, and would be imported and "
-                             f"called; {fix}")
+        if callable(target) and not isinstance(target, str):
+            continue  # an object: admitted by its tag
+        try:
+            _resolve(target)
+        except ValueError as e:
+            raise error(f"{path}: {where}._target_ = {target!r} {e}: only classes and "
+                        "functions defined in detectron2's model/data/solver/evaluation, "
+                        "torch.nn/optim, fvcore's schedulers or d2ema's model configs are "
+                        f"built from a saved config; {fix}") from None
+    return data
+
+
+def check_saved_config(path: str | os.PathLike[str]) -> None:
+    """Refuse a run's saved config that would run code when loaded; see the module doc."""
+    read_saved_config(path)
+
+
+def load_saved_lazy(path: str | os.PathLike[str]):
+    """A run's saved LazyConfig ``config.yaml`` as detectron2's ``LazyConfig.load`` returns it,
+    built from :func:`read_saved_config`'s data: detectron2's loader (``yaml.unsafe_load``) never
+    reads it. Example::
+
+        cfg = load_saved_lazy("output/config.yaml")     # resumes without the .py
+    """
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(read_saved_config(path), flags={"allow_objects": True})
 
 
 RUN_CONFIG = "config.yaml"
@@ -206,21 +383,13 @@ def plain_config_text(config: str | os.PathLike[str], weights: str) -> str:
     run's config is read as data).
     """
     config = Path(config)
-    try:
-        data = yaml.load(config.read_text(), Loader=_Loader)
-    except OSError as e:
-        raise ExportError(f"cannot read config {config}: {e.strerror or e}") from e
-    except yaml.YAMLError as e:
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise ExportError(f"cannot read config {config} as plain YAML ({problem}); a run's "
-                          "config is read as data: pass --config with the run's YAML config") from e
-    if not isinstance(data, dict):
-        raise ExportError(f"config {config} is not a YAML mapping; pass the run's config.yaml")
+    data = _parse(config, ExportError, "a run's config is read as data: pass --config with the "
+                  "run's YAML config")
     try:
         data = _strip(data, weights)
     except ExportError as e:
         raise ExportError(f"config {config} {e}") from None
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    return yaml.dump(data, sort_keys=False, default_flow_style=None, width=100)
 
 
 def write_plain_config(

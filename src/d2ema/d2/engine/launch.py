@@ -24,9 +24,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from d2ema.errors import UsageError
+from d2ema.errors import D2EMAError, UsageError
 
-__all__ = ['launch', 'prepare_cpu_process']
+__all__ = ['check_port_free', 'free_default', 'launch', 'prepare_cpu_process']
 
 
 def launch(
@@ -44,20 +44,64 @@ def launch(
 
     timeout = timeout or DEFAULT_TIMEOUT
     world_size = num_gpus_per_machine * num_machines
-    if world_size == 1 or torch.cuda.is_available():
-        d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url,
-                  args=args, timeout=timeout)
+    if world_size > 1 and machine_rank == 0:
+        check_port_free(dist_url, _find_free_port)
+    try:
+        if world_size == 1 or torch.cuda.is_available():
+            d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url,
+                      args=args, timeout=timeout)
+            return
+        if dist_url == "auto":
+            if num_machines != 1:
+                raise UsageError("dist_url=auto works on one machine only; pass tcp://HOST:PORT")
+            dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+        torch.multiprocessing.start_processes(
+            _cpu_worker,
+            nprocs=num_gpus_per_machine,
+            args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args,
+                  timeout),
+            daemon=False,
+        )
+    except torch.multiprocessing.ProcessExitedException as e:
+        rank = machine_rank * num_gpus_per_machine + e.error_index
+        how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with {e.exit_code}"
+        raise D2EMAError(
+            f"training process of rank {rank} {how}; the other processes were stopped. The "
+            "checkpoints written so far are whole: d2ema train --resume continues from the last "
+            "one") from None
+
+
+def free_default(dist_url: str) -> str:
+    """The default ``--dist-url``, or ``"auto"`` (a free port) when another process holds its
+    port: every user of one machine shares the default, and a busy port would otherwise stop
+    the run (a ``--dist-url`` the user gave is checked by :func:`check_port_free` instead)."""
+    try:
+        check_port_free(dist_url, lambda: 0)
+    except UsageError:
+        return "auto"
+    return dist_url
+
+
+def check_port_free(dist_url: str | None, free_port: Callable[[], int]) -> None:
+    """Refuse, in one line naming the port and how to choose another, a ``tcp://`` address of
+    this machine whose port another process holds (a second training, say): the processes
+    would otherwise fail one by one with EADDRINUSE tracebacks."""
+    import socket
+    from urllib.parse import urlparse
+
+    if not dist_url or not dist_url.startswith("tcp://"):
         return
-    if dist_url == "auto":
-        if num_machines != 1:
-            raise UsageError("dist_url=auto works on one machine only; pass tcp://HOST:PORT")
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    torch.multiprocessing.start_processes(
-        _cpu_worker,
-        nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
-        daemon=False,
-    )
+    url = urlparse(dist_url)
+    if url.hostname not in ("127.0.0.1", "localhost", "0.0.0.0") or url.port is None:
+        return  # another machine's address: machine 0 binds it
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((url.hostname, url.port))
+        except OSError:
+            raise UsageError(
+                f"port {url.port} of --dist-url {dist_url} is in use (another training on this "
+                f"machine?); pass a free one, e.g. --dist-url tcp://127.0.0.1:{free_port()}, or "
+                "--dist-url auto") from None
 
 
 def _cpu_worker(local_rank, main_func, world_size, per_machine, machine_rank, dist_url, args,

@@ -44,7 +44,9 @@ Example::
     run = setup_run(cfg, args)                                             # each worker
 
 **Before start**, `check_output_dir` refuses an OUTPUT_DIR that is a file, cannot be
-written, or links out.
+written, or links out, and a new run (no ``--resume``) in a folder that holds another run's
+checkpoints or snapshots: that run is kept until the user says otherwise (``--resume``, another
+OUTPUT_DIR, or ``--start-over``, which moves it into ``OUTPUT_DIR/previous-<time>/``).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from d2ema.d2.config import settings as config_settings
 from d2ema.d2.config.settings import EMASettings
 from d2ema.d2.config.view import ConfigView
 from d2ema.errors import D2EMAError, RunLockedError, UsageError
-from d2ema.io.confined import no_links_out
+from d2ema.io.confined import no_links_out, output_folder
 
 __all__ = [
     "EVAL_FOLDER",
@@ -151,6 +153,8 @@ def run_lock(cfg, args) -> Iterator[Path | None]:
                 "wait for it to finish or stop it, or train into another OUTPUT_DIR") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if getattr(args, "start_over", False) and not getattr(args, "resume", False):
+            move_earlier_run(cfg)  # under the lock: no other training is using them
         yield path
     finally:
         os.close(fd)  # releases the lock
@@ -178,6 +182,8 @@ def _set_output_dir(cfg, folder: str) -> None:
 
 def new_eval_dir(run: str) -> str:
     """``run/eval/<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``, ... when that one exists already)."""
+    if os.path.isdir(run):  # eval/ inside the run, writable, before the evaluation
+        output_folder(run, EVAL_FOLDER, error=UsageError)
     base = os.path.join(run, EVAL_FOLDER, time.strftime("%Y%m%d-%H%M%S"))
     folder, n = base, 1
     while os.path.exists(folder):
@@ -233,6 +239,62 @@ def _writable(folder: Path, key: str) -> None:
                          "user); give a folder you can write")
 
 
+PREVIOUS = "previous-"
+_WRITTEN = ("inference", "posthoc", EVAL_FOLDER)
+
+
+def _earlier_files(cfg, settings: EMASettings | None = None) -> list[Path]:
+    """What a training left in the run's folder that a new run would replace: its checkpoints,
+    ``last_checkpoint`` and its snapshot series. ``settings``: the EMA settings already read."""
+    from d2ema.d2.checkpoint.resume import TAG_FILE, checkpoint_candidates
+    from d2ema.d2.engine.build import SNAPSHOT_FOLDER
+
+    folder = output_dir(cfg)
+    if not folder or "://" in folder or not Path(folder).is_dir():
+        return []
+    found = checkpoint_candidates(folder)
+    if Path(folder, TAG_FILE).is_file():
+        found.append(Path(folder, TAG_FILE))
+    view = ConfigView.of(cfg)
+    if settings is None and view.has_ema_node():
+        settings = config_settings.ema_settings(cfg)
+    posthoc = getattr(settings, "posthoc", None)
+    series = Path(folder, getattr(posthoc, "dir", "") or SNAPSHOT_FOLDER)
+    if (series / "index.json").is_file():
+        found.append(series)
+    return found
+
+
+def earlier_run(cfg, settings: EMASettings | None = None) -> list[str]:
+    """What another run left in the run's folder, in words (empty: nothing)."""
+    files = _earlier_files(cfg, settings)
+    checkpoints = [p for p in files if p.suffix == ".pth"]
+    said = [f"{len(checkpoints)} checkpoints"] if checkpoints else []
+    said += [f"{p.name}/ snapshots" for p in files if p.is_dir()]
+    return said or [p.name for p in files]
+
+
+def move_earlier_run(cfg) -> Path | None:
+    """Move what another run left (:func:`_earlier_files`) into ``OUTPUT_DIR/previous-<time>/``
+    (``d2ema train --start-over``): renamed within the folder, nothing deleted or copied."""
+    files = _earlier_files(cfg)
+    if not files:
+        return None
+    aside = Path(output_dir(cfg), PREVIOUS + time.strftime("%Y%m%d-%H%M%S"))
+    n = 0
+    while aside.exists():
+        n += 1
+        aside = aside.with_name(f"{aside.name.split('.')[0]}.{n}")
+    aside.mkdir()
+    for path in files:
+        target = aside / path.relative_to(output_dir(cfg))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    logging.getLogger(__name__).warning("--start-over: the earlier run's checkpoints and "
+                                        "snapshots were moved into %s", aside)
+    return aside
+
+
 def check_output_dir(cfg, args, settings: EMASettings | None = None) -> None:
     """The run's output folder (and its snapshot folder) can be written, and a training has
     steps to run: checked before any process starts or anything is written. ``settings``: the
@@ -243,6 +305,9 @@ def check_output_dir(cfg, args, settings: EMASettings | None = None) -> None:
     if folder and "://" not in folder:
         _writable(Path(folder), key)
         no_links_out(folder, f"{key} = {folder}")  # no planted link makes a write land elsewhere
+        for sub in _WRITTEN:  # nor a planted folder link (only OUTPUT_DIR and snapshots follow)
+            if Path(folder, sub).is_symlink():
+                output_folder(folder, sub, error=UsageError)
         if args.resume and Path(folder).is_dir():
             from d2ema.d2.checkpoint.resume import tagged_checkpoint
 
@@ -252,6 +317,13 @@ def check_output_dir(cfg, args, settings: EMASettings | None = None) -> None:
             _writable(Path(folder, settings.posthoc.dir), settings.key("POSTHOC.DIR"))
     if args.eval_only:
         return
+    earlier = earlier_run(cfg, settings)
+    if earlier and not args.resume and not getattr(args, "start_over", False):
+        raise UsageError(
+            f"{key} = {folder} holds another run ({', '.join(earlier)}), which a new run would "
+            "replace; add --resume to continue it, train into another OUTPUT_DIR, or add "
+            f"--start-over to move it into {Path(folder, PREVIOUS + '<time>')} first (nothing "
+            "is deleted)")
     iters = view.max_iter
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         name = view.name("max_iter")

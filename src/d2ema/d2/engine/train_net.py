@@ -51,7 +51,7 @@ from d2ema.d2.checkpoint.checkpointers import (
 )
 from d2ema.d2.config import settings as config_settings
 from d2ema.d2.config.keys import core_words_named
-from d2ema.d2.config.saved import check_saved_config, is_run_config
+from d2ema.d2.config.saved import check_saved_config, is_run_config, load_saved_lazy
 from d2ema.d2.config.settings import EMASettings, add_model_ema_configs, check_device
 from d2ema.d2.config.view import ConfigView, is_lazy
 from d2ema.d2.config.yacs_numbers import integers_for_floats
@@ -132,8 +132,10 @@ def load_run(path_text: str, opts: Sequence[str] = (),
     if is_lazy(path_text):
         from detectron2.config import LazyConfig
 
-        try:
-            cfg = LazyConfig.load(str(path))
+        try:  # a run's saved config.yaml: built from checked data, never by detectron2's loader
+            cfg = load_saved_lazy(path) if is_run_config(path) else LazyConfig.load(str(path))
+        except D2EMAError:
+            raise
         except Exception as e:
             raise UsageError(f"cannot load LazyConfig {path}: {_reason(e)}") from e
         try:
@@ -238,6 +240,10 @@ def train_main(
     _check_launch(args, cfg)
     if getattr(args, "dist_url", None) is None:
         args.dist_url = getattr(args, "default_dist_url", "auto")
+        if getattr(args, "num_machines", 1) == 1 and getattr(args, "num_gpus", 1) > 1:
+            from d2ema.d2.engine.launch import free_default  # the default port busy: another
+
+            args.dist_url = free_default(args.dist_url)
     if args.eval_only:  # one folder for every rank; the run's config.yaml stays as it is
         args.eval_dir = new_eval_dir(run_dir(cfg))
     from d2ema.d2.engine.launch import launch
