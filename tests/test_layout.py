@@ -324,3 +324,14 @@ def test_one_module_asks_yacs_or_lazy():
     """"yacs config or LazyConfig?" is asked of a config in one place: d2/config/view.py."""
     asking = sorted(m for m, p in MODULES.items() if "hasattr(cfg" in p.read_text(encoding="utf-8"))
     assert asking == ["d2ema.d2.config.view"], asking
+
+
+def test_docstrings_speak_markdown():
+    """The API page renders docstrings as Markdown (mkdocstrings, Google style): a Sphinx role
+    (``:class:`...```) would show as raw text there (tools/docstring_roles.py rewrites them)."""
+    import re
+
+    role = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):`")
+    left = [f"{p.relative_to(SRC)}:{i}" for p in sorted(SRC.rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if role.search(line)]
+    assert not left, left

@@ -3,10 +3,10 @@
 Three layers, imports pointing one way (app and cli -> d2 -> core):
 
 * the core works on any ``nn.Module`` and training loop and imports no detectron2: the EMA
-  itself in this package's modules (:class:`EMA`, schedules, storage and update kernels, the
+  itself in this package's modules (`EMA`, schedules, storage and update kernels, the
   checkpoint format, atomic writes, export), and two folders one floor above it:
-  ``d2ema.posthoc`` (:class:`PostHocEMA`: choose the EMA length after training) and
-  ``d2ema.distributed`` (DDP buffers, FSDP2 states, :class:`ShardedEMA`);
+  ``d2ema.posthoc`` (`PostHocEMA`: choose the EMA length after training) and
+  ``d2ema.distributed`` (DDP buffers, FSDP2 states, `ShardedEMA`);
 * ``d2ema.d2`` is the detectron2 layer (config keys, hook, checkpointer, trainer, evaluation,
   ``train_net``, and ``d2ema.d2.compat``, the seed article's / D2Go's API);
 * ``d2ema.app`` is the application behind the ``d2ema`` command (demo, embedded datasets).

@@ -1,6 +1,6 @@
-"""Checks of :class:`~d2ema.EMA`'s arguments, run before anything is allocated.
+"""Checks of `EMA`'s arguments, run before anything is allocated.
 
-A wrong argument raises :class:`~d2ema.errors.ConfigError` (a ``ValueError``) that names the
+A wrong argument raises `ConfigError` (a ``ValueError``) that names the
 argument, the value given and what is allowed, instead of a bare ``AttributeError`` from deep
 inside, or worse, an EMA that silently does the wrong thing (``master_dtype=torch.int32``
 rounds every weight to an integer; ``device="meta"`` keeps no data at all).
@@ -67,7 +67,7 @@ def check_ema_arguments(
     master_dtype: Any = torch.float32,
     **flags: Any,
 ) -> tuple[tuple[str, ...], torch.device | None]:
-    """Validate :class:`~d2ema.EMA`'s arguments; return ``(exclude, device)`` normalised.
+    """Validate `EMA`'s arguments; return ``(exclude, device)`` normalised.
 
     ``flags`` are the boolean arguments (``include_frozen``, ``skip_nonfinite``, ...).
     """

@@ -41,7 +41,7 @@ class D2EMAError(Exception):
     ``parameters``: the core parameters the message tells the user to change, as
     ``"Class.parameter"`` (``"PostHocEMA.snapshot_every"``). The core names only its own
     parameters; a front end that sets them from its own config adds its key names beside them
-    (the detectron2 layer: :func:`d2ema.d2.config.keys.named_in_config`).
+    (the detectron2 layer: `d2ema.d2.config.keys.named_in_config`).
 
     Example::
 

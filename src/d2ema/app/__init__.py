@@ -1,3 +1,3 @@
 """The application behind the ``d2ema`` command: the demo, its embedded datasets (``data``),
-plots, small model configs and the update-speed benchmark. Built on :mod:`d2ema.d2`; nothing in
+plots, small model configs and the update-speed benchmark. Built on `d2ema.d2`; nothing in
 the library imports it."""

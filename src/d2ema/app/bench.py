@@ -1,4 +1,4 @@
-"""``d2ema bench``: the update-speed benchmark (:mod:`d2ema.app.speed.update_speed`).
+"""``d2ema bench``: the update-speed benchmark (`d2ema.app.speed.update_speed`).
 
 The peers it compares with (timm, ema-pytorch, torch-ema) are not dependencies of d2ema: each
 is timed where it is installed (``pip install -r requirements/bench.txt``) and listed as

@@ -93,7 +93,7 @@ def tiny_detector_config(
 
 
 def build_tiny_detector(arch: str = "retinanet", **kwargs):
-    """The model of :func:`tiny_detector_config`, for LazyConfigs (``L(build_tiny_detector)()``)."""
+    """The model of `tiny_detector_config`, for LazyConfigs (``L(build_tiny_detector)()``)."""
     from detectron2.modeling import build_model
 
     return build_model(tiny_detector_config(arch, **kwargs))

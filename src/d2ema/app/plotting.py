@@ -79,7 +79,7 @@ def plot_ap_vs_length(
     chosen: Mapping[str, Any] | None = None,
 ) -> str:
     """COCO AP against EMA length for post-hoc EMAs: see
-    :func:`d2ema.d2.evaluation.report.plot_ap_vs_length` (shared with the end-of-training
+    `d2ema.d2.evaluation.report.plot_ap_vs_length` (shared with the end-of-training
     selection); returns the path written."""
     from d2ema.d2.evaluation.report import plot_ap_vs_length as plot
 

@@ -7,8 +7,8 @@ and scored on the run's test set (or on ``--select-on NAME``, a held-out set; th
 also scored on the test set), next to the raw weights; a table, ``results.json`` and a PNG of
 AP against EMA length go to ``OUTPUT_DIR/posthoc``, and ``--export-best OUT.pth`` writes the
 best EMA as a plain detectron2 checkpoint (``MODEL.WEIGHTS``) with a plain config beside it.
-The rows, the table and the files are :mod:`d2ema.d2.evaluation.report`'s, the sweep and the
-choice :func:`d2ema.posthoc.select`'s, shared with ``MODEL_EMA.POSTHOC.SELECT``.
+The rows, the table and the files are `d2ema.d2.evaluation.report`'s, the sweep and the
+choice `d2ema.posthoc.select`'s, shared with ``MODEL_EMA.POSTHOC.SELECT``.
 
 Example::
 
@@ -16,7 +16,7 @@ Example::
     print("
 ".join(report.lines))
 
-The command's arguments are added by :func:`add_posthoc_parser`; torch is imported only when
+The command's arguments are added by `add_posthoc_parser`; torch is imported only when
 the command runs, so that ``d2ema --help`` stays fast.
 """
 

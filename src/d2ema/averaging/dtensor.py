@@ -1,8 +1,8 @@
 """DTensor helpers the EMA itself needs under FSDP2 (``fully_shard``): reshard the model, wrap
 local shards as DTensors laid out like the parameters, cut full tensors to this rank's shards.
 
-They sit below :mod:`d2ema.ema` (with the storage code); what builds on the EMA in a job of
-several processes is in :mod:`d2ema.distributed`.
+They sit below `d2ema.ema` (with the storage code); what builds on the EMA in a job of
+several processes is in `d2ema.distributed`.
 """
 
 from __future__ import annotations

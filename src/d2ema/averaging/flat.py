@@ -1,6 +1,6 @@
 """Flat mode: the model's tracked tensors re-pointed into one buffer per group.
 
-After :func:`flatten_model_tensors`, every parameter and buffer of a group is a view of one
+After `flatten_model_tensors`, every parameter and buffer of a group is a view of one
 contiguous buffer, laid out like the EMA's own buffer (same order, same strides), so one EMA
 update is a single ``lerp_`` per group however many tensors the model has (500 tiny layers cost
 what one large tensor costs).
@@ -10,7 +10,7 @@ weight stays channels_last), so an optimizer built *afterwards*, or one that loo
 up each step as ``torch.optim`` does, trains exactly as before. Build the EMA before wrapping
 the model in DDP and before building anything that caches storage pointers (CUDA graphs);
 detectron2's trainer order does: build_model -> EMA -> optimizer -> DDP, which is why
-:class:`~d2ema.d2.EMATrainer` uses flat mode by default. After ``model.to()``, ``.half()`` or a
+`EMATrainer` uses flat mode by default. After ``model.to()``, ``.half()`` or a
 change of memory format the EMA flattens the moved tensors again at its next call.
 """
 

@@ -1,10 +1,10 @@
 """Notice, without stalling the GPU or slowing the update, when an EMA first held NaN or Inf.
 
 With ``skip_nonfinite=False`` (the default) one NaN weight poisons the average for good:
-``lerp`` keeps a NaN forever (an Inf turns into NaN at the next update). :class:`NonfiniteWatch`
+``lerp`` keeps a NaN forever (an Inf turns into NaN at the next update). `NonfiniteWatch`
 finds the step at which that happened. A check is one ``sum`` over each averaged group (NaN and
 Inf propagate through it; it is the cheapest full reduction), about a third to a half of an
-update's memory traffic, so it runs every :attr:`NonfiniteWatch.every` updates (32: ~1-2% of the
+update's memory traffic, so it runs every `NonfiniteWatch.every` updates (32: ~1-2% of the
 update; benchmarks/results/update_speed.md) and its result stays on the device (a
 ``masked_fill_`` of a 0-d tensor: no host sync). When someone asks (a checkpoint save, an
 evaluation, ``ema.meta()``) the EMA is checked exactly (``aminmax``; a sum of huge finite values

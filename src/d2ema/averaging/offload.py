@@ -17,7 +17,7 @@ and a CPU EMA) an update only queues that work:
 
 Every EMA method that reads or writes the averages (``swapped``, ``state_dict``, ``copy_to``,
 ``load_state_dict``...) completes the update in flight first, so evaluations and checkpoints
-see the whole average; :meth:`d2ema.EMA.synchronize` does it by hand. The result is bitwise
+see the whole average; `d2ema.EMA.synchronize` does it by hand. The result is bitwise
 the synchronous path's: the same copies and the same ``lerp_`` on the same device, run later.
 Weights written between ``update()`` and the next optimizer step by anything else than the
 forward (hand-made weight surgery) need ``ema.synchronize()`` first.
@@ -72,8 +72,8 @@ def wants_overlap(bindings: Sequence[Binding]) -> bool:
 def split_offload(
     bindings: list[Binding], overlap: bool | None, model: nn.Module
 ) -> tuple[Offload | None, list[Binding]]:
-    """The :class:`Offload` of the bindings updated in the background (None if none), and
-    the bindings updated directly. ``overlap=None``: see :func:`wants_overlap`."""
+    """The `Offload` of the bindings updated in the background (None if none), and
+    the bindings updated directly. ``overlap=None``: see `wants_overlap`."""
     if overlap is None:
         overlap = wants_overlap(bindings)
     queued = [b for b in bindings if b.staging is not None] if overlap else []

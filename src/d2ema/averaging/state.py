@@ -4,7 +4,7 @@ A model is first unwrapped (DDP, DataParallel, ``torch.compile``) so that names 
 wrapper's prefix: the EMA of ``DDP(model)`` and of ``model`` have the same names, which are the
 names ``model.named_parameters()`` / ``named_buffers()`` give (what D2Go and the seed save).
 
-Averages live in :class:`TensorGroup` s, one per (device, dtype, averaged-or-copied): a single
+Averages live in `TensorGroup` s, one per (device, dtype, averaged-or-copied): a single
 contiguous 1-D buffer each, with one view per tracked tensor. One buffer per group is what lets
 the update run as a handful of fused ops instead of one op chain per tensor.
 """
@@ -133,7 +133,7 @@ def tracked_slots(
 
 
 def check_structure(bound: Sequence[Slot], now: Sequence[Slot], expected: Collection[str]) -> None:
-    """Raise :class:`EMAStateError` saying what changed in a model since its slots ``bound``
+    """Raise `EMAStateError` saying what changed in a model since its slots ``bound``
     were taken, if anything did.
 
     ``now`` are the model's tracked slots today and ``expected`` the names the EMA holds (a
@@ -218,7 +218,7 @@ class TensorGroup:
     """The averages of tensors sharing (device, dtype): one flat buffer, one view per tensor.
 
     Views are contiguous; in flat mode each has the layout (strides) of the model tensor it
-    averages (see :func:`dense_strides`).
+    averages (see `dense_strides`).
     """
 
     device: torch.device
@@ -295,11 +295,11 @@ def group_slots(
     device: torch.device | None,
     master_dtype: torch.dtype | None,
 ) -> tuple[list[TensorGroup], list[list[Slot]]]:
-    """Allocate one :class:`TensorGroup` per (EMA device, EMA dtype, model device, model dtype).
+    """Allocate one `TensorGroup` per (EMA device, EMA dtype, model device, model dtype).
 
     Returns the groups and, for each, its slots in the group's storage order (see
-    :func:`plan_groups`). The averages are contiguous; flat mode gives them the model's layout
-    (:func:`d2ema.averaging.flat.lay_out`).
+    `plan_groups`). The averages are contiguous; flat mode gives them the model's layout
+    (`d2ema.averaging.flat.lay_out`).
     """
     groups, group_slots_ = [], []
     for (ema_device, ema_dtype, _, _), members in plan_groups(slots, device, master_dtype).items():
@@ -315,7 +315,7 @@ def group_slots(
 
 
 def match_slots(slots: list[Slot], groups: list[TensorGroup]) -> list[list[Slot]]:
-    """``slots`` of a model in the storage order of ``groups``; raises :class:`EMAStateError`
+    """``slots`` of a model in the storage order of ``groups``; raises `EMAStateError`
     (naming every difference) when the model does not fit the groups."""
     by_name = {s.name: s for s in slots}
     problems = compare(

@@ -1,10 +1,10 @@
-"""The update kernels: one :class:`Binding` links a :class:`TensorGroup` to the model's tensors.
+"""The update kernels: one `Binding` links a `TensorGroup` to the model's tensors.
 
 Per group and step, the work is a few fused ops chosen once, when the EMA binds to a model:
 
 * model tensors in one buffer laid out like the EMA's (``flat=True``): a single ``lerp_``;
 * same device and dtype: one ``torch._foreach_lerp_`` over prebuilt lists. On the CPU the
-  small tensors (laid out first in the group, see :data:`~d2ema.averaging.state.SMALL_NUMEL`) are
+  small tensors (laid out first in the group, see `SMALL_NUMEL`) are
   gathered with ``torch.cat`` into a scratch buffer and averaged with ``lerp_``, in chunks
   below ATen's grain size (32768 elements): per-tensor dispatch costs more than their bytes,
   ``cat`` takes its serial memcpy path below the grain size (above it, with two or more
@@ -12,7 +12,7 @@ Per group and step, the work is a few fused ops chosen once, when the EMA binds 
   the chunk waits for a second thread that a busy machine has descheduled;
 * another dtype or device (fp32 master of a bf16 model, CPU EMA of a GPU model): one copy into
   a reusable staging buffer on the EMA's device (pinned for GPU -> CPU, in the model's dtype
-  across devices), then one ``lerp_``. :mod:`d2ema.averaging.offload` runs the copy on a side
+  across devices), then one ``lerp_``. `d2ema.averaging.offload` runs the copy on a side
   stream and
   the ``lerp_`` in a background thread.
 
@@ -105,7 +105,7 @@ REGISTRATIONS = GlobalHooks(lambda: [
 
 
 def registration_count() -> int:
-    """How many registrations happened so far while :data:`REGISTRATIONS` was held (compare two
+    """How many registrations happened so far while `REGISTRATIONS` was held (compare two
     readings made while holding it to detect one)."""
     return _registrations
 
@@ -151,7 +151,7 @@ class Binding:
     """One group's link to the live model tensors it averages, with its update kernels.
 
     ``stage=True`` gives it a staging buffer even on the model's device and dtype, so that the
-    weights can be snapshotted and averaged later (:mod:`d2ema.averaging.offload`).
+    weights can be snapshotted and averaged later (`d2ema.averaging.offload`).
     """
 
     def __init__(self, group: TensorGroup, slots: list[Slot], *, stage: bool = False):
@@ -223,7 +223,7 @@ class Binding:
         Moves (``model.to()``, ``.half()``, a memory format) change every tensor, so a few
         sentinels per group catch them; a registration anywhere (``module.buf = t``) makes the
         next call check every slot. A ``.data`` assigned to one tensor in the middle goes
-        unnoticed: call :meth:`d2ema.EMA.rebind` after such surgery.
+        unnoticed: call `d2ema.EMA.rebind` after such surgery.
         """
         for t, ptr in self._sentinels:
             if t.data_ptr() != ptr:
@@ -289,7 +289,7 @@ class Binding:
         """A 0-d bool tensor, True when no model tensor holds NaN or Inf. A sum (a 2-norm
         without a flat view) is the cheapest reduction NaN/Inf propagate through (max-abs
         measured ~10x slower on the CPU), but a huge finite value can overflow it: a False is
-        only a suspicion, which :meth:`all_finite_exact` settles."""
+        only a suspicion, which `all_finite_exact` settles."""
         if not self._nonempty:
             return torch.ones((), dtype=torch.bool, device=self.model_device)
         if self.model_flat is not None:

@@ -1,13 +1,13 @@
 """The seed article's / D2Go's / detrex's model-EMA API, in D2Go's module paths.
 
 * ``from d2ema import compat as model_ema`` (was: ``from d2go.modeling import ema as
-  model_ema``): D2Go's ``d2go/modeling/ema.py``, see :mod:`d2ema.d2.compat`. Its names are
+  model_ema``): D2Go's ``d2go/modeling/ema.py``, see `d2ema.d2.compat`. Its names are
   looked up when first used, which imports detectron2.
 * ``from d2ema.compat.ema_state import EMAState`` (was: ``from d2go.utils.ema_state import
   EMAState``): the ``EMAState(decay, device)`` of D2Go's Lightning task, see
-  :mod:`d2ema.compat.ema_state`; it needs no detectron2.
+  `d2ema.compat.ema_state`; it needs no detectron2.
 
-Both delegate to :class:`d2ema.EMA`.
+Both delegate to `d2ema.EMA`.
 
 Example::
 

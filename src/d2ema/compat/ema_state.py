@@ -1,5 +1,5 @@
 """D2Go's ``d2go/utils/ema_state.py``: the ``EMAState(decay, device)`` of D2Go's Lightning task,
-delegating to :class:`d2ema.EMA`. Needs no detectron2.
+delegating to `d2ema.EMA`. Needs no detectron2.
 
 Code written for D2Go moves over by changing its import line::
 
@@ -15,7 +15,7 @@ Code written for D2Go moves over by changing its import line::
 dtypes, so checkpoints pass between D2Go and d2ema both ways. Differences from D2Go, on the safe
 side: integer buffers (``num_batches_tracked``) are copied, not averaged and truncated; a state
 loaded before it met its model is checked against the model (names, shapes, dtypes) the first
-time one is given, and refused whole on a mismatch; errors are :class:`~d2ema.D2EMAError`\\ s.
+time one is given, and refused whole on a mismatch; errors are `D2EMAError`\\ s.
 """
 
 from __future__ import annotations

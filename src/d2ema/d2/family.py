@@ -2,10 +2,10 @@
 
 The primary EMA lives on the (unwrapped) model as ``model.ema_state``, the attribute D2Go and
 the seed article use, so every part of a trainer reaches it from the model alone
-(:func:`get_model_ema`). Its extra and post-hoc EMAs form the model's :class:`EMAFamily`
-(:func:`get_ema_family`), saved under the checkpoint keys ``ema_extras`` and ``ema_posthoc`` by
-one :class:`EMAGroupState` each; the settings they were built with stay with the model
-(:func:`get_settings`). :mod:`d2ema.d2.engine.build` builds them; the checkpointers, hooks,
+(`get_model_ema`). Its extra and post-hoc EMAs form the model's `EMAFamily`
+(`get_ema_family`), saved under the checkpoint keys ``ema_extras`` and ``ema_posthoc`` by
+one `EMAGroupState` each; the settings they were built with stay with the model
+(`get_settings`). `d2ema.d2.engine.build` builds them; the checkpointers, hooks,
 evaluation and selection only find them here, so none of those imports the engine.
 
 Example::

@@ -1,11 +1,11 @@
 """Write a file so that it is either complete or absent: never truncated under its final name.
 
-:func:`atomic_save` (``torch.save``) and :func:`atomic_write_text` write to a temporary file in
+`atomic_save` (``torch.save``) and `atomic_write_text` write to a temporary file in
 the target's folder, flush it to disk (``fsync``), give it the mode the target would get, rename
 it into place and ``fsync`` the folder, so that the rename itself survives a power cut. A crash,
 a kill or a full disk at any point leaves the old file (if any) intact and at most a hidden
 temporary file ``.NAME.HOST.PID.XXXX.tmp``: removed at once when Python still runs (exceptions,
-and SIGTERM/SIGHUP under :func:`d2ema.io.interrupts.signals_as_interrupts`), and by the next write
+and SIGTERM/SIGHUP under `d2ema.io.interrupts.signals_as_interrupts`), and by the next write
 into the same folder once process PID is gone (SIGKILL, power loss).
 
 The target must be a regular file or absent: a folder, FIFO, device node or socket at that path
@@ -242,10 +242,10 @@ def atomic_save(obj: Any, output: str | os.PathLike[str]) -> None:
 
 
 def atomic_write_text(text: str, output: str | os.PathLike[str]) -> None:
-    """Write ``text`` (UTF-8) to ``output`` atomically, like :func:`atomic_save`."""
+    """Write ``text`` (UTF-8) to ``output`` atomically, like `atomic_save`."""
     atomic_write_bytes(text.encode("utf-8"), output)
 
 
 def atomic_write_bytes(data: bytes, output: str | os.PathLike[str]) -> None:
-    """Write ``data`` to ``output`` atomically, like :func:`atomic_save` (e.g. a PNG)."""
+    """Write ``data`` to ``output`` atomically, like `atomic_save` (e.g. a PNG)."""
     _write_atomically(output, lambda f: f.write(data))

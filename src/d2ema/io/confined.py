@@ -2,7 +2,7 @@
 
 A run folder is data, not a set of instructions: ``last_checkpoint`` and the snapshot index
 ``index.json`` name files *in the folder*, and whoever edited them must not make d2ema read or
-delete anything elsewhere. :func:`confined` accepts a plain file name only (no folder part, no
+delete anything elsewhere. `confined` accepts a plain file name only (no folder part, no
 ``..``, not absolute) and, when the file exists, refuses a symbolic link whose target lies
 outside the folder. Symbolic links inside the folder (e.g. a run folder that is itself a link,
 or a snapshot linked to another file of the same folder) keep working.
@@ -35,7 +35,7 @@ def escapes(folder: str | os.PathLike[str], path: str | os.PathLike[str]) -> boo
 
 def confined(folder: str | os.PathLike[str], name: object, source: str) -> Path:
     """``folder / name`` if ``name`` is a plain file name whose file (if any) lies inside
-    ``folder``; else :class:`OutsideFolderError` naming ``source`` (what named it) and the fix."""
+    ``folder``; else `OutsideFolderError` naming ``source`` (what named it) and the fix."""
     folder = Path(folder)
     bad = None
     if not isinstance(name, str) or not name.strip():

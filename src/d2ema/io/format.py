@@ -229,10 +229,10 @@ def checkpoint_problems(checkpoint: Any) -> list[str]:
     """Everything that keeps a training, EMA or export checkpoint (``torch.load``-ed) from being
     used, one line each, checked whole before any of it is: a dict; its ``model`` a dict whose
     tensors are dense and hold data (no meta tensors) and are not complex; its ``ema_state``
-    (if any) tensors that :func:`tensor_problems` accepts, each of the dtype kind of the model's
+    (if any) tensors that `tensor_problems` accepts, each of the dtype kind of the model's
     tensor of that name (an integer, bool or complex tensor never stands in for a floating
-    weight); its ``ema_meta`` a format this code knows (:func:`meta_problems`); its
-    ``iteration`` a whole number between -1 and :data:`MAX_STEP`. The one check of every
+    weight); its ``ema_meta`` a format this code knows (`meta_problems`); its
+    ``iteration`` a whole number between -1 and `MAX_STEP`. The one check of every
     command that reads a checkpoint (``train --resume``, ``--eval-only``, ``export``,
     ``posthoc``). Example::
 

@@ -1,11 +1,11 @@
 """SIGTERM and SIGHUP as exceptions, so that ``finally`` blocks run and temporary files go.
 
 By default these signals end Python at once: no ``finally``, no ``except BaseException``, so a
-half-written temporary file of :mod:`d2ema.io.atomic` would stay behind. Inside
-:func:`signals_as_interrupts` they raise :class:`Interrupted`, a ``KeyboardInterrupt``, so that
+half-written temporary file of `d2ema.io.atomic` would stay behind. Inside
+`signals_as_interrupts` they raise `Interrupted`, a ``KeyboardInterrupt``, so that
 whatever cleans up after Ctrl-C cleans up after them too. Signals whose handler someone else
 set are left alone; SIGKILL cannot be caught (its leftovers are removed by the next write into
-the same folder: :func:`d2ema.io.atomic.remove_stale_temps`).
+the same folder: `d2ema.io.atomic.remove_stale_temps`).
 
 Example::
 
@@ -45,7 +45,7 @@ def _raise(signum, frame) -> None:
 
 @contextlib.contextmanager
 def signals_as_interrupts() -> Iterator[None]:
-    """Inside: SIGTERM and SIGHUP (when at their default action) raise :class:`Interrupted`."""
+    """Inside: SIGTERM and SIGHUP (when at their default action) raise `Interrupted`."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -2,10 +2,10 @@
 
 detectron2's model zoo ships ImageNet backbones (``R-50.pkl``) and Caffe2-converted models
 (``model_final_*.pkl``) as pickles of dicts of numpy arrays, and its checkpointer reads them
-with ``pickle.load``, which runs whatever a pickle asks for. :func:`load_pickle` admits only
+with ``pickle.load``, which runs whatever a pickle asks for. `load_pickle` admits only
 what such files hold (dicts, lists, tuples, sets, strings, bytes, numbers, ``OrderedDict``,
 numpy arrays, dtypes and scalars) and refuses any other global with
-:class:`~d2ema.errors.PickleRefusedError`, naming the file, the global and the opt-in.
+`PickleRefusedError`, naming the file, the global and the opt-in.
 
 Trusting a file to run code is an explicit choice: ``--trust-pickle`` on the command line, or
 the environment variable ``D2EMA_TRUST_PICKLE=1`` (which the flag sets, so worker processes see
@@ -91,8 +91,8 @@ class _Restricted(pickle.Unpickler):
 
 
 def load_pickle(path: str | os.PathLike[str]) -> Any:
-    """The content of a pickled weights file; :class:`PickleRefusedError` for anything beyond
-    arrays and containers unless :func:`trusted`."""
+    """The content of a pickled weights file; `PickleRefusedError` for anything beyond
+    arrays and containers unless `trusted`."""
     with open(path, "rb") as f:
         if trusted():
             return pickle.load(f, encoding="latin1")

@@ -1,15 +1,15 @@
 """EMA of weights for Lightning training: the d2ema engine as a ``lightning.pytorch.Callback``.
 
-:class:`EMA` keeps an exponential moving average of a LightningModule (or of one of its
-submodules, ``module="model"`` for a D2Go task) with d2ema's core :class:`d2ema.EMA`: power EMA
+`EMA` keeps an exponential moving average of a LightningModule (or of one of its
+submodules, ``module="model"`` for a D2Go task) with d2ema's core `d2ema.EMA`: power EMA
 of width 0.05 by default, fp32 master of bf16/fp16 weights, ``every``/``start``, an EMA kept on
 the CPU, flat storage. It updates once per optimizer step (gradient accumulation and manual
 optimization included) on every rank, validates raw and EMA weights side by side (EMA metrics
 as ``val_ema/loss`` or ``val_loss_ema``, swapped in without a copy), keeps its state in
 Lightning's checkpoint (and D2Go's ``model_ema`` key, both ways) and leaves the chosen weights
-in the model when ``fit()`` ends. :class:`PostHocEMA` adds post-hoc EMA: snapshots during
-training, and at the end the EMA length a validation dataloader picks. :class:`AtomicCheckpointIO`
-writes checkpoints complete or not at all. Modules: ``callback`` (:class:`EMA`), ``posthoc``,
+in the model when ``fit()`` ends. `PostHocEMA` adds post-hoc EMA: snapshots during
+training, and at the end the EMA length a validation dataloader picks. `AtomicCheckpointIO`
+writes checkpoints complete or not at all. Modules: ``callback`` (`EMA`), ``posthoc``,
 ``validation`` (the two passes), ``checkpoint`` (formats and files), ``errors``.
 
 Example::

@@ -1,11 +1,11 @@
 """``EMA``: the Lightning callback that keeps d2ema's EMA of a LightningModule.
 
-One core :class:`d2ema.EMA` (or :class:`d2ema.ShardedEMA`) does all the work; the callback only
+One core `d2ema.EMA` (or `d2ema.ShardedEMA`) does all the work; the callback only
 says when: built when ``fit()`` starts (the model on its device and in its precision; with
 ``flat=True`` in ``setup``, before the optimizer and DDP), updated when an optimizer step happened
 (``trainer.global_step`` moved: gradient accumulation and manual optimization count real steps
-only), swapped in for a second validation pass (:mod:`~d2ema.lightning.validation`), saved
-in Lightning's checkpoint (:mod:`~d2ema.lightning.checkpoint`) and copied into the model when
+only), swapped in for a second validation pass (`validation`), saved
+in Lightning's checkpoint (`checkpoint`) and copied into the model when
 ``fit()`` ends (``final="ema"``, the default) or not (``final="raw"``).
 
 Example::
@@ -60,17 +60,17 @@ class EMA(Callback):
         decay: the decay (the ceiling of a ramping schedule; unused by ``sigma_rel``).
         schedule: ``"sigma_rel"`` (default: power EMA, width 0.05, as docs/ema-length.md
             recommends), ``"constant"``, ``"yolov5"``, ``"tf"``, ``"power"`` (see
-            :class:`d2ema.EMA`).
+            `d2ema.EMA`).
         schedule_params: e.g. ``{"sigma_rel": 0.1}`` or ``{"tau": 2000}``.
         module: the attribute of the LightningModule to average (``"model"`` for a D2Go task,
             whose ``model_ema`` names are then D2Go's); None: the whole LightningModule.
         validate_both: validate and test the EMA too, logged as ``val_ema/...`` /
-            ``..._ema`` (:func:`~d2ema.lightning.ema_metric_name`).
+            ``..._ema`` (`ema_metric_name`).
         final: the weights the model holds when ``fit()`` ends: ``"ema"`` or ``"raw"``.
-        sharded: under DDP, split the EMA over the ranks (:class:`d2ema.ShardedEMA`).
+        sharded: under DDP, split the EMA over the ranks (`d2ema.ShardedEMA`).
         average_buffers: under DDP, average BN statistics over the ranks before each update
-            (:func:`d2ema.distributed.averaged_buffers`), so every rank holds the same EMA.
-        **ema_kwargs: passed to :class:`d2ema.EMA`: ``every``, ``start``, ``device`` (``"cpu"``:
+            (`d2ema.distributed.averaged_buffers`), so every rank holds the same EMA.
+        **ema_kwargs: passed to `d2ema.EMA`: ``every``, ``start``, ``device`` (``"cpu"``:
             an EMA of a GPU model in host memory, updated in the background),
             ``master_dtype`` (fp32 master of bf16/fp16 weights by default), ``flat``,
             ``exclude``, ``include_buffers``, ``skip_nonfinite``, ...
@@ -304,4 +304,4 @@ class EMA(Callback):
 
 
 EMACallback = EMA
-"""Another name of :class:`EMA`, for code that already has a class named ``EMA``."""
+"""Another name of `EMA`, for code that already has a class named ``EMA``."""

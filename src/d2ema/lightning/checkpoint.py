@@ -1,6 +1,6 @@
 """The EMA in Lightning checkpoints and files: D2Go's ``model_ema`` key, exports, safe writes.
 
-A Lightning checkpoint written with the :class:`~d2ema.lightning.EMA` callback holds
+A Lightning checkpoint written with the `EMA` callback holds
 
 * ``checkpoint["callbacks"]["EMA..."]``: the core EMA's ``state_dict()`` (``ema_state`` tensors
   and ``ema_meta``: format version, step, schedule), what an exact resume needs;
@@ -11,7 +11,7 @@ A Lightning checkpoint written with the :class:`~d2ema.lightning.EMA` callback h
 A checkpoint without our callback state but with ``model_ema`` (D2Go's ``DefaultTask``) or
 ``ema_state`` (D2Go's detectron2 runner, older D2Go) loads as a plain EMA state.
 
-:class:`AtomicCheckpointIO` writes each checkpoint to a temporary file next to its target and
+`AtomicCheckpointIO` writes each checkpoint to a temporary file next to its target and
 renames it into place (``fsync`` first), so a kill during a save leaves the previous checkpoint;
 Lightning's own ``TorchCheckpointIO`` writes through a temporary file in the system's temporary
 folder and moves it, which is a copy (and can be cut short) when that folder is on another disk.
@@ -77,7 +77,7 @@ def align_prefix(state: Mapping[str, Any], expected: set[str]) -> Mapping[str, A
 
 def export_weights(module: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write ``module.state_dict()`` (CPU copies) to ``path``, complete or not at all; the EMA
-    is put in by the caller (inside :meth:`d2ema.EMA.swapped`)."""
+    is put in by the caller (inside `d2ema.EMA.swapped`)."""
     path = Path(path)
     state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
     try:

@@ -1,4 +1,4 @@
-"""The errors of the Lightning front end; both are :class:`d2ema.errors.D2EMAError`.
+"""The errors of the Lightning front end; both are `d2ema.errors.D2EMAError`.
 
 Example::
 

@@ -1,9 +1,9 @@
 """``PostHocEMA``: post-hoc EMA in Lightning: snapshots while training, the length chosen at
 the end of ``fit()`` on a validation dataloader the user names.
 
-The core :class:`d2ema.PostHocEMA` keeps power EMAs (sigma_rel 0.05 and 0.10 by default) and
+The core `d2ema.PostHocEMA` keeps power EMAs (sigma_rel 0.05 and 0.10 by default) and
 writes their snapshots every ``snapshot_every`` steps; their size and the free disk are stated
-(and checked) when ``fit()`` starts. When training ends, :meth:`d2ema.PostHocEMA.select`
+(and checked) when ``fit()`` starts. When training ends, `d2ema.PostHocEMA.select`
 rebuilds a sweep of lengths (0.01 to 0.25 by default), each is swapped into the model and
 scored on ``select_on`` (the mean of the ``monitor`` metric that ``validation_step`` logs, or of
 the loss it returns, lower is better unless ``mode="max"``; or ``score_fn(module)``), and the
@@ -51,7 +51,7 @@ RAW = "raw"
 
 
 class PostHocEMA(EMA):
-    """:class:`~d2ema.lightning.EMA` whose length is chosen after training (see the module).
+    """`EMA` whose length is chosen after training (see the module).
 
     Args:
         folder: where snapshots go (default: ``ema_snapshots`` in the logger's folder).
@@ -65,7 +65,7 @@ class PostHocEMA(EMA):
         mode: ``"min"`` or ``"max"``: which ``monitor`` values are better.
         score_fn: instead of ``monitor``: ``score_fn(module) -> float``, higher is better.
         select_sigma_rels: the sweep (default 0.01..0.25, where the snapshots can represent it).
-        **kwargs: as for :class:`~d2ema.lightning.EMA` (``module``, ``validate_both``,
+        **kwargs: as for `EMA` (``module``, ``validate_both``,
             ``final``, ``every``, ``device``, ...).
     """
 

@@ -2,8 +2,8 @@
 
 Lightning runs one evaluation loop per validation (or ``trainer.validate()``/``test()``). With
 the EMA callback's ``validate_both``, that loop runs twice: first on the model's own (raw)
-weights, then with the EMA swapped in (:meth:`d2ema.EMA.swapped`: storage exchanged, no copy)
-and every name the module logs renamed by :func:`ema_metric_name` (``val/loss`` ->
+weights, then with the EMA swapped in (`d2ema.EMA.swapped`: storage exchanged, no copy)
+and every name the module logs renamed by `ema_metric_name` (``val/loss`` ->
 ``val_ema/loss``, ``val_loss`` -> ``val_loss_ema``). Each pass is a whole loop (epoch start and
 end hooks, torchmetrics computed and reset), so the two never mix. The ``on_validation_end``
 hooks (``ModelCheckpoint``, ``EarlyStopping``) run once, after both passes, with the raw weights
@@ -36,7 +36,7 @@ def ema_metric_name(name: str) -> str:
 
 @contextlib.contextmanager
 def renamed_logging(module: pl.LightningModule) -> Iterator[None]:
-    """Inside, ``module.log`` (and so ``log_dict``) logs under :func:`ema_metric_name`."""
+    """Inside, ``module.log`` (and so ``log_dict``) logs under `ema_metric_name`."""
     had = "log" in vars(module)
     original = module.log
 
@@ -100,6 +100,6 @@ def two_pass(loop: Any, ema_weights: _Swap) -> None:
 
 
 def unwrap_loop(loop: Any) -> None:
-    """Undo :func:`two_pass`."""
+    """Undo `two_pass`."""
     if "run" in vars(loop):
         del loop.run

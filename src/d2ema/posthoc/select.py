@@ -1,14 +1,14 @@
 """Choose the EMA length by a score: rebuild a sweep of lengths, score each, keep the best.
 
-:func:`select` streams the sweep from a snapshot folder (:func:`~d2ema.posthoc.reconstruct`,
+`select` streams the sweep from a snapshot folder (`reconstruct`,
 a few targets per pass over the files), calls ``score_fn`` on each rebuilt EMA and returns a
-:class:`Selection`: the best length, its score, every length's score and the best one's tensors.
+`Selection`: the best length, its score, every length's score and the best one's tensors.
 A tie goes to the length closest (in log sigma_rel) to ``prefer``, e.g. the run's primary EMA,
 else to the first in sweep order. Given ``raw_score`` (the raw weights' score on the same data),
 the raw weights are a candidate too: when they beat every length, ``Selection.raw_won`` says so
 and ``Selection.tensors`` are the raw weights (a tie goes to the EMA). ``d2ema posthoc --eval``,
 the end-of-training selection of ``d2ema train`` and
-:meth:`d2ema.PostHocEMA.select` all go through it.
+`d2ema.PostHocEMA.select` all go through it.
 
 Score on data the model was not tuned on: the best of a sweep scored on the test set is an
 optimistic estimate of that set's score (the maximum of noisy numbers).
@@ -41,7 +41,7 @@ RAW = "raw weights"  # the label of the raw weights as a candidate
 
 
 class Scores(dict[Target, float]):
-    """Every length's score keyed by its :class:`Target`, in sweep order; also looked up by a
+    """Every length's score keyed by its `Target`, in sweep order; also looked up by a
     power EMA's sigma_rel (``scores[0.05]``) or a label (``scores["sigma_rel 0.05"]``)."""
 
     def _key(self, key: object) -> object:
@@ -68,7 +68,7 @@ class Scores(dict[Target, float]):
 @dataclasses.dataclass
 class Selection:
     """The best EMA of a sweep: its ``target`` and width ``sigma_rel`` (a decay's at the step),
-    its ``score``, ``scores`` (:class:`Scores`: Target -> score, in sweep order), the ``fits``
+    its ``score``, ``scores`` (`Scores`: Target -> score, in sweep order), the ``fits``
     of the sweep, the training ``step`` the EMAs stand for, and the chosen weights' ``tensors``:
     the best EMA's, or the raw weights' when ``raw_score`` (their score, if they were scored)
     beat every length (``raw_won``)."""
@@ -90,7 +90,7 @@ class Selection:
 
     @property
     def chosen(self) -> str:
-        """What to ship: ``"raw weights"`` (:data:`RAW`) or the best length's label."""
+        """What to ship: ``"raw weights"`` (`RAW`) or the best length's label."""
         return RAW if self.raw_won else self.target.label
 
     @property
@@ -101,7 +101,7 @@ class Selection:
 
 
 def sweep_targets(sigma_rels: Sequence[float] | None = None) -> tuple[list[Target], bool]:
-    """The targets for ``sigma_rels`` (None or empty: :data:`DEFAULT_SIGMA_RELS`), and whether
+    """The targets for ``sigma_rels`` (None or empty: `DEFAULT_SIGMA_RELS`), and whether
     they were named (then one the snapshots cannot represent is refused, not left out)."""
     if not sigma_rels:
         return [Target("sigma_rel", s) for s in DEFAULT_SIGMA_RELS], False
@@ -133,12 +133,12 @@ def select(
     raw_score: float | None = None,
     raw_tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> Selection:
-    """Rebuild each of ``targets`` (default: :data:`DEFAULT_SIGMA_RELS`, leaving out the widths
+    """Rebuild each of ``targets`` (default: `DEFAULT_SIGMA_RELS`, leaving out the widths
     the snapshots cannot represent) at ``step``, score it with ``score_fn`` (higher is better;
     NaN counts as the worst) and return the best (see the module docstring).
 
     ``skip_unrepresentable`` (default: only for the default sweep) leaves out the targets the
-    snapshots cannot represent instead of raising :class:`PostHocError` before any is rebuilt.
+    snapshots cannot represent instead of raising `PostHocError` before any is rebuilt.
     ``progress(done, total)`` is called after each target is scored. ``raw_score`` and
     ``raw_tensors`` (given together) make the raw weights a candidate: when their score beats
     every length's, the selection's ``tensors`` are ``raw_tensors`` and ``raw_won`` is True.

@@ -1,14 +1,14 @@
 """Post-hoc EMA during training: snapshots of power EMAs on disk, with an index.
 
-:class:`SnapshotWriter` saves every tracked power EMA (:class:`~d2ema.schedules.SigmaRel`) at
+`SnapshotWriter` saves every tracked power EMA (`SigmaRel`) at
 the steps it is asked to, one file per EMA and step (fp32 by default, fp16/bf16 on request),
 plus ``index.json`` listing them. Files and index are written atomically, so a killed run
 never leaves a truncated snapshot under its final name; by default a background thread writes
-while training goes on. :meth:`SnapshotWriter.sync` makes a resumed run continue the series:
+while training goes on. `SnapshotWriter.sync` makes a resumed run continue the series:
 snapshots after the resumed step (written by the run that went further) are dropped and will
 be written again, so the series has neither duplicates nor gaps.
 
-:mod:`d2ema.posthoc.rebuild` rebuilds EMAs of any length from the folder after training.
+`d2ema.posthoc.rebuild` rebuilds EMAs of any length from the folder after training.
 
 Example::
 
@@ -126,7 +126,7 @@ def _atomic_json(obj: Any, path: Path) -> None:
 
 def read_index(folder: str | os.PathLike[str]) -> list[SnapshotEntry]:
     """The snapshots listed in ``folder/index.json``, in time order; one clear error if the
-    folder, the index or its format is not what :class:`SnapshotWriter` writes: every field is
+    folder, the index or its format is not what `SnapshotWriter` writes: every field is
     checked (types, ranges, files inside ``folder``) before the index is used for anything."""
     folder = Path(folder)
     index = confined(folder, INDEX, f"{folder}")  # a link to a file elsewhere is refused
@@ -233,7 +233,7 @@ class SnapshotWriter:
 
     Args:
         folder: where to write (created when the first snapshot is written).
-        emas: name -> :class:`~d2ema.EMA` with a ``sigma_rel`` schedule.
+        emas: name -> `EMA` with a ``sigma_rel`` schedule.
         dtype: storage precision: ``"float32"`` (exact), ``"float16"`` or ``"bfloat16"``. A
             tensor that does not fit float16 is stored in float32.
         enabled: False makes every method a no-op (e.g. on all but the main process).
@@ -279,7 +279,7 @@ class SnapshotWriter:
 
     def check_space(self, period: int, total_steps: int, start_step: int = 0) -> int:
         """The bytes the snapshots from ``start_step`` to ``total_steps`` will take; raises
-        :class:`PostHocError` when that exceeds the free space of the folder's disk."""
+        `PostHocError` when that exceeds the free space of the folder's disk."""
         import shutil
 
         count = (total_steps // period - start_step // period
@@ -304,7 +304,7 @@ class SnapshotWriter:
 
         Snapshots taken after ``step`` came from a run that went further than the checkpoint
         now resumed; they are deleted and will be written again. Raises
-        :class:`PostHocError` if the kept snapshots are of other EMAs than these, and at step 0
+        `PostHocError` if the kept snapshots are of other EMAs than these, and at step 0
         (a new run) if the folder holds another run's series: that is never deleted.
         """
         if not self.enabled:
@@ -379,7 +379,7 @@ class SnapshotWriter:
         return len(jobs)
 
     def flush(self) -> None:
-        """Wait for the snapshot being written; raise :class:`PostHocError` if it failed."""
+        """Wait for the snapshot being written; raise `PostHocError` if it failed."""
         pending, self._pending = self._pending, None
         if pending is None:
             return

@@ -1,11 +1,11 @@
 """Embedded demo datasets for detectron2: ``shapes`` (synthetic) and ``digits`` (scikit-learn).
 
-Both need no download. :func:`register_datasets` generates them once into a cache folder (PNG
+Both need no download. `register_datasets` generates them once into a cache folder (PNG
 images + COCO json) and registers ``shapes_train``, ``shapes_val``, ``digits_train`` and
 ``digits_val`` in detectron2's ``DatasetCatalog``/``MetadataCatalog``, COCO style, so that
 ``COCOEvaluator(name, output_dir=..., use_fast_impl=False)`` scores them.
 
-Importing this package does not import detectron2; only :func:`register_datasets` does.
+Importing this package does not import detectron2; only `register_datasets` does.
 """
 
 from d2ema.app.data.registry import (

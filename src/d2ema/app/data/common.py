@@ -1,7 +1,7 @@
 """Pieces shared by the demo-dataset generators: the sample record, backgrounds, box helpers.
 
 Everything here is numpy/OpenCV only (no detectron2), so the generators run and are testable
-without detectron2 installed. OpenCV is imported only when an image is drawn (:func:`opencv`), so
+without detectron2 installed. OpenCV is imported only when an image is drawn (`opencv`), so
 ``d2ema train`` on your own data, which imports this package for the demo datasets' names, runs
 wherever detectron2 runs, OpenCV or not.
 """

@@ -5,7 +5,7 @@ per class and deterministically, into train (80%) and val (20%) pools, so a val 
 shows a digit that a train image used. Each image pastes 1-4 digits from its pool, upscaled
 3x-6x with bilinear interpolation, in a colour that contrasts with a tinted, noisy background.
 A digit's box is the tight box of its ink: the upscaled pixels whose intensity is at least
-:data:`INK_THRESHOLD`. Pasted digits never overlap (their boxes, plus a one-pixel gap, are
+`INK_THRESHOLD`. Pasted digits never overlap (their boxes, plus a one-pixel gap, are
 disjoint), so every box is exactly the visible ink.
 
 Generation is deterministic: image ``i`` depends only on ``(seed, split, i)``.

@@ -1,7 +1,7 @@
 """Dataset specs, the on-disk cache (PNG images + COCO json) and detectron2 registration.
 
 Each dataset is generated once into ``<cache root>/<name>-<key>/`` where ``<key>`` hashes every
-generation parameter (and :data:`GENERATOR_VERSION`), so changing a size or seed gives a new
+generation parameter (and `GENERATOR_VERSION`), so changing a size or seed gives a new
 folder instead of a stale one. A dataset is written into a temporary sibling folder and renamed
 into place only when complete, so an interrupted run never leaves a half-written cache, and two
 processes generating the same dataset at once both end up using one complete copy.
@@ -9,7 +9,7 @@ processes generating the same dataset at once both end up using one complete cop
 The cache root is ``root`` when given, else ``$D2EMA_CACHE/datasets``, else
 ``$XDG_CACHE_HOME/d2ema/datasets`` (``~/.cache/d2ema/datasets``).
 
-Only :func:`register_datasets` imports detectron2, so generation works without it.
+Only `register_datasets` imports detectron2, so generation works without it.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 class UnknownDatasetError(D2EMAError, KeyError, ValueError):
-    """Raised for a dataset name that is not in :data:`DATASETS` (message lists known names)."""
+    """Raised for a dataset name that is not in `DATASETS` (message lists known names)."""
 
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0]) if self.args else ""
@@ -111,7 +111,7 @@ def dataset_names() -> list[str]:
 def get_dataset_spec(name: str, num_images: int | None = None) -> DatasetSpec:
     """The spec of dataset ``name``, optionally with another number of images.
 
-    Raises :class:`UnknownDatasetError` (a ``KeyError`` and a ``ValueError``) for an unknown name.
+    Raises `UnknownDatasetError` (a ``KeyError`` and a ``ValueError``) for an unknown name.
     """
     try:
         spec = DATASETS[name]
@@ -235,7 +235,7 @@ def register_datasets(
 ) -> list[str]:
     """Generate (if needed) and register the demo datasets with detectron2; return their names.
 
-    ``sizes`` maps dataset names to numbers of images (defaults: :data:`DATASETS`); ``names``
+    ``sizes`` maps dataset names to numbers of images (defaults: `DATASETS`); ``names``
     limits registration to some datasets (default: all). Calling again with the same arguments
     is a no-op. Calling with other sizes or another root re-registers the affected names
     (detectron2's metadata cannot be changed in place), so the latest call wins.

@@ -1,13 +1,13 @@
 """``shapes``: synthetic filled shapes on textured backgrounds, with exact boxes.
 
-Each image has 1-4 objects from :data:`CLASSES`, drawn with random size, rotation and colour
+Each image has 1-4 objects from `CLASSES`, drawn with random size, rotation and colour
 on a noisy gradient background. Objects may overlap (later ones on top), but a placement is
-rejected when it would hide more than :data:`MAX_HIDDEN` of an earlier object, so every
+rejected when it would hide more than `MAX_HIDDEN` of an earlier object, so every
 object stays clearly visible. Each box is the tight box of the object's visible pixels,
 computed from the very masks that were painted, so it is exact to the pixel.
 
 Generation is deterministic: image ``i`` depends only on ``(seed, i)`` (see
-:func:`~d2ema.data.common.sample_rng`).
+`sample_rng`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``d2ema demo``: train a small detector on the CPU and watch EMA weights beat the raw ones.
 
 A RetinaNet (ResNet-18 FPN, 128 px images, from scratch) trains on an embedded dataset
-(``shapes`` or ``digits``, generated locally, no download) with :class:`~d2ema.d2.EMATrainer`.
+(``shapes`` or ``digits``, generated locally, no download) with `EMATrainer`.
 The trainer's own EMA has the first decay (yolov5 ramp); beside it are the recommended power
 EMA (sigma_rel 0.05, ``MODEL_EMA.EXTRA_SIGMA_RELS``) and one more EMA per extra decay, compared
 side by side in one run. At every evaluation the raw weights and

@@ -1,4 +1,4 @@
-"""The demo's trainer: :class:`~d2ema.d2.EMATrainer` (one more EMA per extra decay comes from
+"""The demo's trainer: `EMATrainer` (one more EMA per extra decay comes from
 ``MODEL_EMA.EXTRA_DECAYS``, each evaluated at every evaluation), and concise progress lines."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _renamed(results: dict[str, Any], decay: float) -> dict[str, Any]:
 
 
 class DemoTrainer(EMATrainer):
-    """:class:`~d2ema.d2.EMATrainer` (its EMA: the first decay; the others are its
+    """`EMATrainer` (its EMA: the first decay; the others are its
     ``MODEL_EMA.EXTRA_DECAYS``), all evaluated at each evaluation; concise progress lines."""
 
     def __init__(self, cfg, run: RunLog):

@@ -1,10 +1,10 @@
-"""What :mod:`.update_speed` times: the models, and one :class:`Method` per way to keep an EMA.
+"""What `.update_speed` times: the models, and one `Method` per way to keep an EMA.
 
 Each method averages the parameters and floating buffers of the same model (torch-ema:
 parameters only, as it does):
 
 * ``floor``: one ``lerp_`` over one contiguous fp32 buffer of the model's float size;
-* d2ema as :class:`~d2ema.d2.EMATrainer` builds it (``flat=True``: built before the optimizer,
+* d2ema as `EMATrainer` builds it (``flat=True``: built before the optimizer,
   the model's tensors re-pointed into one buffer) and plain ``EMA(model)`` (``flat=False``);
 * ``seed loop``: the seed article's (and old D2Go's) ``ema.copy_(ema * d + w * (1 - d))``
   per tensor, walking ``named_parameters()`` and ``named_buffers()`` every step;

@@ -5,7 +5,7 @@ drift of the machine hits all of them alike, and results are medians of per-repe
 to a baseline timed in the same repetition. A sample is the fastest of a few back-to-back
 calls, which filters a single preemption. On Linux the CPU time other processes used during a
 repetition is read from ``/proc/stat``; repetitions with a busy neighbour are dropped and run
-again (see :func:`time_round_robin`).
+again (see `time_round_robin`).
 
 Example::
 

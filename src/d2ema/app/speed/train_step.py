@@ -2,14 +2,14 @@
 
 Variants, each with its own copy of the same model (same initial weights), its own SGD
 optimizer and the same synthetic batches, each iteration detectron2's ``SimpleTrainer.run_step``
-followed by the hooks' ``after_step`` (where :class:`~d2ema.d2.EMAUpdateHook` updates):
+followed by the hooks' ``after_step`` (where `EMAUpdateHook` updates):
 
 * ``off``: no EMA, the baseline;
-* ``default``: the EMA as :class:`~d2ema.d2.EMATrainer` builds it (``build_model_ema`` with the
+* ``default``: the EMA as `EMATrainer` builds it (``build_model_ema`` with the
   config's defaults: flat mode, an update every step);
 * ``every4``: ``MODEL_EMA.UPDATE_EVERY = 4``;
 * ``other_device``: on a CUDA model ``MODEL_EMA.DEVICE = "cpu"``, the background path of
-  :mod:`d2ema.averaging.offload`; on a CPU-only machine there is no other device, and the row runs
+  `d2ema.averaging.offload`; on a CPU-only machine there is no other device, and the row runs
   the
   same background path with ``overlap=True`` (snapshot on the CPU, ``lerp_`` in a thread);
 * ``other_device_sync`` (CUDA only): the same CPU-held EMA updated synchronously

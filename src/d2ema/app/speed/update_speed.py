@@ -8,7 +8,7 @@ per-tensor dispatch, temporaries) and stay comparable across machines, where abs
 milliseconds do not. GB/s counts the bytes an update must move (read average and weights,
 write average) over its median time; on CUDA the report also gives the card's bandwidth.
 
-The methods are in :mod:`.methods`, the timing rules in :mod:`.timing`. The report also
+The methods are in `.methods`, the timing rules in `.timing`. The report also
 times ``EMA.swapped`` and checks that it allocates no storage, and checks that d2ema's average
 equals the foreach baseline's after the run (so no row is a no-op).
 

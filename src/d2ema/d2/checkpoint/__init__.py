@@ -1,7 +1,7 @@
-"""The EMA in detectron2 checkpoints: the checkpointers and checkpointables (:mod:`.checkpointers`),
-what a checkpoint must satisfy before any of it is loaded (:mod:`.load_checks`), which
-checkpoint a resume loads (:mod:`.resume`), detectron2's ``.pkl`` weights read as data
-(:mod:`.pickles`) and the export of the EMA weights as a plain checkpoint (:mod:`.export`).
+"""The EMA in detectron2 checkpoints: the checkpointers and checkpointables (`.checkpointers`),
+what a checkpoint must satisfy before any of it is loaded (`.load_checks`), which
+checkpoint a resume loads (`.resume`), detectron2's ``.pkl`` weights read as data
+(`.pickles`) and the export of the EMA weights as a plain checkpoint (`.export`).
 
 Example::
 

@@ -7,30 +7,30 @@ and ours load there; ``ema_meta`` (format version, step counter, schedule) rides
 Loading is as lenient as detectron2's model loading where that is safe: an EMA made with a
 config that differs in harmless ways (``FREEZE_AT``: ``num_batches_tracked`` buffers differ)
 loads with a warning; a missing parameter or a shape mismatch is refused
-(:mod:`d2ema.d2.checkpoint.load_checks`).
+(`d2ema.d2.checkpoint.load_checks`).
 
-:class:`EMACheckpointer` is a ``DetectionCheckpointer`` that checks the EMA part of a checkpoint
+`EMACheckpointer` is a ``DetectionCheckpointer`` that checks the EMA part of a checkpoint
 *before* the model is loaded: a checkpoint whose EMA does not fit raises with every mismatch
 named, and leaves both model and EMA untouched.
 
-Both build on :class:`AtomicCheckpointer`, the ``DetectionCheckpointer`` of every d2ema trainer:
+Both build on `AtomicCheckpointer`, the ``DetectionCheckpointer`` of every d2ema trainer:
 it writes each checkpoint to a temporary file next to it, ``fsync`` s and renames it, and only
 then rewrites ``last_checkpoint`` (also atomically), so a kill at any instant leaves every
 checkpoint complete. A resume whose tagged checkpoint is missing, truncated or unreadable
 (written by something else, or a disk that lost it) falls back to the newest complete one, with
-a warning (:func:`d2ema.d2.checkpoint.resume.find_resume_checkpoint`); a file that cannot be read
+a warning (`d2ema.d2.checkpoint.resume.find_resume_checkpoint`); a file that cannot be read
 raises one
-line, :class:`~d2ema.errors.CheckpointError`.
+line, `CheckpointError`.
 
 Example::
 
     checkpointer = EMACheckpointer(model, cfg.OUTPUT_DIR, ema=get_model_ema(model))
     checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
 
-A run without EMA must not drop one: :class:`NoEMACheckpointer` refuses to resume from a
+A run without EMA must not drop one: `NoEMACheckpointer` refuses to resume from a
 checkpoint that has an EMA, since its next checkpoints (``model_final.pth`` too) would be
 written without it, unless ``MODEL_EMA.DISCARD_ON_RESUME`` says so
-(:func:`check_resume_keeps_ema` checks the same before any worker starts).
+(`check_resume_keeps_ema` checks the same before any worker starts).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ logger = logging.getLogger(__name__)
 
 
 class EMALike(Protocol):
-    """What the checkpointables need: :class:`~d2ema.EMA`, or D2Go's ``EMAState`` (compat)."""
+    """What the checkpointables need: `EMA`, or D2Go's ``EMAState`` (compat)."""
 
     def tensors(self) -> dict[str, Any]: ...
 
@@ -373,8 +373,8 @@ _YACS_KEY = ConfigView(None, lazy=False).key
 
 
 def refuse_dropping_ema(path: str, key: Callable[[str], str] = _YACS_KEY) -> None:
-    """Raise the :class:`ConfigError` for resuming from ``path`` (which has an EMA) without EMA;
-    ``key`` names the settings (:meth:`~d2ema.d2.config.settings.EMASettings.key`)."""
+    """Raise the `ConfigError` for resuming from ``path`` (which has an EMA) without EMA;
+    ``key`` names the settings (`key`)."""
     enabled = key("ENABLED")
     raise ConfigError(
         f"the checkpoint to resume from ({path}) has an EMA, but {enabled} is False: the run's "

@@ -18,8 +18,8 @@ Example::
     summary = export_ema("output/model_final.pth", "output/model_ema.pth")
     print(summary.describe())
 
-:func:`export_with_config` also writes the plain config beside the weights
-(:mod:`d2ema.d2.config.saved`), so that plain detectron2 runs them with no d2ema installed.
+`export_with_config` also writes the plain config beside the weights
+(`d2ema.d2.config.saved`), so that plain detectron2 runs them with no d2ema installed.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def export_ema(
     rebuilt from snapshots), instead of its ``ema_state``; ``info``: more entries for the
     file's ``d2ema_export`` record (e.g. ``step``, ``posthoc``).
 
-    Raises :class:`ExportError` for a missing/unreadable checkpoint, one without ``ema_state``,
+    Raises `ExportError` for a missing/unreadable checkpoint, one without ``ema_state``,
     an EMA that does not fit the model or holds NaN/Inf (unless ``allow_nonfinite``), or an
     output that cannot be written (a folder, FIFO or device node there is never replaced).
     ``extra``: ``(path, text)`` files written with ``output`` as a group: if one cannot be
@@ -223,7 +223,7 @@ def export_with_config(
     allow_nonfinite: bool = False,
     **export_kwargs: Any,
 ) -> list[str]:
-    """:func:`~d2ema.d2.checkpoint.export.export_ema` (``export_kwargs``: its ``ema=`` and
+    """`export_ema` (``export_kwargs``: its ``ema=`` and
     ``info=``), then
     the plain config (``config``, else the run's ``config.yaml`` beside ``checkpoint``) beside
     ``output``; returns the lines to print."""

@@ -1,12 +1,12 @@
 """What a checkpoint must satisfy before any of it is loaded.
 
-A resume is exact or refused (:func:`check_exact_resume`); an EMA saved from a config that
-differs in harmless ways loads leniently where that is safe (:func:`plan_ema_load`).
+A resume is exact or refused (`check_exact_resume`); an EMA saved from a config that
+differs in harmless ways loads leniently where that is safe (`plan_ema_load`).
 
 **Lenient EMA loads.** detectron2 loads model weights leniently: names the checkpoint lacks or has
 in excess are reported, not fatal. Evaluating with a config that differs from training's in such
 ways is common: ``MODEL.BACKBONE.FREEZE_AT`` turns BatchNorm into FrozenBatchNorm, which has no
-``num_batches_tracked``. :func:`plan_ema_load` gives the EMA the same leniency where it is safe and
+``num_batches_tracked``. `plan_ema_load` gives the EMA the same leniency where it is safe and
 stays strict where the result would be wrong weights:
 
 * a buffer of the model that the EMA in the checkpoint lacks takes the value the model itself
@@ -27,10 +27,10 @@ Example::
 weights (``MODEL.WEIGHTS``): a missing or wrong-shaped tensor is left as initialised, with a
 warning. Resuming a run (``--resume``) is different: a layer left random, or optimizer state of
 another shape (which fails at the next step, after model and EMA were replaced), is never what was
-meant. :func:`check_exact_resume` compares the checkpoint's model (every name and shape) and its
+meant. `check_exact_resume` compares the checkpoint's model (every name and shape) and its
 optimizer state (groups, parameters and the shape of every state tensor) with the run's and raises
-one :class:`~d2ema.errors.CheckpointError` listing what differs; the EMA is checked by
-:class:`~d2ema.d2.EMACheckpointer` before loading too.
+one `CheckpointError` listing what differs; the EMA is checked by
+`EMACheckpointer` before loading too.
 
 Example::
 
@@ -103,7 +103,7 @@ class EMALoadPlan:
 def plan_ema_load(
     ema: EMA, model: nn.Module, ema_state: Mapping[str, Any], source: str = "the checkpoint"
 ) -> EMALoadPlan:
-    """Match a checkpoint's ``ema_state`` to ``ema``; raise :class:`EMAStateError` if a
+    """Match a checkpoint's ``ema_state`` to ``ema``; raise `EMAStateError` if a
     parameter of the EMA is missing from it (nothing is changed)."""
     tensors, _ = split_state(ema_state)
     mine = ema._expected_state()  # the full EMA's names (also for a sharded one)
@@ -190,7 +190,7 @@ def _optimizer_problems(optimizer, saved: Any) -> list[str]:
 
 def check_exact_resume(model, checkpointables: Mapping[str, Any],
                        checkpoint: Mapping[str, Any], source: str) -> None:
-    """Raise :class:`CheckpointError` unless ``checkpoint`` fits ``model`` and the optimizer
+    """Raise `CheckpointError` unless ``checkpoint`` fits ``model`` and the optimizer
     among ``checkpointables`` exactly (see the module doc); loads nothing."""
     problems = _model_problems(model, checkpoint.get("model"))
     trainer_state = checkpoint.get("trainer")

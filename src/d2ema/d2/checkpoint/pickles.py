@@ -1,7 +1,7 @@
 """detectron2's ``.pkl`` weights (model zoo, Caffe2 / Detectron1) read without running code.
 
-:func:`load_pkl_weights` is ``DetectionCheckpointer._load_file`` for ``.pkl`` files, with
-:func:`d2ema.io.safe_pickle.load_pickle` in place of ``pickle.load``: the same dict comes out
+`load_pkl_weights` is ``DetectionCheckpointer._load_file`` for ``.pkl`` files, with
+`d2ema.io.safe_pickle.load_pickle` in place of ``pickle.load``: the same dict comes out
 (``{"model": ..., "__author__": ..., "matching_heuristics": ...}``), and a pickle that asks for
 anything beyond arrays and containers is refused in one line (unless ``--trust-pickle``).
 

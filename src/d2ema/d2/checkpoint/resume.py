@@ -3,8 +3,8 @@ complete one, so that one damaged file never costs more than the steps since the
 
 A training folder holds checkpoints named ``PREFIX_0000123.pth`` / ``PREFIX_final.pth`` and a
 text file ``last_checkpoint`` naming the newest. d2ema writes both atomically
-(:mod:`d2ema.io.atomic`), but a folder may come from elsewhere: a run of another tool killed while
-it wrote, a disk that filled up, a copy cut short. :func:`find_resume_checkpoint` reads the
+(`d2ema.io.atomic`), but a folder may come from elsewhere: a run of another tool killed while
+it wrote, a disk that filled up, a copy cut short. `find_resume_checkpoint` reads the
 tagged checkpoint and, when that one is missing, truncated, unreadable or not complete, the
 others from the newest down, and says in a warning which it took instead. Every candidate, the
 tagged one included, must be a dict with ``model`` and ``iteration`` (what a trainer saves), so
@@ -60,9 +60,9 @@ def read_checkpoint(path: str | os.PathLike[str],
                     error: type[D2EMAError] | None = None) -> Any:
     """The one reader of a checkpoint file (training, EMA or export), for every command:
     a regular file (a FIFO or device is never opened), ``torch.load``-ed to the CPU as plain data
-    (``weights_only``), then checked whole (:func:`d2ema.io.format.checkpoint_problems`: tensor
+    (``weights_only``), then checked whole (`d2ema.io.format.checkpoint_problems`: tensor
     kinds, meta tensors, format version, step bounds) before any of it is used. Any failure is
-    one line naming the file and the reason: :class:`CheckpointError`, or ``error``."""
+    one line naming the file and the reason: `CheckpointError`, or ``error``."""
     try:
         try:
             info = os.stat(path)
@@ -147,7 +147,7 @@ def _complete(checkpoint: Any, need_iteration: bool) -> bool:
 
 
 def find_resume_checkpoint(folder: str | os.PathLike[str]) -> ResumePoint:
-    """The checkpoint to resume from; :class:`CheckpointError` if the folder has none complete."""
+    """The checkpoint to resume from; `CheckpointError` if the folder has none complete."""
     folder = Path(folder)
     tagged, why = tagged_checkpoint(folder)
     if tagged is not None:

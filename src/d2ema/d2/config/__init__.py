@@ -1,9 +1,9 @@
 """The ``MODEL_EMA`` settings of a detectron2 config (yacs ``MODEL_EMA.*`` or LazyConfig
-``train.model_ema``): the one typed table of keys (:mod:`.keys`), the settings read and checked
-once per run (:mod:`.settings`), which config system a config is (:mod:`.view`), a run folder's
-saved ``config.yaml`` read as data and written plain (:mod:`.saved`), integers accepted for
-floats in yacs (:mod:`.yacs_numbers`) and the generator of docs/configuration.md
-(:mod:`.reference`).
+``train.model_ema``): the one typed table of keys (`.keys`), the settings read and checked
+once per run (`.settings`), which config system a config is (`.view`), a run folder's
+saved ``config.yaml`` read as data and written plain (`.saved`), integers accepted for
+floats in yacs (`.yacs_numbers`) and the generator of docs/configuration.md
+(`.reference`).
 
 Example::
 

@@ -3,8 +3,8 @@ it allows, the schedule it belongs to and what it means.
 
 yacs configs use the upper-case names under ``cfg.MODEL_EMA`` (the seed's and D2Go's:
 ``ENABLED``, ``DECAY``, ``DEVICE``, ...), LazyConfigs the lower-case names under
-``train.model_ema`` (detrex's). :mod:`d2ema.d2.config.settings` adds and checks them (its
-messages read the allowed values here); :mod:`d2ema.d2.config.reference` writes
+``train.model_ema`` (detrex's). `d2ema.d2.config.settings` adds and checks them (its
+messages read the allowed values here); `d2ema.d2.config.reference` writes
 docs/configuration.md from this table.
 
 Example::
@@ -40,7 +40,7 @@ class Key:
     (``low`` excluded with ``low_open``); ``allowed`` is how messages say it when the interval
     does not. ``schedule``: the decay schedule this key parameterises (set for another, it does
     nothing and is refused). ``core``: the core parameter the key sets (``Class.parameter``, as
-    :attr:`d2ema.errors.D2EMAError.parameters` names it), so that a core message can be given
+    `d2ema.errors.D2EMAError.parameters` names it), so that a core message can be given
     the key beside it. ``meaning`` is Markdown: docs/configuration.md shows it as written.
     """
 
@@ -180,7 +180,7 @@ _yacs_key = ConfigView(None, lazy=False).key
 def named_in_config(parameters: Iterable[str], key: Callable[[str], str] | None = None) -> str:
     """``"; in the config: snapshot_every is MODEL_EMA.POSTHOC.PERIOD"`` for the core
     ``parameters`` a message names (``""`` for those no key sets). ``key`` spells the keys
-    (:meth:`~d2ema.d2.config.settings.EMASettings.key`; default: yacs)."""
+    (`key`; default: yacs)."""
     key = key or _yacs_key
     named = [f"{p.rsplit('.', 1)[-1]} is {key(_BY_CORE[p])}" for p in parameters
              if p in _BY_CORE]
@@ -189,7 +189,7 @@ def named_in_config(parameters: Iterable[str], key: Callable[[str], str] | None 
 
 @contextlib.contextmanager
 def core_words_named(key: Callable[[str], str] | None = None) -> Iterator[None]:
-    """Re-raise a core :class:`~d2ema.errors.D2EMAError` raised in the block with the config
+    """Re-raise a core `D2EMAError` raised in the block with the config
     keys of the parameters it names added (same type, one line): the detectron2 layer's words
     beside the core's, e.g. ``... set PostHocEMA(snapshot_every=...) larger ...; in the config:
     snapshot_every is MODEL_EMA.POSTHOC.PERIOD``.

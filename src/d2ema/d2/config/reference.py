@@ -1,7 +1,7 @@
 """docs/configuration.md, generated from the one table of the keys
-(:data:`d2ema.d2.config.keys.KEYS`),
+(`d2ema.d2.config.keys.KEYS`),
 so that the reference cannot drift from the code; tests/test_config_reference.py fails when the
-committed page differs from :func:`render`.
+committed page differs from `render`.
 
 Example::
 

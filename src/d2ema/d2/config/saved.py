@@ -10,7 +10,7 @@ is another matter: commands that read a run folder (``d2ema posthoc RUN --eval``
 A config is *a run's saved config* when it is named ``config.yaml`` and its folder holds what a
 training writes there (``last_checkpoint``, ``model_*.pth``, ``ema_snapshots/``,
 ``metrics.json``, ``log.txt``): what d2ema itself writes, found without reading the config. Such
-a file is read by one function, :func:`read_saved_config`, whatever the command: a regular file
+a file is read by one function, `read_saved_config`, whatever the command: a regular file
 of bounded size, YAML of bounded depth whose aliases are counted (an alias bomb is refused before
 anything is expanded), Python tags only for what ``LazyConfig.save`` writes (``!!python/tuple``;
 ``!!python/name:`` and ``functools.partial`` of a class or function; detectron2's data classes
@@ -19,7 +19,7 @@ such as ``ShapeSpec``), no ``_BASE_`` (a saved config is complete). Every ``!!py
 *defined* in the libraries a training config builds from (detectron2's model, data, solver and
 evaluation parts, ``torch.nn``, ``torch.optim``, fvcore's schedulers, d2ema's model configs and
 datasets): ``detectron2.data.datasets.coco.os.system`` passes through the module ``os`` and is
-refused. A saved LazyConfig is then built from that data (:func:`load_saved_lazy`), so
+refused. A saved LazyConfig is then built from that data (`load_saved_lazy`), so
 detectron2's own loader (``yaml.unsafe_load``) never reads it.
 
 For example::
@@ -30,7 +30,7 @@ For example::
 **Written plain.** A d2ema run's ``OUTPUT_DIR/config.yaml`` holds ``MODEL_EMA`` (and
 ``DATASETS.COCO_INSTANCES`` when ``--dataset`` was used), which plain detectron2 refuses
 ("Non-existent config key"); that file stays as it is, for d2ema to resume from.
-:func:`write_plain_config` writes a copy without d2ema's keys whose ``MODEL.WEIGHTS`` is the
+`write_plain_config` writes a copy without d2ema's keys whose ``MODEL.WEIGHTS`` is the
 exported file, so that ``get_cfg()`` + ``merge_from_file`` (or ``tools/train_net.py --eval-only``)
 runs the EMA weights with no d2ema installed. A LazyConfig's saved ``config.yaml`` loses
 ``train.model_ema`` / ``train.coco_instances`` and gets ``train.init_checkpoint``.
@@ -91,7 +91,7 @@ def _allowed(name: str) -> bool:
 
 def _resolve(path: object) -> object:
     """The object a dotted ``path`` names, found without calling anything it names: modules are
-    imported only inside :data:`_PACKAGES` (and their parents), attributes walked after that.
+    imported only inside `_PACKAGES` (and their parents), attributes walked after that.
     Raises ``ValueError`` (the reason) for a path through a module outside the list, a private
     or dunder step, or an object not defined in the list (``detectron2.data.datasets.coco.os.
     system`` is ``os.system``: refused)."""
@@ -151,9 +151,9 @@ _Loader.add_constructor(
 
 
 class _Saved(_Loader):
-    """:class:`_Loader` plus what ``LazyConfig.save`` writes for the objects of a training
+    """`_Loader` plus what ``LazyConfig.save`` writes for the objects of a training
     config: classes and functions (``!!python/name:``), ``functools.partial`` of them, and
-    detectron2's data classes; each admitted only as the object :func:`_resolve` finds."""
+    detectron2's data classes; each admitted only as the object `_resolve` finds."""
 
 
 class _Refused(yaml.YAMLError):
@@ -218,8 +218,8 @@ _Saved.add_multi_constructor("tag:yaml.org,2002:python/object:", _data_class)
 
 
 def _bounded(text: str) -> None:
-    """Refuse YAML nested deeper than :data:`_MAX_DEPTH`, or whose aliases expand it past
-    :data:`_MAX_NODES` nodes (an alias bomb), from its events: no recursion, no expansion."""
+    """Refuse YAML nested deeper than `_MAX_DEPTH`, or whose aliases expand it past
+    `_MAX_NODES` nodes (an alias bomb), from its events: no recursion, no expansion."""
     depth, anchors = 0, {}
     sizes: list[tuple[str | None, list[int]]] = [(None, [0])]  # open collections: anchor, size
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
@@ -322,7 +322,7 @@ def check_saved_config(path: str | os.PathLike[str]) -> None:
 
 def load_saved_lazy(path: str | os.PathLike[str]):
     """A run's saved LazyConfig ``config.yaml`` as detectron2's ``LazyConfig.load`` returns it,
-    built from :func:`read_saved_config`'s data: detectron2's loader (``yaml.unsafe_load``) never
+    built from `read_saved_config`'s data: detectron2's loader (``yaml.unsafe_load``) never
     reads it. Example::
 
         cfg = load_saved_lazy("output/config.yaml")     # resumes without the .py
@@ -379,7 +379,7 @@ def _strip(data: dict[str, Any], weights: str) -> dict[str, Any]:
 def plain_config_text(config: str | os.PathLike[str], weights: str) -> str:
     """``config`` without d2ema's keys, its weights set to ``weights``, as YAML text.
 
-    Raises :class:`ExportError` for a config that cannot be read (a Python tag included: a
+    Raises `ExportError` for a config that cannot be read (a Python tag included: a
     run's config is read as data).
     """
     config = Path(config)
@@ -395,9 +395,9 @@ def plain_config_text(config: str | os.PathLike[str], weights: str) -> str:
 def write_plain_config(
     config: str | os.PathLike[str], output: str | os.PathLike[str], weights: str
 ) -> Path:
-    """Write ``output``: :func:`plain_config_text` of ``config``.
+    """Write ``output``: `plain_config_text` of ``config``.
 
-    Raises :class:`ExportError` for a config that cannot be read or written.
+    Raises `ExportError` for a config that cannot be read or written.
     """
     output = Path(output)
     text = plain_config_text(config, weights)

@@ -1,9 +1,9 @@
 """EMA settings from a detectron2 config: yacs ``MODEL_EMA.*`` or LazyConfig ``train.model_ema``.
 
-One table, :data:`d2ema.d2.config.keys.KEYS`, defines every setting once; the yacs keys are its
+One table, `d2ema.d2.config.keys.KEYS`, defines every setting once; the yacs keys are its
 upper-case names (the seed's and D2Go's: ``ENABLED``, ``DECAY``, ``DEVICE``, ...) and the
 LazyConfig keys its lower-case names (detrex's ``train.model_ema.enabled/decay/device/...``).
-Values are checked when the trainer is built, and a bad one raises :class:`ConfigError` naming
+Values are checked when the trainer is built, and a bad one raises `ConfigError` naming
 the key, the value and what is allowed.
 
 Example::
@@ -16,8 +16,8 @@ Example::
 
 ``MODEL_EMA.EXTRA_DECAYS``, ``EXTRA_SIGMA_RELS`` and ``POSTHOC.*`` are read and checked here
 too (the EMAs themselves are built in
-:mod:`d2ema.d2.engine.build`;
-``POSTHOC.SELECT`` runs in :mod:`d2ema.d2.evaluation.select`, which also checks, before training,
+`d2ema.d2.engine.build`;
+``POSTHOC.SELECT`` runs in `d2ema.d2.evaluation.select`, which also checks, before training,
 the selection set and that the snapshots will represent the ``SELECT_SIGMA_RELS``).
 
 Example::
@@ -94,7 +94,7 @@ def lazy_model_ema_defaults() -> dict[str, Any]:
 
 
 def _unknown_keys(node, lower: bool) -> list[str]:
-    """Names in ``node`` (and its sub-nodes such as ``POSTHOC``) that :data:`KEYS` lacks."""
+    """Names in ``node`` (and its sub-nodes such as ``POSTHOC``) that `KEYS` lacks."""
     names = [k.lower() if lower else k for k in KEYS]
     unknown = sorted(set(node.keys()) - {n.split(".")[0] for n in names})
     for parent in {n.split(".")[0] for n in names if "." in n}:
@@ -106,8 +106,8 @@ def _unknown_keys(node, lower: bool) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class EMASettings:
     """Validated EMA settings, whatever config system they came from: read once per run by
-    :func:`ema_settings` and handed on (the trainer keeps them as ``trainer.ema_settings``).
-    :meth:`key` names a setting as the user writes it; :attr:`output_dir` and :attr:`max_iter`
+    `ema_settings` and handed on (the trainer keeps them as ``trainer.ema_settings``).
+    `key` names a setting as the user writes it; `output_dir` and `max_iter`
     are the run's (read from the config when asked: an evaluation moves ``output_dir``)."""
 
     enabled: bool
@@ -147,7 +147,7 @@ class EMASettings:
         return int((self.view.max_iter if self.view is not None else 0) or 0)
 
     def ema_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`d2ema.EMA`."""
+        """Keyword arguments for `d2ema.EMA`."""
         return {
             "decay": self.decay,
             "schedule": self.schedule,
@@ -193,7 +193,7 @@ def d2go_schedule(
 
 
 def _check_types(v: dict[str, Any], key: Callable[[str], str]) -> None:
-    """Every key: its type in :data:`KEYS` (numbers: finite, in range), before any is used."""
+    """Every key: its type in `KEYS` (numbers: finite, in range), before any is used."""
     for name, spec in KEYS.items():
         x = v[name]
         if spec.type == "bool":
@@ -224,7 +224,7 @@ def _in_range(x: float, spec: Key) -> bool:
 
 
 def check_device(key: str, value: str, sep: str = " ") -> None:
-    """Raise :class:`ConfigError` unless ``value`` names a device this machine has.
+    """Raise `ConfigError` unless ``value`` names a device this machine has.
 
     ``sep`` joins key and value in the suggested fix (``" "`` for yacs, ``"="`` for LazyConfig).
     """
@@ -291,7 +291,7 @@ def ema_settings(cfg: Any) -> EMASettings:
     """Read and validate the EMA settings of a yacs or LazyConfig config: once per run, then
     hand the object on (it keeps nothing between calls: each call reads and checks again).
 
-    Raises :class:`ConfigError` naming the key, the value and what is allowed; a yacs config
+    Raises `ConfigError` naming the key, the value and what is allowed; a yacs config
     without ``MODEL_EMA`` gets the defaults (``add_model_ema_configs`` adds them)."""
     view = ConfigView.of(cfg)
     v = _read(view)
@@ -374,7 +374,7 @@ class PostHocSettings:
 
     def period_for(self, max_iter: int) -> int:
         """``PERIOD``, or for 0: about 100 snapshots in a run, never closer than
-        :data:`MIN_AUTO_PERIOD` iterations. Each snapshot costs two fp32 copies of the model
+        `MIN_AUTO_PERIOD` iterations. Each snapshot costs two fp32 copies of the model
         on disk; snapshots a few iterations apart hold almost the same averages, so a short
         run gains nothing from more (a 30-iteration run: 3 snapshots, not 30)."""
         return self.period or max(min(MIN_AUTO_PERIOD, max_iter), round(max_iter / 100), 1)

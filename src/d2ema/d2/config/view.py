@@ -3,9 +3,9 @@
 
 A yacs config (``get_cfg()``) has upper-case keys (``MODEL``, ``SOLVER``, ``OUTPUT_DIR``, the
 seed's ``MODEL_EMA``); a LazyConfig has lower-case roots (``train``, ``model``, ``dataloader``)
-and detrex's ``train.model_ema``. :class:`ConfigView` answers the question once per config and
+and detrex's ``train.model_ema``. `ConfigView` answers the question once per config and
 names every key the way the user writes it, so that a message says ``MODEL_EMA.DECAY`` to a yacs
-user and ``train.model_ema.decay`` to a LazyConfig user. :func:`is_lazy` answers it for a file.
+user and ``train.model_ema.decay`` to a LazyConfig user. `is_lazy` answers it for a file.
 
 Example::
 
@@ -74,8 +74,8 @@ def _get(node: Any, dotted: str, default: Any = None) -> Any:
 @dataclasses.dataclass(frozen=True)
 class ConfigView:
     """A yacs or LazyConfig config as this layer reads it: which system (``lazy``), the key
-    names the user writes (:meth:`key`, :meth:`name`) and the values (:attr:`output_dir`, ...).
-    Built with :meth:`of`; the values are read from ``cfg`` when asked, so a change to the
+    names the user writes (`key`, `name`) and the values (`output_dir`, ...).
+    Built with `of`; the values are read from ``cfg`` when asked, so a change to the
     config (an evaluation's own output folder) is seen."""
 
     cfg: Any
@@ -122,7 +122,7 @@ class ConfigView:
         return _FIELDS[field][self.lazy]
 
     def get(self, field: str) -> Any:
-        """The value of ``field`` (see :meth:`name`), or its default when unset."""
+        """The value of ``field`` (see `name`), or its default when unset."""
         default = _FIELDS[field][2]
         return _get(self.cfg, self.name(field), default)
 

@@ -5,7 +5,7 @@ yacs checks every merged value against the type of the default and refuses an ``
 included) and command-line overrides (``merge_from_list``) alike. For the float keys of
 ``MODEL_EMA`` (``DECAY``, ``TAU``, ``INV_GAMMA``, ``POWER``, ``MIN_DECAY``, ...) an integer is
 what people write, so the merges d2ema makes itself (``d2ema train``, ``d2ema demo``) run inside
-:func:`integers_for_floats`, which lets yacs take one, as a float. Every other key, and every other
+`integers_for_floats`, which lets yacs take one, as a float. Every other key, and every other
 type (a bool, a string), is checked by yacs as before.
 
 Why a context manager around a private yacs function: yacs makes this check in one module-level

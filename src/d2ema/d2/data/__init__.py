@@ -1,5 +1,5 @@
-"""Your own COCO-format datasets in detectron2: registered by name (:mod:`.datasets`) and checked
-whole before training (:mod:`.coco_check`).
+"""Your own COCO-format datasets in detectron2: registered by name (`.datasets`) and checked
+whole before training (`.coco_check`).
 
 Example::
 

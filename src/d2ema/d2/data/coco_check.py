@@ -4,8 +4,8 @@ detectron2's loader reads ``ANNOTATIONS.json`` when the first batch is built, af
 is: a file that is not JSON, has no ``images`` or ``annotations``, a box that is a string, NaN
 or negative, an unknown ``category_id`` or a ``file_name`` outside the image folder then costs a
 traceback mid-start, or (negative and NaN boxes) trains silently on garbage.
-:func:`check_coco_file` reads the file once and raises one
-:class:`~d2ema.errors.DatasetError` naming the file, the record and the fix.
+`check_coco_file` reads the file once and raises one
+`DatasetError` naming the file, the record and the fix.
 
 Example::
 

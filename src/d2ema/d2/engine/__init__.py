@@ -1,7 +1,7 @@
-"""Training with EMA in detectron2: building the EMAs of a model (:mod:`.build`), the hook that
-updates them (:mod:`.hooks`), the trainer (:mod:`.trainer`), ``launch`` with a CPU mode
-(:mod:`.launch`), what ``d2ema train`` runs (:mod:`.train_net`) and the run folder it writes:
-its checks, lock, log and full-disk handling (:mod:`.run_folder`).
+"""Training with EMA in detectron2: building the EMAs of a model (`.build`), the hook that
+updates them (`.hooks`), the trainer (`.trainer`), ``launch`` with a CPU mode
+(`.launch`), what ``d2ema train`` runs (`.train_net`) and the run folder it writes:
+its checks, lock, log and full-disk handling (`.run_folder`).
 
 Example::
 

@@ -319,7 +319,7 @@ def run_cost_line(trainer, model: nn.Module, ema: EMA) -> str | None:
 
 
 def log_run_cost(trainer, model: nn.Module, ema: EMA) -> None:
-    """:func:`run_cost_line`, logged by the main process (``EMAHook.before_train``)."""
+    """`run_cost_line`, logged by the main process (``EMAHook.before_train``)."""
     from detectron2.utils import comm
 
     if trainer is not None and comm.is_main_process():

@@ -8,14 +8,14 @@ v0.6 and main alike comes after ``optimizer.step()``; it never updates in ``afte
 
 Before training, an EMA that no checkpoint provided restarts from the model's weights as they
 are then (pretrained or resumed weights included), and a constant decay that would leave the
-EMA mostly its starting weights at ``max_iter`` is warned about (:mod:`d2ema.d2.engine.build`). The
-model's extra and post-hoc EMAs (:mod:`d2ema.d2.engine.build`), if any, are updated in the same step
+EMA mostly its starting weights at ``max_iter`` is warned about (`d2ema.d2.engine.build`). The
+model's extra and post-hoc EMAs (`d2ema.d2.engine.build`), if any, are updated in the same step
 and snapshotted on schedule. Driven by hand, outside a trainer (``hook.before_train()``, then
 ``hook.after_step()`` after each optimizer step), it counts its own steps.
 
 In a multi-process job (``launch``) every rank runs the hook: the EMA folds in each floating
-buffer's mean over the ranks (:func:`d2ema.distributed.averaged_buffers`), so every rank holds
-the same EMA after every step, BN statistics included. A :class:`~d2ema.distributed.ShardedEMA` is
+buffer's mean over the ranks (`d2ema.distributed.averaged_buffers`), so every rank holds
+the same EMA after every step, BN statistics included. A `ShardedEMA` is
 gathered on the main process at the iterations where its ``PeriodicCheckpointer`` saves
 (``checkpoint_period`` and the last iteration), since that hook runs there only.
 
@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 class EMAUpdateHook(HookBase):
     def __init__(self, ema: EMA, model: nn.Module, checkpointer: EMACheckpointer | None = None,
                  checkpoint_period: int = 0):
-        """``checkpointer``: an :class:`~d2ema.d2.checkpoint.checkpointers.EMACheckpointer`, if
+        """``checkpointer``: an `EMACheckpointer`, if
         any, to tell
         whether the EMA was loaded from a checkpoint (then it is kept as loaded).
         ``checkpoint_period``: the ``PeriodicCheckpointer``'s period (for a sharded EMA)."""

@@ -74,7 +74,7 @@ def launch(
 def free_default(dist_url: str) -> str:
     """The default ``--dist-url``, or ``"auto"`` (a free port) when another process holds its
     port: every user of one machine shares the default, and a busy port would otherwise stop
-    the run (a ``--dist-url`` the user gave is checked by :func:`check_port_free` instead)."""
+    the run (a ``--dist-url`` the user gave is checked by `check_port_free` instead)."""
     try:
         check_port_free(dist_url, lambda: 0)
     except UsageError:

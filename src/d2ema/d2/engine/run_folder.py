@@ -275,7 +275,7 @@ def earlier_run(cfg, settings: EMASettings | None = None) -> list[str]:
 
 
 def move_earlier_run(cfg) -> Path | None:
-    """Move what another run left (:func:`_earlier_files`) into ``OUTPUT_DIR/previous-<time>/``
+    """Move what another run left (`_earlier_files`) into ``OUTPUT_DIR/previous-<time>/``
     (``d2ema train --start-over``): renamed within the folder, nothing deleted or copied."""
     files = _earlier_files(cfg)
     if not files:

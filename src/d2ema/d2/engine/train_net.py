@@ -1,19 +1,19 @@
 """What ``d2ema train`` runs: detectron2's ``tools/train_net.py`` (YAML) and
 ``tools/lazyconfig_train_net.py`` (LazyConfig ``.py``) with EMA.
 
-Both config systems go through the same pieces of this layer: :func:`~d2ema.d2.build_model_ema`
+Both config systems go through the same pieces of this layer: `build_model_ema`
 attaches the EMA after the model is built (before the optimizer and DDP), an
-:class:`~d2ema.d2.EMACheckpointer` saves and checks it, an
-:class:`~d2ema.d2.EMAUpdateHook` updates it
-after every optimizer step, and :func:`~d2ema.d2.evaluate_with_ema` scores the raw and the EMA
+`EMACheckpointer` saves and checks it, an
+`EMAUpdateHook` updates it
+after every optimizer step, and `evaluate_with_ema` scores the raw and the EMA
 weights. Settings come from ``MODEL_EMA.*`` or ``train.model_ema.*``.
 
 Every mistake in the input (a missing or unreadable config, a bad override, an unknown dataset,
-a missing checkpoint) raises a :class:`~d2ema.errors.D2EMAError` *before* any worker starts, with
+a missing checkpoint) raises a `D2EMAError` *before* any worker starts, with
 a message that names the problem and the fix.
 
 ``args.dataset`` (``--dataset NAME=ANNOTATIONS.json:IMAGE_DIR``) goes into the config, so its
-``config.yaml`` resumes the run (:mod:`d2ema.d2.data.datasets`). A config is loaded once per
+``config.yaml`` resumes the run (`d2ema.d2.data.datasets`). A config is loaded once per
 process,
 as in detectron2's tools (a LazyConfig may register its own data with plain detectron2).
 
@@ -29,7 +29,7 @@ Example::
 
 What ``d2ema train`` is given is checked before any process starts: which config system a
 file is, whether it can be read, whether its checkpoint exists, whether a LazyConfig has what a
-training needs (:func:`check_readable`, :func:`check_weights`, :func:`check_lazy_keys`).
+training needs (`check_readable`, `check_weights`, `check_lazy_keys`).
 """
 
 from __future__ import annotations
@@ -111,19 +111,19 @@ def _reason(e: BaseException) -> str:
 def load_config(path_text: str, opts: Sequence[str] = (), datasets: Sequence[str] = ()):
     """The config of ``d2ema train``: yacs (``get_cfg`` + ``MODEL_EMA``) or a LazyConfig, with
     ``datasets`` (``NAME=ANNOTATIONS.json:IMAGE_DIR``) added to its list of COCO datasets; its
-    EMA settings checked (:func:`load_run` returns them too).
+    EMA settings checked (`load_run` returns them too).
 
-    Raises :class:`UsageError` for a missing, unreadable or invalid file or override,
-    :class:`~d2ema.errors.ConfigError` for an invalid EMA setting and
-    :class:`~d2ema.errors.DatasetError` for a malformed dataset or missing dataset files.
+    Raises `UsageError` for a missing, unreadable or invalid file or override,
+    `ConfigError` for an invalid EMA setting and
+    `DatasetError` for a malformed dataset or missing dataset files.
     """
     return load_run(path_text, opts, datasets)[0]
 
 
 def load_run(path_text: str, opts: Sequence[str] = (),
              datasets: Sequence[str] = ()) -> tuple[Any, EMASettings | None]:
-    """:func:`load_config`, and the EMA settings read from it: once for the whole command, then
-    handed on (None for a LazyConfig without ``train``, which :func:`check_lazy_keys` refuses).
+    """`load_config`, and the EMA settings read from it: once for the whole command, then
+    handed on (None for a LazyConfig without ``train``, which `check_lazy_keys` refuses).
     """
     path = check_readable(path_text)
     if is_run_config(path):  # a run folder's saved config is data, never code
@@ -224,7 +224,7 @@ def train_main(
     prepare: Prepare | None = None,
     known_datasets: Collection[str] = (),
 ) -> int:
-    """Check the inputs, then run :func:`train_worker` in ``launch``'s processes."""
+    """Check the inputs, then run `train_worker` in ``launch``'s processes."""
     # validate before spawning workers
     cfg, settings = load_run(args.config_file, args.opts, _datasets(args))
     if is_lazy(args.config_file):
@@ -293,7 +293,7 @@ def _datasets(args: argparse.Namespace) -> list[str]:
 
 def train_worker(args: argparse.Namespace, prepare: Prepare | None = None, cfg: Any = None,
                  settings: EMASettings | None = None):
-    """One training process (:func:`d2ema.d2.engine.launch.launch` runs it on each GPU, or on the
+    """One training process (`d2ema.d2.engine.launch.launch` runs it on each GPU, or on the
     CPU with gloo where there is no GPU). ``cfg`` and ``settings``: the config already loaded in
     this process and its EMA settings, if any (a LazyConfig file runs once per process; the
     settings are read once per process and handed to the trainer)."""

@@ -1,7 +1,7 @@
 """Evaluation with EMA: raw and EMA weights evaluated side by side, each with its own output
-folder (:mod:`.evaluator`), the end-of-training choice of the EMA length
-(``MODEL_EMA.POSTHOC.SELECT``, :mod:`.select`) and its report (:mod:`.report`), and the scoring
-of a finished run's other weights (:mod:`.run_eval`).
+folder (`.evaluator`), the end-of-training choice of the EMA length
+(``MODEL_EMA.POSTHOC.SELECT``, `.select`) and its report (`.report`), and the scoring
+of a finished run's other weights (`.run_eval`).
 
 Example::
 

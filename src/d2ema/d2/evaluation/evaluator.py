@@ -2,12 +2,12 @@
 each set of weights writing its own files, and no EMA evaluated that holds only its build-time
 weights.
 
-:func:`build_evaluator` is detectron2's ``tools/train_net.py`` choice by the dataset's
+`build_evaluator` is detectron2's ``tools/train_net.py`` choice by the dataset's
 ``evaluator_type`` (COCO for COCO-style datasets), with the fast COCO evaluation only where
 detectron2's compiled ops exist (the v0.6 install here has a stand-in ``_C``). Everything in
 d2ema that evaluates (``EMATrainer``, ``d2ema train``, the demo) uses it.
 
-:func:`evaluate_with_ema` runs any ``test(model) -> results`` for the raw weights and inside
+`evaluate_with_ema` runs any ``test(model) -> results`` for the raw weights and inside
 ``ema.swapped(model)`` for the EMA, the latter's results under ``ema/``-prefixed keys, so
 detectron2's ``EvalHook`` logs ``bbox/AP`` and ``ema/bbox/AP`` side by side.
 
@@ -22,7 +22,7 @@ evaluation is used only where detectron2's compiled ops exist.
 
 detectron2's evaluators write into one folder (``OUTPUT_DIR/inference``), so the EMA's
 evaluation would overwrite the raw weights' ``coco_instances_results.json``. Inside
-:func:`evaluating_as`, :func:`adapt_evaluator` moves an evaluator's folder to
+`evaluating_as`, `adapt_evaluator` moves an evaluator's folder to
 ``inference_ema`` (``inference_ema_0.99`` for an extra EMA): the raw weights keep
 ``inference``. It also turns a ``COCOEvaluator``'s fast implementation off where detectron2 was
 installed without compiled ops (its stand-in ``_C``), with a one-line notice, instead of
@@ -34,7 +34,7 @@ Example::
     with evaluating_as("ema/"):
         evaluator = adapt_evaluator(Trainer.build_evaluator(cfg, "my_val"))
 
-:func:`require_average` refuses to evaluate an EMA that was neither loaded nor updated: it holds
+`require_average` refuses to evaluate an EMA that was neither loaded nor updated: it holds
 the weights the model had when it was built (random, in detectron2's eval-only pattern, whose
 plain ``DetectionCheckpointer`` loads the model but not ``ema_state``).
 """
@@ -78,7 +78,7 @@ __all__ = [
 
 
 def require_average(ema: EMA) -> None:
-    """Raise :class:`EMANotLoadedError` if ``ema`` holds only the weights it was built from."""
+    """Raise `EMANotLoadedError` if ``ema`` holds only the weights it was built from."""
     if getattr(ema, "provenance", "updated") != "built":
         return
     raise EMANotLoadedError(
@@ -117,7 +117,7 @@ def output_suffix(label: str) -> str:
 
 @contextlib.contextmanager
 def evaluating_as(label: str) -> Iterator[None]:
-    """Evaluators adapted inside write into their folder + :func:`output_suffix` (label)."""
+    """Evaluators adapted inside write into their folder + `output_suffix` (label)."""
     token = _LABEL.set(label)
     try:
         yield
@@ -142,7 +142,7 @@ def _leaves(evaluator: Any) -> Iterator[Any]:
 
 def adapt_evaluator(evaluator: Any) -> Any:
     """The same ``evaluator``, its output folder for the weights now evaluated
-    (:func:`evaluating_as`) and its COCO evaluation in Python where compiled ops are missing."""
+    (`evaluating_as`) and its COCO evaluation in Python where compiled ops are missing."""
     from detectron2.evaluation import COCOEvaluator
 
     suffix = output_suffix(_LABEL.get())
@@ -264,9 +264,9 @@ def evaluate_with_ema(
     """``test(model)`` for the raw weights (if ``raw``, or if there is no EMA) and for the EMA.
 
     The EMA's results come under ``prefix`` (``ema/bbox``). ``before_ema_test`` runs inside
-    the swap first, e.g. :func:`precise_bn` for the EMA weights. The trained weights are back
+    the swap first, e.g. `precise_bn` for the EMA weights. The trained weights are back
     in the model afterwards, also when a test raises. An EMA that was neither loaded nor
-    updated raises :class:`~d2ema.errors.EMANotLoadedError` (it holds build-time weights).
+    updated raises `EMANotLoadedError` (it holds build-time weights).
     """
     if ema is not None:
         require_average(ema)  # before any evaluation runs
@@ -293,7 +293,7 @@ def evaluate_with_ema(
 
 
 def evaluate_extra_emas(test, model: nn.Module, before_ema_test=None) -> OrderedDict:
-    """``test(model)`` with each extra EMA (:mod:`d2ema.d2.engine.build`) swapped in, results under
+    """``test(model)`` with each extra EMA (`d2ema.d2.engine.build`) swapped in, results under
     its name (``ema_0.99/bbox``)."""
     results = OrderedDict()
     for name, ema in get_extra_emas(model).items():

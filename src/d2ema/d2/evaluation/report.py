@@ -4,7 +4,7 @@ and for the selection at the end of training (``MODEL_EMA.POSTHOC.SELECT``) alik
 
 Rows are dicts: ``target`` (a label), ``kind`` (``sigma_rel``, ``decay``, ``raw``), ``value``,
 ``sigma_rel``, ``misfit``, ``l1``, ``snapshots`` and, once evaluated, ``AP`` and ``AP50``.
-Every file is written atomically (:mod:`d2ema.io.atomic`).
+Every file is written atomically (`d2ema.io.atomic`).
 
 Example::
 
@@ -73,7 +73,7 @@ def fit_row(fit: Fit) -> dict[str, Any]:
 
 
 def result_metrics(results: Mapping[str, Any]) -> dict[str, float]:
-    """``AP`` (:func:`primary_ap`: bbox AP, else the first task's) and
+    """``AP`` (`primary_ap`: bbox AP, else the first task's) and
     ``AP50`` of detectron2 results."""
     box = results.get("bbox", {})
     ap50 = float(box.get("AP50", math.nan)) if isinstance(box, Mapping) else math.nan

@@ -1,10 +1,10 @@
 """Score other weights for a finished detectron2 run: what ``d2ema posthoc --eval`` evaluates.
 
-:class:`RunEvaluator` reads the run's config (``OUTPUT_DIR/config.yaml``, which detectron2's
+`RunEvaluator` reads the run's config (``OUTPUT_DIR/config.yaml``, which detectron2's
 ``default_setup`` writes for YAML and LazyConfig runs alike), builds its model once, loads its
 last checkpoint (so tensors that no EMA tracks keep their trained values) and evaluates any
 weights given by name on the config's first test set, or on another registered dataset (yacs
-configs), with the run's evaluator (:func:`~d2ema.d2.build_evaluator`, or
+configs), with the run's evaluator (`build_evaluator`, or
 ``dataloader.evaluator`` of a LazyConfig).
 
 Example::

@@ -1,6 +1,6 @@
 """``MODEL_EMA.POSTHOC.SELECT``: the run chooses its EMA length at the end of training.
 
-After the last checkpoint is saved, :func:`select_after_training` rebuilds each length of the
+After the last checkpoint is saved, `select_after_training` rebuilds each length of the
 sweep (``POSTHOC.SELECT_SIGMA_RELS``, else ``d2ema posthoc``'s default) from the snapshots,
 evaluates each on the selection set (``POSTHOC.SELECT_ON``, else ``DATASETS.TEST[0]``), keeps
 the best (the first metric of the evaluator, bbox AP for detection; a tie goes to the length
@@ -26,7 +26,7 @@ takes part in each evaluation, as in detectron2's. Only the main process writes,
 snapshots as they were, and ``--resume`` on the finished run runs the selection again (training
 does not run again).
 
-:class:`~d2ema.d2.EMATrainer` (and so ``d2ema train``) calls it when training ends.
+`EMATrainer` (and so ``d2ema train``) calls it when training ends.
 
 Example::
 
@@ -87,7 +87,7 @@ _KEY = ConfigView(None, lazy=False).key("POSTHOC.")  # SELECT is for yacs config
 def check_selection(cfg, given: EMASettings | None = None) -> None:
     """Before training: refuse a SELECT the run could not carry out (no test set to report on,
     a LazyConfig, lengths the snapshots will not represent). The dataset ``SELECT_ON`` names is
-    checked with the others (:func:`~d2ema.d2.data.datasets.check_datasets_known`).
+    checked with the others (`check_datasets_known`).
     ``given``: the EMA settings already read from ``cfg``."""
     view = ConfigView.of(cfg)
     if view.lazy:
