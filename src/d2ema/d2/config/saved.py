@@ -89,10 +89,14 @@ def _allowed(name: str) -> bool:
     return any(name == p or name.startswith(p + ".") for p in _PACKAGES)
 
 
+class _NotAllowed(D2EMAError):
+    """Why `_resolve` refuses a dotted path; the caller words it with the file and the key."""
+
+
 def _resolve(path: object) -> object:
     """The object a dotted ``path`` names, found without calling anything it names: modules are
     imported only inside `_PACKAGES` (and their parents), attributes walked after that.
-    Raises ``ValueError`` (the reason) for a path through a module outside the list, a private
+    Raises `_NotAllowed` (the reason) for a path through a module outside the list, a private
     or dunder step, or an object not defined in the list (``detectron2.data.datasets.coco.os.
     system`` is ``os.system``: refused)."""
     import importlib
@@ -100,7 +104,7 @@ def _resolve(path: object) -> object:
 
     if not isinstance(path, str) or not path or not all(p.isidentifier() for p in
                                                         path.split(".")):
-        raise ValueError("is not a dotted name")
+        raise _NotAllowed("is not a dotted name")
     parts = path.split(".")
     obj: object = None
     i = 0
@@ -111,7 +115,7 @@ def _resolve(path: object) -> object:
                 obj = importlib.import_module(name)
             except ImportError:
                 if obj is None:
-                    raise ValueError("cannot be imported") from None
+                    raise _NotAllowed("cannot be imported") from None
                 break
         elif any(p.startswith(name + ".") for p in _PACKAGES):
             pass  # a parent of an allowed package (torch, detectron2): imported with it
@@ -119,25 +123,25 @@ def _resolve(path: object) -> object:
             break
         i += 1
     if obj is None:
-        raise ValueError("is outside the allowed packages")
+        raise _NotAllowed("is outside the allowed packages")
     for part in parts[i:]:
         if part.startswith("__"):
-            raise ValueError(f"walks the special attribute {part!r}")
+            raise _NotAllowed(f"walks the special attribute {part!r}")
         try:
             obj = inspect.getattr_static(obj, part) if not inspect.ismodule(obj) else getattr(
                 obj, part)
         except AttributeError:
-            raise ValueError("does not exist") from None
+            raise _NotAllowed("does not exist") from None
         if isinstance(obj, (staticmethod, classmethod)):
             obj = obj.__func__
         if inspect.ismodule(obj) and not _allowed(obj.__name__):
-            raise ValueError(f"passes through the module {obj.__name__}, outside the allowed "
+            raise _NotAllowed(f"passes through the module {obj.__name__}, outside the allowed "
                              "packages")
     if inspect.ismodule(obj) or not callable(obj):
-        raise ValueError("is not a class or function")
+        raise _NotAllowed("is not a class or function")
     module = getattr(obj, "__module__", None)
     if not isinstance(module, str) or not _allowed(module):
-        raise ValueError(f"is defined in {module}, outside the allowed packages")
+        raise _NotAllowed(f"is defined in {module}, outside the allowed packages")
     return obj
 
 
@@ -164,7 +168,7 @@ class _Refused(yaml.YAMLError):
 def _name(loader, suffix: str, node):
     try:
         return _resolve(suffix)
-    except ValueError as e:
+    except _NotAllowed as e:
         raise _Refused(f"the Python YAML tag python/name:{suffix}", str(e)) from None
 
 
@@ -307,7 +311,7 @@ def read_saved_config(path: str | os.PathLike[str], error: type[D2EMAError] = Us
             continue  # an object: admitted by its tag
         try:
             _resolve(target)
-        except ValueError as e:
+        except _NotAllowed as e:
             raise error(f"{path}: {where}._target_ = {target!r} {e}: only classes and "
                         "functions defined in detectron2's model/data/solver/evaluation, "
                         "torch.nn/optim, fvcore's schedulers or d2ema's model configs are "
