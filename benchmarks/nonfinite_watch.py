@@ -1,4 +1,5 @@
-"""What the NaN watch costs: one EMA update with and without :class:`d2ema.averaging.health.NonfiniteWatch`.
+"""What the NaN watch costs: one EMA update with and without
+`d2ema.averaging.health.NonfiniteWatch`.
 
 With ``skip_nonfinite=False`` (the default) every 32nd update ends with one ``sum`` per
 averaged group, kept on the device, so that the step at which the EMA first held NaN/Inf can
