@@ -183,6 +183,7 @@ def load_run(path_text: str, opts: Sequence[str] = (),
 
 def _check_dist_url(url: str) -> None:
     """A URL torch.distributed can rendezvous at: tcp://HOST:PORT, file:///PATH or env://."""
+    import re
     from urllib.parse import urlsplit
 
     try:
@@ -190,8 +191,10 @@ def _check_dist_url(url: str) -> None:
         port = parts.port
     except ValueError:
         parts, port = None, None
+    host = parts.hostname if parts is not None else None
     if parts is not None and (parts.scheme == "env" or (parts.scheme == "file" and parts.path)
-                              or (parts.scheme == "tcp" and parts.hostname and port)):
+                              or (parts.scheme == "tcp" and host and port
+                                  and re.fullmatch(r"[\w.:-]+", host, re.ASCII))):
         return
     raise UsageError(f"--dist-url {url!r} is not a rendezvous address: give tcp://HOST:PORT "
                      "(machine 0's address and a free port), file:///SHARED/PATH or env://")
