@@ -863,8 +863,10 @@ def table(rows: list[tuple[Attack, str, str, float]], fixed: dict[str, int]) -> 
     return "\n".join(out)
 
 
-FIXED_THIS_ROUND = {"config.yaml": 1, "checkpoint": 2, "--dataset": 1, "command line": 2,
-                    "signals": 2}  # attacks that failed before this round's fixes (63 of 72 clean)
+FIXED_THIS_ROUND = {"config.yaml": 3, "checkpoint": 2, "--dataset": 1, "command line": 2,
+                    "signals": 2}
+"""Attacks that failed on main before this round's fixes (61 or 62 of 72 clean: a SIGTERM
+just after export lands inside or after the command by chance)."""
 
 
 def run_round(only: str | None = None) -> str:
