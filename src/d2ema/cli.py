@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Sequence
 
 from d2ema.errors import D2EMAError, one_line
-from d2ema.io.interrupts import exit_status, signals_as_interrupts
+from d2ema.io.interrupts import exit_line, exit_status, signals_as_interrupts
 from d2ema.io.safe_pickle import add_trust_pickle, trust_pickles
 
 __all__ = ["build_parser", "main"]
@@ -164,10 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``d2ema`` command line; return the exit status."""
+    # the process's own command (``d2ema ...``, ``python -m d2ema``): a signal while it exits
+    # is one line and 128 + the signal too
+    then = exit_line(lambda: prog) if argv is None else None
     argv = list(sys.argv[1:] if argv is None else argv)
     prog, verbose = PROG, False
     try:
-        with signals_as_interrupts():
+        with signals_as_interrupts(then):
             parser = build_parser()
             args, extra = parser.parse_known_args(argv)
             prog = f"{PROG} {args.command}"

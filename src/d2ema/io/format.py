@@ -151,6 +151,14 @@ def tensor_problems(tensors: Mapping[str, torch.Tensor]) -> list[str]:
         for n, t in tensors.items()
         if n not in no_data and (t.layout != torch.strided or t.is_quantized or t.is_nested)
     )
+    # a view whose shape asks for more elements than its storage holds (zero strides: 10^12
+    # elements on 4 bytes) would be expanded to its full size by the first check that reads it
+    not_dense += sorted(
+        f"{n} (shape {tuple(t.shape)} on {t.untyped_storage().nbytes()} bytes)"
+        for n, t in tensors.items()
+        if n not in no_data and t.layout == torch.strided and not t.is_quantized
+        and not t.is_nested and t.numel() * t.element_size() > t.untyped_storage().nbytes()
+    )
     problems = []
     if no_data:
         problems.append(f"tensors on the meta device hold no data ({len(no_data)}): "
@@ -246,7 +254,9 @@ def checkpoint_problems(checkpoint: Any) -> list[str]:
     if model is not None:
         if not isinstance(model, Mapping):
             return [f"its 'model' is a {type(model).__name__}, not a state dict"]
-        model_tensors = {str(n): t for n, t in model.items() if isinstance(t, torch.Tensor)}
+        if not all(isinstance(n, str) for n in model):
+            return [f"its 'model' has names that are not strings: {_odd_names(model)}"]
+        model_tensors = {n: t for n, t in model.items() if isinstance(t, torch.Tensor)}
         bad = sorted(n for n, t in model_tensors.items() if t.is_complex())
         if bad:
             problems.append(f"its model holds complex tensors ({len(bad)}): {shorten(bad)}")
@@ -260,6 +270,9 @@ def checkpoint_problems(checkpoint: Any) -> list[str]:
         if not isinstance(ema, Mapping) or not all(isinstance(t, torch.Tensor)
                                                    for t in ema.values()):
             return [*problems, f"its '{STATE_KEY}' is not a dict of tensors"]
+        if not all(isinstance(n, str) for n in ema):
+            return [*problems, f"its '{STATE_KEY}' has names that are not strings: "
+                    f"{_odd_names(ema)}"]
         tensors, meta = split_state(ema)
         tensors = align_names(tensors, model_tensors) if model_tensors else tensors
         kinds = sorted(f"{n} ({t.dtype}; the model's is {model_tensors[n].dtype})"
@@ -276,6 +289,10 @@ def checkpoint_problems(checkpoint: Any) -> list[str]:
             problems += (meta_problems(meta) if isinstance(meta, Mapping)
                          else [f"its '{META_KEY}' is not a dict"])
     return problems
+
+
+def _odd_names(state: Mapping[Any, Any]) -> str:
+    return shorten([_brief(n) for n in state if not isinstance(n, str)], 3)
 
 
 def _brief(value: Any) -> str:

@@ -16,11 +16,14 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-__all__ = ['Interrupted', 'exit_status', 'signals_as_interrupts']
+__all__ = ['Interrupted', 'exit_line', 'exit_status', 'signals_as_interrupts']
 
 
 _SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
@@ -43,9 +46,26 @@ def _raise(signum, frame) -> None:
     raise Interrupted(signum)
 
 
+def exit_line(prog: Callable[[], str]) -> Callable[[int, Any], None]:
+    """A handler for a process whose work is over and that is exiting (the interpreter's
+    shutdown takes seconds with torch loaded): SIGTERM/SIGHUP then print ``PROG: interrupted by
+    SIGTERM while exiting`` and end it with 128 + the signal, as during the work, instead of
+    ending it with no word. Give it as ``signals_as_interrupts(then=...)``."""
+    def late(signum: int, frame: Any) -> None:
+        with contextlib.suppress(Exception):  # what the command printed comes first
+            sys.stdout.flush()
+            sys.stderr.flush()
+        name = signal.Signals(signum).name
+        os.write(2, f"{prog()}: interrupted by {name} while exiting\n".encode())
+        os._exit(128 + signum)
+    return late
+
+
 @contextlib.contextmanager
-def signals_as_interrupts() -> Iterator[None]:
-    """Inside: SIGTERM and SIGHUP (when at their default action) raise `Interrupted`."""
+def signals_as_interrupts(then: Callable[[int, Any], None] | None = None) -> Iterator[None]:
+    """Inside: SIGTERM and SIGHUP (when at their default action) raise `Interrupted`.
+    After: their default again, or ``then`` (set in the same call, so that no signal can arrive
+    in between and end the process with no word; see `exit_line`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -57,4 +77,4 @@ def signals_as_interrupts() -> Iterator[None]:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, then or handler)

@@ -85,8 +85,16 @@ _MAX_DEPTH = 64
 _MAX_NODES = 100_000
 
 
+_EXCLUDED = ("detectron2.data.datasets",)
+"""Parts of :data:`_PACKAGES` that build nothing a config needs and act on the world when
+called: ``register_*`` change the process's dataset catalog, ``convert_to_coco_json`` writes a
+file wherever it is told (a run's config.yaml would write outside the run)."""
+
+
 def _allowed(name: str) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in _PACKAGES)
+    def under(p: str) -> bool:
+        return name == p or name.startswith(p + ".")
+    return any(map(under, _PACKAGES)) and not any(map(under, _EXCLUDED))
 
 
 class _NotAllowed(D2EMAError):
@@ -287,6 +295,9 @@ def _parse(path: str | os.PathLike[str], error: type[D2EMAError], fix: str) -> d
                     f"{fix}") from None
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise error(f"cannot read {path} as plain YAML ({type(e).__name__}); {fix}") from None
+    except ValueError as e:  # a scalar YAML cannot build: an integer of over 4300 digits
+        raise error(f"cannot read {path} as plain YAML (a value it cannot build: "
+                    f"{str(e).split(':')[0][:80]}); {fix}") from None
     if not isinstance(data, dict):
         raise error(f"{path} is not a YAML mapping; {fix}")
     return data

@@ -90,6 +90,9 @@ def _check(name: str, json_file: str, mtime: int, size: int) -> None:
             if key in im and not (_int(im[key]) and im[key] > 0):
                 raise bad(f"images[{i}] (id {im['id']}) has {key} {im[key]!r}",
                           f"{key} is the image's size in pixels, a whole number > 0")
+        if im["id"] in images:  # pycocotools keeps one image per id: the other would be lost
+            raise bad(f"images[{i}] has id {im['id']}, which an earlier image has",
+                      "give every image its own id")
         images.add(im["id"])
     for i, a in enumerate(data["annotations"]):
         where = f"annotations[{i}]" + (f" (id {a.get('id')})" if isinstance(a, dict) else "")

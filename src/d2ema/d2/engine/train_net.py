@@ -181,6 +181,25 @@ def load_run(path_text: str, opts: Sequence[str] = (),
     return cfg, settings
 
 
+def _check_dist_url(url: str) -> None:
+    """A URL torch.distributed can rendezvous at: tcp://HOST:PORT, file:///PATH or env://."""
+    import re
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    host = parts.hostname if parts is not None else None
+    if parts is not None and (parts.scheme == "env" or (parts.scheme == "file" and parts.path)
+                              or (parts.scheme == "tcp" and host and port
+                                  and re.fullmatch(r"[\w.:-]+", host, re.ASCII))):
+        return
+    raise UsageError(f"--dist-url {url!r} is not a rendezvous address: give tcp://HOST:PORT "
+                     "(machine 0's address and a free port), file:///SHARED/PATH or env://")
+
+
 def _check_launch(args, cfg=None) -> None:
     """The process counts fit this machine (its GPUs; its cores in the CPU testing mode) and
     the batch splits evenly over the processes."""
@@ -201,6 +220,8 @@ def _check_launch(args, cfg=None) -> None:
                          "tcp://ADDRESS:PORT with the address of machine 0 as every machine "
                          "reaches it (tcp://127.0.0.1:PORT for processes on this host); "
                          f"{'auto' if url else 'the default'} only works on one machine")
+    if world > 1 and url not in (None, "auto"):
+        _check_dist_url(url)
     gpus, cores = torch.cuda.device_count(), os.cpu_count()
     if world > 1 and gpus and args.num_gpus > gpus:
         raise UsageError(f"--num-gpus {args.num_gpus}, but this machine has {gpus} CUDA "
