@@ -42,16 +42,14 @@ def _name(match: re.Match[str]) -> str:
 
 
 def docstring_lines(source: str) -> set[int]:
-    """The line numbers (1-based) that docstrings of ``source`` span."""
+    """The line numbers (1-based) that docstrings of ``source`` span: those of modules, classes
+    and functions, and the attribute docstrings (a string statement after an assignment), which
+    mkdocstrings renders too."""
     lines: set[int] = set()
     for node in ast.walk(ast.parse(source)):
-        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        body = node.body
-        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
-            first = body[0]
-            lines.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) \
+                and isinstance(node.value.value, str):
+            lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
     return lines
 
 

@@ -86,7 +86,7 @@ _MAX_NODES = 100_000
 
 
 _EXCLUDED = ("detectron2.data.datasets",)
-"""Parts of :data:`_PACKAGES` that build nothing a config needs and act on the world when
+"""Parts of `_PACKAGES` that build nothing a config needs and act on the world when
 called: ``register_*`` change the process's dataset catalog, ``convert_to_coco_json`` writes a
 file wherever it is told (a run's config.yaml would write outside the run)."""
 
