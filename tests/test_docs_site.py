@@ -17,9 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 MKDOCS = Path(sys.executable).parent / "mkdocs"
 ROLES = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):`")
 
+# `make test` (CI) installs mkdocs and sets D2EMA_EXPECT_INSTALLED: there these tests must run;
+# elsewhere (a plain `pip install d2ema` + pytest) they are skipped with the reason.
 pytestmark = pytest.mark.skipif(
-    not MKDOCS.is_file(), reason=f"mkdocs is not installed next to {sys.executable} "
-    "(`make` installs requirements/docs.txt)")
+    not MKDOCS.is_file() and os.environ.get("D2EMA_EXPECT_INSTALLED") != "1",
+    reason=f"mkdocs is not installed next to {sys.executable} (`make` installs "
+    "requirements/docs.txt)")
 
 
 def _build(config: Path, site: Path) -> subprocess.CompletedProcess:
